@@ -1,0 +1,346 @@
+"""Activation patching sweeps: sites x layers x (heads x) position groups, batched and resumable.
+
+For every cell -- a site (``resid_pre``, ``attn_out``, ``z``, ``vision.resid_post``, ...), a layer, a
+head where the site has heads, and a group of positions -- run the *base* input with that activation
+replaced by the *source* run's activation, and record the metric. ``direction="denoise"`` (default)
+patches clean activations into the corrupted run (how much does this site restore the clean
+behaviour?); ``"noise"`` patches corrupted activations into the clean run (how much does breaking it
+hurt?). Both report ``recovery = (patched - corrupt) / (clean - corrupt)``.
+
+What is different from TransformerLens's ``patching`` module:
+
+* inputs are the full multimodal keyword tensors, so corrupted runs keep their images and videos;
+* many cells share one batched forward (:class:`~analyses.variants.VariantRunner`), and when only
+  language-model sites are patched the vision tower's output is computed once and reused (via a
+  model-provided forward plan);
+* grouped-query attention is honest: ``k``/``v`` cells exist only for real key/value heads;
+* finished cells are written to disk as they go and a rerun resumes (``store=``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .metrics import as_metric, normalized_recovery
+from .results_store import CellStore
+from .sites import Site, available_layers, get_site
+from .sweep import fingerprint_inputs, fingerprint_model, open_store, run_cells
+from .variants import Edit, ForwardPlan, VariantRunner
+
+__all__ = [
+    "activation_patching",
+    "PatchingResult",
+    "LayoutMismatchError",
+    "check_compatible_inputs",
+    "resolve_groups",
+    "default_plan",
+    "KEY_COLUMNS",
+]
+
+KEY_COLUMNS = ("site", "layer", "head", "group")
+PositionsArg = str | Sequence[int] | Mapping[str, Sequence[int]]
+
+
+class LayoutMismatchError(ValueError):
+    """Clean and corrupted inputs do not share a token layout, so positions cannot be matched."""
+
+
+# ----------------------------------------------------------------------------- inputs
+_SAME_VALUES = ("attention_mask", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "token_type_ids",
+                "image_sizes", "position_ids")
+_SAME_SHAPES = ("input_ids", "input", "tokens", "pixel_values", "pixel_values_videos", "inputs_embeds")
+
+
+def check_compatible_inputs(model: Any, clean: Mapping[str, Any], corrupt: Mapping[str, Any]) -> None:
+    """Raise :class:`LayoutMismatchError` unless every position means the same thing in both inputs.
+
+    Content may differ (other words, other pixels); the layout may not: same keys, same sequence
+    length, same image/video grids, same token types and padding. When the model can describe its
+    layout (``model.layout(**inputs)``), the two layouts must also agree position by position.
+    """
+    ka, kb = set(clean), set(corrupt)
+    if ka != kb:
+        raise LayoutMismatchError(
+            f"clean and corrupted inputs have different keys: only clean {sorted(ka - kb)}, only corrupt "
+            f"{sorted(kb - ka)}. Build both with the same processor call (same number of images/videos)."
+        )
+    for k in _SAME_SHAPES + _SAME_VALUES:
+        a, b = clean.get(k), corrupt.get(k)
+        if isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape != b.shape:
+            raise LayoutMismatchError(
+                f"{k}: clean shape {tuple(a.shape)} != corrupt shape {tuple(b.shape)}. Patching by position "
+                "needs identical layouts: the same text length (pad or re-word the prompt to the same "
+                "token count) and the same image sizes / frame counts."
+            )
+    for k in _SAME_VALUES:
+        a, b = clean.get(k), corrupt.get(k)
+        if isinstance(a, Tensor) and isinstance(b, Tensor) and not torch.equal(a, b):
+            raise LayoutMismatchError(
+                f"{k} differs between clean and corrupted inputs, so the same position holds different "
+                "kinds of tokens (or a different image grid / padding). Use images of the same size and "
+                "prompts with the same token count."
+            )
+    layout_fn = getattr(model, "layout", None)
+    if callable(layout_fn):
+        try:
+            la, lb = layout_fn(**clean), layout_fn(**corrupt)
+        except TypeError:
+            return
+        same = getattr(la, "same_structure", None)
+        if callable(same) and not same(lb):
+            raise LayoutMismatchError(
+                "the token layouts of the clean and corrupted inputs differ (kinds, image/frame indices or "
+                "grid cells do not match position by position)"
+            )
+
+
+def resolve_groups(positions: PositionsArg, length: int) -> dict[str, list[int]]:
+    """Position groups as ``{name: [positions]}``.
+
+    ``"each"`` -> every position alone (names ``"0"``, ``"1"``, ...); ``"all"`` -> one group with every
+    position; a sequence of ints -> each of them alone; a mapping -> as given (e.g. from the token
+    layout: per frame, per image, per grid cell, text spans). Negative positions count from the end.
+    """
+    if isinstance(positions, str):
+        if positions == "each":
+            return {str(i): [i] for i in range(length)}
+        if positions == "all":
+            return {"all": list(range(length))}
+        raise ValueError(f"positions must be 'each', 'all', a list of positions or a mapping; got {positions!r}")
+    if isinstance(positions, Mapping):
+        groups = {str(k): [int(p) % length for p in v] for k, v in positions.items()}
+    else:
+        groups = {str(int(p) % length): [int(p) % length] for p in positions}
+    for name, pos in groups.items():
+        if not pos:
+            raise ValueError(f"position group {name!r} is empty")
+        bad = [p for p in pos if not 0 <= p < length]
+        if bad:
+            raise ValueError(f"position group {name!r} has positions {bad} outside 0..{length - 1}")
+    return groups
+
+
+def default_plan(model: Any) -> Callable[[Mapping[str, Any], int], ForwardPlan] | None:
+    """The model's vision-reuse plan if it offers one (``model.vision_reuse_plan``), else None."""
+    fn = getattr(model, "vision_reuse_plan", None)
+    return fn if callable(fn) else None
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class PatchingResult:
+    """Cells of an activation-patching sweep.
+
+    Attributes:
+        frame: one row per cell: ``site, layer, head, group, n_positions, value, recovery`` (``layer``
+            / ``head`` are <NA> where not applicable). ``value`` is the metric averaged over the base
+            batch.
+        clean_value / corrupt_value: the metric on the unpatched clean and corrupted runs.
+        groups: the position groups in sweep order.
+        metric: the metric's name.
+    """
+
+    frame: pd.DataFrame
+    clean_value: float
+    corrupt_value: float
+    groups: dict[str, list[int]]
+    metric: str
+    group_order: dict[str, list[str]] = field(default_factory=dict)
+
+    def array(self, site: str, column: str = "value") -> np.ndarray:
+        """``[n_layers, n_groups]`` (or ``[n_layers, n_heads, n_groups]`` for head sites), NaN where absent.
+
+        Layers and heads run from 0 to the largest present; a head missing from a layer (e.g. key/value
+        heads under grouped-query attention beyond ``n_kv_heads``) is NaN, never 0.
+        """
+        f = self.frame[self.frame["site"] == site]
+        if f.empty:
+            raise KeyError(f"no cells for site {site!r}; sites present: {sorted(self.frame['site'].unique())}")
+        names = self.group_order.get(site, list(self.groups))
+        gi = {g: i for i, g in enumerate(names)}
+        layers = f["layer"].fillna(0).astype(int)
+        n_layers = int(layers.max()) + 1
+        has_heads = f["head"].notna().any()
+        if has_heads:
+            heads = f["head"].astype(int)
+            out = np.full((n_layers, int(heads.max()) + 1, len(names)), np.nan)
+            for l, h, g, v in zip(layers, heads, f["group"], f[column]):
+                out[l, h, gi[g]] = v
+        else:
+            out = np.full((n_layers, len(names)), np.nan)
+            for l, g, v in zip(layers, f["group"], f[column]):
+                out[l, gi[g]] = v
+        return out
+
+    def table(self, site: str, column: str = "value", head: int | None = None) -> pd.DataFrame:
+        """Layers x groups as a DataFrame (one head of a head site via ``head``)."""
+        f = self.frame[self.frame["site"] == site]
+        if head is not None:
+            f = f[f["head"] == head]
+        t = f.pivot_table(index="layer", columns="group", values=column, dropna=False)
+        names = self.group_order.get(site, list(self.groups))
+        return t.reindex(columns=[g for g in names if g in t.columns])
+
+
+# ----------------------------------------------------------------------------- the sweep
+def activation_patching(
+    model: Any,
+    clean_inputs: Mapping[str, Any],
+    corrupt_inputs: Mapping[str, Any],
+    metric: Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, "batch"]],
+    sites: Sequence[str | Site] = ("resid_pre",),
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    positions: PositionsArg = "each",
+    direction: Literal["denoise", "noise"] = "denoise",
+    batch_size: int = 16,
+    store: str | os.PathLike | CellStore | None = None,
+    progress: bool = True,
+    plan: Callable[[Mapping[str, Any], int], ForwardPlan] | None | Literal["auto"] = "auto",
+    check_layout: bool = True,
+) -> PatchingResult:
+    """Patch each (site, layer, head, position group) cell and record ``metric``.
+
+    Args:
+        model: a hooked model (``run_with_hooks``/``run_with_cache`` with keyword inputs, logits out).
+        clean_inputs / corrupt_inputs: keyword tensors of the two runs (content may differ, layout may
+            not; see :func:`check_compatible_inputs`). Any base batch size ``B`` works; values are
+            averaged over it.
+        metric: ``logits [B, L, V] -> [B]`` (see :mod:`analyses.metrics`; custom callables welcome).
+        sites: short site names (:data:`analyses.sites.SITES`).
+        layers: layers to sweep (default: every layer where the site's hook exists).
+        heads: heads to sweep for head sites (default: all heads the activation has; heads that do not
+            exist for a site -- e.g. ``k``/``v`` heads beyond the key/value heads -- are skipped).
+        positions: ``"each"``, ``"all"``, a list of positions, or named groups (from the token layout);
+            positions index the site's position axis (patches, in raster order, for vision sites).
+        direction: ``"denoise"`` = clean into corrupted (default), ``"noise"`` = corrupted into clean.
+        batch_size: cells per batched forward.
+        store: a directory (or :class:`CellStore`) to write cells to as they finish and resume from.
+        progress: show a tqdm bar.
+        plan: how to batch the forward; ``"auto"`` uses the model's vision-reuse plan if it has one.
+        check_layout: verify that the two inputs share a layout (disable only if you know they do).
+    """
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+    if check_layout:
+        check_compatible_inputs(model, clean_inputs, corrupt_inputs)
+    metric = as_metric(metric)
+    site_objs = [get_site(s) for s in sites]
+    base_inputs, source_inputs = (
+        (corrupt_inputs, clean_inputs) if direction == "denoise" else (clean_inputs, corrupt_inputs)
+    )
+
+    site_layers: dict[str, list[int | None]] = {}
+    names: set[str] = set()
+    for s in site_objs:
+        ls: list[int | None]
+        if s.has_layers:
+            avail = available_layers(model.hook_dict, s)
+            if not avail:
+                raise KeyError(f"model has no hooks for site {s.name!r} ({s.template})")
+            ls = list(avail if layers is None else [l for l in layers if l in avail])
+            missing = [] if layers is None else [l for l in layers if l not in avail]
+            if missing:
+                raise ValueError(f"site {s.name!r} has no layers {missing}; available: {avail}")
+        else:
+            if s.template not in model.hook_dict:
+                raise KeyError(f"model has no hook {s.template!r} for site {s.name!r}")
+            ls = [None]
+        site_layers[s.name] = ls
+        names.update(s.hook_name(l) for l in ls)
+
+    with torch.no_grad():
+        source_logits, source_cache = model.run_with_cache(**source_inputs, names_filter=lambda n: n in names)
+        base_logits = model(**base_inputs)
+    clean_logits, corrupt_logits = (
+        (source_logits, base_logits) if direction == "denoise" else (base_logits, source_logits)
+    )
+    clean_value = float(metric(clean_logits).float().mean())
+    corrupt_value = float(metric(corrupt_logits).float().mean())
+
+    cells: list[dict[str, Any]] = []
+    group_order: dict[str, list[str]] = {}
+    site_groups: dict[str, dict[str, list[int]]] = {}
+    for s in site_objs:
+        first = source_cache[s.hook_name(site_layers[s.name][0])]
+        groups = resolve_groups(positions, first.shape[s.pos_axis])
+        site_groups[s.name] = groups
+        group_order[s.name] = list(groups)
+        for l in site_layers[s.name]:
+            act = source_cache[s.hook_name(l)]
+            if s.head_axis is None:
+                head_list: list[int | None] = [None]
+            else:
+                n_heads = act.shape[s.head_axis]
+                head_list = list(range(n_heads)) if heads is None else [h for h in heads if 0 <= h < n_heads]
+            for h in head_list:
+                for g in groups:
+                    cells.append({"site": s.name, "layer": l, "head": h, "group": g})
+
+    config = {
+        "analysis": "activation_patching",
+        "sites": [s.name for s in site_objs],
+        "layers": {k: v for k, v in site_layers.items()},
+        "heads": None if heads is None else list(heads),
+        "groups": site_groups,
+        "direction": direction,
+        "metric": metric.name,
+        "clean_inputs": fingerprint_inputs(clean_inputs),
+        "corrupt_inputs": fingerprint_inputs(corrupt_inputs),
+        "model": fingerprint_model(model),
+    }
+    cell_store = open_store(store, config, KEY_COLUMNS)
+    runner = VariantRunner(model, base_inputs, batch_size, plan=default_plan(model) if plan == "auto" else plan)
+    site_by_name = {s.name: s for s in site_objs}
+
+    def evaluate(batch: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        variants = []
+        for c in batch:
+            s = site_by_name[c["site"]]
+            name = s.hook_name(c["layer"])
+            pos = site_groups[s.name][c["group"]]
+            variants.append([
+                Edit(
+                    name,
+                    source_cache[name],
+                    positions=torch.tensor(pos),
+                    pos_axis=s.pos_axis,
+                    heads=None if c["head"] is None else torch.tensor([c["head"]]),
+                    head_axis=s.head_axis,
+                )
+            ])
+        values, _ = runner.run(variants, metric)
+        assert values is not None
+        out = []
+        for c, v in zip(batch, values):
+            val = float(v.mean())
+            rec = dict(c)
+            rec["n_positions"] = len(site_groups[c["site"]][c["group"]])
+            rec["value"] = val
+            rec["recovery"] = float(normalized_recovery(val, clean_value, corrupt_value))
+            out.append(rec)
+        return out
+
+    frame = run_cells(cells, evaluate, cell_store, batch_size, progress, desc="activation patching")
+    frame = _tidy(frame)
+    return PatchingResult(frame, clean_value, corrupt_value, site_groups[site_objs[0].name], metric.name, group_order)
+
+
+def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
+    """Nullable integer layer/head columns and string group names, whatever the storage format did."""
+    frame = frame.copy()
+    for col in ("layer", "head"):
+        if col in frame:
+            frame[col] = pd.array([None if pd.isna(v) else int(v) for v in frame[col]], dtype="Int64")
+    if "group" in frame:
+        frame["group"] = frame["group"].astype(str)
+    return frame

@@ -1,0 +1,96 @@
+"""Drive a grid of cells through a :class:`~analyses.variants.VariantRunner`, resumably.
+
+Shared by every sweep (activation patching, path patching, tracing, knockout): skip cells already in
+the :class:`~analyses.results_store.CellStore`, evaluate the rest in batches, write each finished
+batch atomically before starting the next, and show a progress bar. Killing the process loses at
+most the batch in flight; rerunning with the same configuration computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .results_store import CellStore
+
+__all__ = ["run_cells", "fingerprint_inputs", "fingerprint_model", "open_store"]
+
+
+def fingerprint_inputs(inputs: Mapping[str, Any]) -> str:
+    """SHA-256 (16 hex) of every tensor input's name, dtype, shape and bytes: resumes check it."""
+    h = hashlib.sha256()
+    for k in sorted(inputs):
+        v = inputs[k]
+        h.update(k.encode())
+        if isinstance(v, Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(v).encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_model(model: torch.nn.Module) -> str:
+    """Class, parameter count and a sample of every parameter, hashed: catches a different checkpoint."""
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    n = 0
+    for name, p in model.named_parameters():
+        n += p.numel()
+        sample = p.detach().reshape(-1)[:32].float().cpu()
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    h.update(str(n).encode())
+    return h.hexdigest()[:16]
+
+
+def open_store(
+    store: str | os.PathLike | CellStore | None, config: Mapping[str, Any], key_columns: Sequence[str]
+) -> CellStore | None:
+    """A :class:`CellStore` for ``store`` (a directory path), or ``store`` itself, or None."""
+    if store is None or isinstance(store, CellStore):
+        return store
+    return CellStore(store, config, key_columns)
+
+
+def run_cells(
+    cells: Sequence[dict[str, Any]],
+    evaluate: Callable[[Sequence[dict[str, Any]]], list[dict[str, Any]]],
+    store: CellStore | None,
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "cells",
+) -> pd.DataFrame:
+    """Evaluate ``cells`` (dicts holding at least the store's key columns) in batches.
+
+    ``evaluate(batch)`` returns one record per cell (the cell's fields plus results). With a store,
+    finished cells are skipped and each batch is appended atomically as soon as it is done; the
+    returned frame is then the store's full content in the order of ``cells``.
+    """
+    todo = [c for c in cells if store is None or not store.is_done(c)]
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, disable=not progress, leave=False)
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            out = evaluate(batch)
+            if store is not None:
+                store.append(out)
+            else:
+                records.extend(out)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    if store is None:
+        return pd.DataFrame(records)
+    frame = store.load()
+    order = {store.key_of(c): i for i, c in enumerate(cells)}
+    rank = [order.get(store.key_of(r), len(order)) for r in frame.to_dict("records")]
+    return frame.assign(_rank=rank).sort_values("_rank").drop(columns="_rank").reset_index(drop=True)

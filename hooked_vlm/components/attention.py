@@ -1,0 +1,232 @@
+"""Multi-head / grouped-query attention with TransformerLens hook points and two execution paths.
+
+* Fast path (default): PyTorch SDPA, never materialising the L x L matrix. Block-diagonal masks (Qwen
+  vision images, frames and windows) run as batched per-segment SDPA calls.
+* Pattern path: taken only when a hook (or the cache) is attached to ``hook_attn_scores`` or
+  ``hook_pattern``, or when ``force_pattern`` is set. Scores and pattern are materialised, hooked, and
+  the hooked values are the ones used, so edits take effect.
+
+Every mask is a :class:`kernels.mask.MaskSpec`, the same object the attention-statistics kernels use.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from hooked_vlm.components.norms import RMSNorm
+from hooked_vlm.components.rotary import apply_rotary
+from kernels.mask import MaskSpec
+
+
+@dataclass
+class KVCache:
+    """Post-rotary keys and values per layer, batch-first ``[B, L, Hkv, dh]``, for greedy decoding."""
+
+    keys: dict[int, Tensor] = field(default_factory=dict)
+    values: dict[int, Tensor] = field(default_factory=dict)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if layer in self.keys:
+            k = torch.cat([self.keys[layer], k], dim=1)
+            v = torch.cat([self.values[layer], v], dim=1)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def seq_len(self) -> int:
+        return next(iter(self.keys.values())).shape[1] if self.keys else 0
+
+
+_SEGMENT_PLANS: "weakref.WeakKeyDictionary[MaskSpec, list[Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def segment_plan(mask: MaskSpec) -> list[Tensor]:
+    """Flat indices ``b * L + i`` of each block-diagonal segment, grouped into ``[S, n]`` tensors of equal length.
+
+    Computed once per mask object and shared by every layer that uses it.
+    """
+    plan = _SEGMENT_PLANS.get(mask)
+    if plan is not None:
+        return plan
+    doc = mask.doc_ids
+    assert doc is not None
+    b, length = doc.shape
+    flat = doc + (torch.arange(b, device=doc.device)[:, None] * (int(doc.max().item()) + 2))
+    flat = flat.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    _, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    segments = torch.split(order, counts.tolist())
+    by_len: dict[int, list[Tensor]] = {}
+    for seg in segments:
+        by_len.setdefault(seg.numel(), []).append(seg)
+    plan = [torch.stack(group) for group in by_len.values()]
+    _SEGMENT_PLANS[mask] = plan
+    return plan
+
+
+class Attention(nn.Module):
+    """Attention with q/k/v/o projections, optional QK-norm, rotary, GQA and hook points.
+
+    Hooks: ``hook_q`` / ``hook_k`` / ``hook_v`` ``[B, L, H(kv), dh]`` (before rotary), ``hook_rot_q`` /
+    ``hook_rot_k`` (after), ``hook_attn_scores`` / ``hook_pattern`` ``[B, H, Lq, Lk]`` (only when asked for),
+    ``hook_z`` ``[B, L, H, dh]``, and opt-in ``hook_result`` ``[B, L, H, d_model]`` (``use_attn_result``).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        d_head: int,
+        qkv_bias: bool,
+        o_bias: bool,
+        scale: float | None = None,
+        qk_norm_eps: float | None = None,
+        qk_norm_offset: float = 0.0,
+        rotary_in_fp32: bool = False,
+        layer_index: int = 0,
+    ):
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
+        self.scale = scale if scale is not None else d_head**-0.5
+        self.rotary_in_fp32 = rotary_in_fp32
+        self.layer_index = layer_index
+        self.q_proj = nn.Linear(d_model, n_heads * d_head, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=o_bias)
+        self.q_norm = RMSNorm(d_head, qk_norm_eps, qk_norm_offset) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(d_head, qk_norm_eps, qk_norm_offset) if qk_norm_eps is not None else None
+        self.use_attn_result = False
+        self.force_pattern = False
+        self.hook_q = HookPoint()
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        self.hook_rot_q = HookPoint()
+        self.hook_rot_k = HookPoint()
+        self.hook_attn_scores = HookPoint()
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()
+        self.hook_result = HookPoint()
+
+    # TransformerLens-style weight views (used by ActivationCache.stack_head_results and friends).
+    @property
+    def W_O(self) -> Float[Tensor, "n_heads d_head d_model"]:
+        return rearrange(self.o_proj.weight, "d (h dh) -> h dh d", h=self.n_heads)
+
+    @property
+    def b_O(self) -> Float[Tensor, "d_model"]:
+        if self.o_proj.bias is not None:
+            return self.o_proj.bias
+        return torch.zeros(self.o_proj.out_features, device=self.o_proj.weight.device, dtype=self.o_proj.weight.dtype)
+
+    def wants_pattern(self) -> bool:
+        """True when a hook or the cache listens to the scores or the pattern."""
+        return (
+            self.force_pattern
+            or bool(self.hook_attn_scores._forward_hooks)
+            or bool(self.hook_pattern._forward_hooks)
+            or bool(self.hook_attn_scores._backward_hooks)
+            or bool(self.hook_pattern._backward_hooks)
+        )
+
+    def project(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        cos: Tensor | None,
+        sin: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Hooked q, k, v after QK-norm and rotary: ``[B, L, H, dh]`` and ``[B, L, Hkv, dh]``."""
+        b, length, _ = x.shape
+        q = self.hook_q(self.q_proj(x).view(b, length, self.n_heads, self.d_head))
+        k = self.hook_k(self.k_proj(x).view(b, length, self.n_kv_heads, self.d_head))
+        v = self.hook_v(self.v_proj(x).view(b, length, self.n_kv_heads, self.d_head))
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None and sin is not None:
+            q = apply_rotary(q, cos, sin, self.rotary_in_fp32)
+            k = apply_rotary(k, cos, sin, self.rotary_in_fp32)
+        return self.hook_rot_q(q), self.hook_rot_k(k), v
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        cos: Tensor | None,
+        sin: Tensor | None,
+        mask: MaskSpec,
+        cache: KVCache | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        q, k, v = self.project(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        if self.wants_pattern():
+            z = self._pattern_path(q, k, v, mask)
+        else:
+            z = self._fast_path(q, k, v, mask)
+        z = self.hook_z(z)
+        if self.use_attn_result:
+            w = rearrange(self.o_proj.weight, "d (h dh) -> h dh d", h=self.n_heads)
+            result = self.hook_result(einsum(z, w, "b l h dh, h dh d -> b l h d"))
+            return result.sum(dim=2) + self.b_O
+        return self.o_proj(z.reshape(z.shape[0], z.shape[1], -1))
+
+    def _expand_kv(self, t: Tensor) -> Tensor:
+        rep = self.n_heads // self.n_kv_heads
+        return t if rep == 1 else t.repeat_interleave(rep, dim=2)
+
+    def _pattern_path(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> Tensor:
+        lq, lk = q.shape[1], k.shape[1]
+        k, v = self._expand_kv(k), self._expand_kv(v)
+        scores = einsum(q, k, "b q h d, b k h d -> b h q k") * self.scale
+        visible = mask.dense(lq, lk, q.device)[:, None]  # B|1 1 q k
+        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = torch.softmax(scores.float(), dim=-1)
+        pattern = torch.nan_to_num(pattern, nan=0.0).to(q.dtype)  # fully masked rows -> 0
+        pattern = self.hook_pattern(pattern)
+        return einsum(pattern, v, "b h q k, b k h d -> b q h d")
+
+    def _fast_path(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> Tensor:
+        lq, lk = q.shape[1], k.shape[1]
+        only_segments = (
+            mask.doc_ids is not None
+            and not mask.causal
+            and mask.window == 0
+            and mask.key_valid is None
+            and mask.bidir_ids is None
+            and mask.knockout is None
+            and lq == lk
+        )
+        if only_segments:
+            return self._segment_path(q, k, v, mask)
+        k, v = self._expand_kv(k), self._expand_kv(v)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        if mask.is_plain_causal() and (lq == lk or not mask.causal):
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=mask.causal and lq > 1, scale=self.scale)
+            return out.transpose(1, 2)
+        visible = mask.dense(lq, lk, q.device)  # B|1 q k
+        dead = ~visible.any(-1, keepdim=True)  # rows with no visible key: attend anywhere, then zero
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=(visible | dead)[:, None], scale=self.scale)
+        out = out.transpose(1, 2)
+        return out.masked_fill(dead[..., None], 0.0) if bool(dead.any()) else out
+
+    def _segment_path(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> Tensor:
+        """Block-diagonal non-causal attention as batched SDPA over equal-length segments."""
+        b, length = q.shape[:2]
+        k, v = self._expand_kv(k), self._expand_kv(v)
+        qf, kf, vf = (t.reshape(b * length, self.n_heads, self.d_head) for t in (q, k, v))
+        out = torch.empty_like(qf)
+        for idx in segment_plan(mask):  # S n
+            qs, ks, vs = (t[idx].transpose(1, 2) for t in (qf, kf, vf))  # S H n dh
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scale)
+            out[idx.reshape(-1)] = o.transpose(1, 2).reshape(-1, self.n_heads, self.d_head)
+        return out.view(b, length, self.n_heads, self.d_head)

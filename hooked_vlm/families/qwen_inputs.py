@@ -1,0 +1,178 @@
+"""Validation of Qwen-VL keyword inputs and construction of their token layout.
+
+Every check raises :class:`InputError` naming what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from hooked_vlm.errors import InputError
+from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, VIDEO, TokenLayout, VisualItem, mrope_position_ids
+
+if TYPE_CHECKING:
+    from hooked_vlm.families.qwen_vl import HookedQwenVL
+
+
+def check_common_inputs(model: "HookedQwenVL", inputs: dict[str, Any], past: int = 0) -> None:
+    """Types, devices and batch shapes shared by prefill and decode (``past`` cached positions)."""
+    ids = inputs.get("input_ids")
+    if ids is None:
+        raise InputError("input_ids is required (build it with hooked_vlm.inputs.build_qwen_inputs or the HF processor)")
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        raise InputError(f"input_ids must be a [batch, seq] integer tensor; got {type(ids).__name__} {getattr(ids, 'shape', '')}")
+    if ids.dtype.is_floating_point:
+        raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}; pass input_ids.long()")
+    device = model.embed.weight.device
+    for name, t in inputs.items():
+        if isinstance(t, Tensor) and t.device != device:
+            raise InputError(
+                f"{name} is on {t.device} but the model is on {device}; move the inputs with "
+                f"{{k: v.to('{device}') for k, v in inputs.items()}} or the model with model.to('{t.device}')"
+            )
+    for name, extra in (("attention_mask", past), ("mm_token_type_ids", 0)):
+        t = inputs.get(name)
+        want = (ids.shape[0], ids.shape[1] + extra)
+        if t is not None and tuple(t.shape) != want:
+            raise InputError(
+                f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(ids.shape)}"
+                + (f" after {past} cached positions" if extra else "")
+                + f"; expected {want} (same batch, one entry per position)"
+            )
+    for name in ("pixel_values", "pixel_values_videos"):
+        t = inputs.get(name)
+        if t is not None and not t.dtype.is_floating_point:
+            raise InputError(f"{name} must be a floating tensor of normalised pixels, got {t.dtype}; did you pass raw uint8 pixels? Use hooked_vlm.inputs to preprocess")
+
+
+def _check_grid(name: str, grid: Tensor | None, pixels: Tensor | None, pixel_name: str, spec) -> None:
+    if (grid is None) != (pixels is None):
+        have, missing = (name, pixel_name) if pixels is None else (pixel_name, name)
+        raise InputError(f"{have} was given without {missing}; pass both (the processor returns them together) or neither")
+    if grid is None or pixels is None:
+        return
+    if grid.dim() != 2 or grid.shape[1] != 3:
+        raise InputError(f"{name} must be [n, 3] rows of (t, h, w) patch counts; got shape {tuple(grid.shape)}")
+    for i, (t, h, w) in enumerate(grid.tolist()):
+        if h % spec.merge or w % spec.merge:
+            raise InputError(
+                f"{name}[{i}] = ({t}, {h}, {w}): h and w must be multiples of spatial_merge_size={spec.merge}; "
+                f"resize the image to multiples of {spec.merge * spec.patch_size} px (hooked_vlm.inputs.smart_resize)"
+            )
+    rows = int(grid.prod(-1).sum())
+    if pixels.dim() != 2 or pixels.shape[0] != rows:
+        raise InputError(
+            f"{pixel_name} has {pixels.shape[0] if pixels.dim() else '?'} rows but {name} implies {rows} "
+            f"(= sum of t*h*w); the pixels and the grid come from different images or a different patch size"
+        )
+    if pixels.shape[1] != spec.patch_dim:
+        raise InputError(
+            f"{pixel_name} rows have {pixels.shape[1]} values but this model expects {spec.patch_dim} "
+            f"(= channels {spec.in_channels} x temporal {spec.temporal_patch_size} x {spec.patch_size}x{spec.patch_size})"
+        )
+
+
+def build_qwen_layout(model: "HookedQwenVL", inputs: dict[str, Any]) -> TokenLayout:
+    """Validate the multimodal inputs and describe every position (with HF's M-RoPE ids)."""
+    check_common_inputs(model, inputs)
+    spec = model.vision_spec
+    tok = model.token_ids
+    ids: Tensor = inputs["input_ids"]
+    am: Tensor | None = inputs.get("attention_mask")
+    igrid, vgrid = inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
+    _check_grid("image_grid_thw", igrid, inputs.get("pixel_values"), "pixel_values", spec)
+    _check_grid("video_grid_thw", vgrid, inputs.get("pixel_values_videos"), "pixel_values_videos", spec)
+    if inputs.get("vision_features") is not None and igrid is None and vgrid is None:
+        raise InputError("vision_features needs image_grid_thw / video_grid_thw to place them")
+    spgt = inputs.get("second_per_grid_ts")
+    if spgt is not None:
+        spgt = torch.as_tensor(spgt).flatten()
+        n_videos = 0 if vgrid is None else vgrid.shape[0]
+        if spgt.numel() != n_videos:
+            raise InputError(
+                f"second_per_grid_ts has {spgt.numel()} entries but there are {n_videos} videos; "
+                "give one value per video (temporal_patch_size / fps)"
+            )
+
+    derived = torch.zeros_like(ids, dtype=torch.long)
+    derived[ids == tok["image_token_id"]] = IMAGE
+    derived[ids == tok["video_token_id"]] = VIDEO
+    mm = inputs.get("mm_token_type_ids")
+    if mm is not None:
+        mm = mm.long()
+        if not torch.equal(mm, derived):
+            bad = (mm != derived).nonzero()[0].tolist()
+            raise InputError(
+                f"mm_token_type_ids disagrees with input_ids at (batch, pos) = {tuple(bad)}: it must be 1 exactly at "
+                f"image tokens (id {tok['image_token_id']}) and 2 at video tokens (id {tok['video_token_id']}); "
+                "omit it and hooked_vlm derives it from the ids"
+            )
+    mm = derived
+    if am is not None:
+        mm = mm.masked_fill(am == 0, TEXT)
+
+    b, length = ids.shape
+    kind = torch.where(mm == IMAGE, IMAGE, torch.where(mm == VIDEO, VIDEO, TEXT))
+    special = (ids == tok["vision_start_token_id"]) | (ids == tok["vision_end_token_id"])
+    kind = torch.where(special, torch.full_like(kind, SPECIAL), kind)
+    if am is not None:
+        kind = kind.masked_fill(am == 0, PAD)
+    item = torch.full_like(kind, -1)
+    frame, row, col = item.clone(), item.clone(), item.clone()
+    items: list[VisualItem] = []
+    for code, grid, label in ((IMAGE, igrid, "image"), (VIDEO, vgrid, "video")):
+        flat = (mm == code).reshape(-1).nonzero().flatten()
+        grids = [] if grid is None else [tuple(int(x) for x in g) for g in grid.tolist()]
+        needed = sum(t * h * w // spec.merge**2 for t, h, w in grids)
+        pad_id = tok["image_token_id" if code == IMAGE else "video_token_id"]
+        if flat.numel() != needed:
+            raise InputError(
+                f"found {flat.numel()} {label} placeholder tokens (id {pad_id}) in input_ids but {label}_grid_thw implies "
+                f"{needed} (= sum of t*h*w / {spec.merge}^2 over {len(grids)} {label}(s)); build the prompt with "
+                f"hooked_vlm.inputs.build_qwen_inputs or repeat the placeholder exactly that many times per {label}"
+            )
+        cursor, pix = 0, 0
+        for idx, (t, h, w) in enumerate(grids):
+            n = t * h * w // spec.merge**2
+            flat_pos = flat[cursor : cursor + n]
+            bi = int(flat_pos[0]) // length
+            pos = flat_pos - bi * length
+            if int(flat_pos[-1]) // length != bi:
+                raise InputError(f"{label} {idx}'s {n} placeholder tokens span two prompts; each prompt needs all of its own placeholders")
+            sec = float(spgt[idx]) if (code == VIDEO and spgt is not None) else None
+            items.append(
+                VisualItem(label, idx, bi, int(pos[0]), (t, h, w), spec.merge, spec.patch_size, spec.temporal_patch_size, 0, pix, sec)
+            )
+            gh, gw = h // spec.merge, w // spec.merge
+            k = torch.arange(n)
+            item[bi, pos] = len(items) - 1
+            frame[bi, pos] = k // (gh * gw)
+            row[bi, pos] = (k % (gh * gw)) // gw
+            col[bi, pos] = k % gw
+            cursor += n
+            pix += t * h * w
+    items = _with_vision_offsets(items, b, item)
+
+    position_ids, deltas = None, None
+    if igrid is not None or vgrid is not None:
+        position_ids, deltas = mrope_position_ids(
+            ids, mm, igrid, vgrid, am, spec.merge, spgt,
+            spec.tokens_per_second if spec.version == "2.5" else None, rule=model.rope_rule,
+        )
+    return TokenLayout(ids, kind, item, frame, row, col, items, position_ids, deltas, am)
+
+
+def _with_vision_offsets(items: list[VisualItem], batch: int, item_map: Tensor) -> list[VisualItem]:
+    """Fill each item's first row in its prompt's vision batch row (items ordered by position)."""
+    from dataclasses import replace
+
+    offsets = [0] * batch
+    out = list(items)
+    for i in sorted(range(len(items)), key=lambda j: (items[j].batch, items[j].start)):
+        it = items[i]
+        out[i] = replace(it, vision_offset=offsets[it.batch])
+        offsets[it.batch] += it.n_patches
+    return out

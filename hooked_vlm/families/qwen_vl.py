@@ -1,0 +1,451 @@
+"""Qwen2-VL and Qwen2.5-VL, reimplemented on the shared blocks.
+
+Architecture (both): a ViT over 14 px patches of 2 frames (a linear patch embedding), 2-D rotary,
+block-diagonal attention per image / temporal slice (Qwen2.5-VL: inside windows, except in its
+full-attention blocks), a patch merger that concatenates each 2x2 block of patches and projects it to
+the language model's width, and a Qwen2 decoder with M-RoPE over (time, row, column) positions.
+
+Differences from transformers' code that change no output: vision activations are batch-first
+``[B, N, d]`` (one row per prompt, padded) in raster order of each image's patch grid, and window
+attention is a block-diagonal mask in raster order instead of a permutation of the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from hooked_vlm.components.attention import Attention, KVCache
+from hooked_vlm.components.block import TransformerBlock
+from hooked_vlm.components.mlp import MLP, GatedMLP
+from hooked_vlm.components.norms import LayerNorm, RMSNorm
+from hooked_vlm.components.rotary import inverse_frequencies, mrope_cos_sin, vision_2d_cos_sin
+from hooked_vlm.config import HookedVLMConfig
+from hooked_vlm.errors import InputError
+from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, VIDEO, TokenLayout, VisualItem, mrope_position_ids
+from hooked_vlm.model import HookedVLM, LMInput
+from kernels.mask import MaskSpec
+
+
+@dataclass(frozen=True)
+class QwenVisionSpec:
+    """The vision tower's shape, read from either family's vision config (their field names differ)."""
+
+    version: str  # "2" or "2.5"
+    width: int
+    out_width: int
+    depth: int
+    n_heads: int
+    d_mlp: int
+    act: str
+    patch_size: int
+    merge: int
+    temporal_patch_size: int
+    in_channels: int
+    rope_theta: float
+    window_size: int = 0
+    fullatt_blocks: tuple[int, ...] = ()
+    tokens_per_second: float | None = None
+
+    @classmethod
+    def from_hf_dict(cls, v: dict[str, Any], version: str) -> "QwenVisionSpec":
+        theta = (v.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        common = dict(
+            version=version,
+            depth=v["depth"],
+            n_heads=v["num_heads"],
+            act=v["hidden_act"],
+            patch_size=v["patch_size"],
+            merge=v["spatial_merge_size"],
+            temporal_patch_size=v["temporal_patch_size"],
+            in_channels=v.get("in_channels", 3),
+            rope_theta=theta,
+        )
+        if version == "2":
+            return cls(width=v["embed_dim"], out_width=v["hidden_size"], d_mlp=int(v["embed_dim"] * v["mlp_ratio"]), **common)
+        return cls(
+            width=v["hidden_size"],
+            out_width=v["out_hidden_size"],
+            d_mlp=v["intermediate_size"],
+            window_size=v["window_size"],
+            fullatt_blocks=tuple(v["fullatt_block_indexes"]),
+            tokens_per_second=v.get("tokens_per_second"),
+            **common,
+        )
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+class QwenPatchMerger(nn.Module):
+    """Norm each patch, concatenate each 2x2 block, then MLP (GELU) to the language model's width."""
+
+    def __init__(self, spec: QwenVisionSpec):
+        super().__init__()
+        self.ln_q = LayerNorm(spec.width, 1e-6) if spec.version == "2" else RMSNorm(spec.width, 1e-6)
+        hidden = spec.width * spec.merge**2
+        self.mlp = MLP(hidden, hidden, act="gelu", bias=True, d_out=spec.out_width)
+        self.hook_in = HookPoint()  # [B, M, merge^2 * width]: the concatenated, normalised 2x2 blocks
+
+    def forward(self, x: Float[Tensor, "batch n width"], merge_index: Int[Tensor, "batch m k"]) -> Float[Tensor, "batch m out"]:
+        normed = self.ln_q(x)
+        b, m, k = merge_index.shape
+        grouped = torch.gather(normed, 1, merge_index.reshape(b, m * k, 1).expand(-1, -1, normed.shape[-1]))
+        return self.mlp(self.hook_in(grouped.reshape(b, m, k * normed.shape[-1])))
+
+
+@dataclass
+class VisionPlan:
+    """Index tensors that place packed pixel rows into batch-first raster order, shared by all blocks."""
+
+    src: Int[Tensor, "batch n"]  # row of the packed pixel tensor for each (prompt, patch); 0 for padding
+    valid: Bool[Tensor, "batch n"]
+    hw: Int[Tensor, "batch n 2"]  # patch (row, col) for the 2-D rotary
+    full_mask: MaskSpec  # one segment per (item, temporal slice)
+    window_mask: MaskSpec | None  # Qwen2.5-VL windows
+    merge_index: Int[Tensor, "batch m k"]  # the merge^2 patches of each merged token
+    merged_valid: Bool[Tensor, "batch m"]
+
+
+def merge_block_to_raster(t: int, h: int, w: int, merge: int) -> Int[Tensor, "n"]:
+    """For each raster-order patch (t, r, c), its row in transformers' merge-block pixel order."""
+    idx = torch.arange(t * h * w).reshape(t, h // merge, w // merge, merge, merge)
+    return idx.permute(0, 1, 3, 2, 4).reshape(-1)
+
+
+def build_vision_plan(layout: TokenLayout, spec: QwenVisionSpec, n_image_rows: int, device: torch.device) -> VisionPlan:
+    """Batch-first raster layout of every visual item, its segments and windows, and its merge groups."""
+    b = layout.batch_size
+    per_row: list[list[VisualItem]] = [[] for _ in range(b)]
+    for it in layout.items:
+        per_row[it.batch].append(it)
+    n_max = max([sum(it.n_patches for it in row) for row in per_row] + [1])
+    m_max = max([sum(it.n_tokens for it in row) for row in per_row] + [1])
+    k = spec.merge**2
+    src = torch.zeros(b, n_max, dtype=torch.long)
+    valid = torch.zeros(b, n_max, dtype=torch.bool)
+    hw = torch.zeros(b, n_max, 2, dtype=torch.long)
+    full = torch.full((b, n_max), -1, dtype=torch.long)
+    window = torch.full((b, n_max), -1, dtype=torch.long)
+    merge_index = torch.zeros(b, m_max, k, dtype=torch.long)
+    merged_valid = torch.zeros(b, m_max, dtype=torch.bool)
+    seg = win = 0
+    wm = spec.window_size // spec.merge // spec.patch_size if spec.window_size else 0
+    for bi, row in enumerate(per_row):
+        n_off = m_off = 0
+        for it in sorted(row, key=lambda x: x.start):
+            t, h, w = it.grid_thw
+            base = it.pixel_offset + (n_image_rows if it.kind == "video" else 0)
+            n = it.n_patches
+            sl = slice(n_off, n_off + n)
+            src[bi, sl] = base + merge_block_to_raster(t, h, w, spec.merge)
+            valid[bi, sl] = True
+            tt, rr, cc = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            hw[bi, sl] = torch.stack([rr.flatten(), cc.flatten()], dim=-1)
+            full[bi, sl] = seg + tt.flatten()
+            seg += t
+            if wm:
+                nwh, nww = -(-(h // spec.merge) // wm), -(-(w // spec.merge) // wm)
+                wid = (tt * nwh + (rr // spec.merge) // wm) * nww + (cc // spec.merge) // wm
+                window[bi, sl] = win + wid.flatten()
+                win += t * nwh * nww
+            gt, gh, gw = it.merged_grid
+            mt, mr, mc = torch.meshgrid(torch.arange(gt), torch.arange(gh), torch.arange(gw), indexing="ij")
+            offs = torch.stack(
+                [(mr * spec.merge + i) * w + mc * spec.merge + j for i in range(spec.merge) for j in range(spec.merge)], dim=-1
+            )
+            merge_index[bi, m_off : m_off + it.n_tokens] = (n_off + mt[..., None] * h * w + offs).reshape(-1, k)
+            merged_valid[bi, m_off : m_off + it.n_tokens] = True
+            n_off += n
+            m_off += it.n_tokens
+    to = dict(device=device)
+    full_mask = MaskSpec(causal=False, doc_ids=full.to(**to))
+    window_mask = MaskSpec(causal=False, doc_ids=window.to(**to)) if wm else None
+    return VisionPlan(src.to(**to), valid.to(**to), hw.to(**to), full_mask, window_mask, merge_index.to(**to), merged_valid.to(**to))
+
+
+class QwenVisionTower(nn.Module):
+    """Patch embedding -> ViT blocks (2-D rotary, block-diagonal / windowed attention) -> patch merger.
+
+    Hooks: ``vision.hook_patch_embed`` ``[B, N, width]``, ``vision.blocks.{j}.*`` as in the language model,
+    ``vision.merger.*``, and ``vision.hook_out`` ``[B, M, d_model]`` (features injected into the LM), all
+    batch-first with one row per prompt, patches in raster order of each item's grid.
+    """
+
+    def __init__(self, spec: QwenVisionSpec):
+        super().__init__()
+        self.spec = spec
+        self.patch_embed = nn.Linear(spec.patch_dim, spec.width, bias=False)
+        self.hook_patch_embed = HookPoint()
+        d_head = spec.width // spec.n_heads
+        self.register_buffer("inv_freq", inverse_frequencies(d_head // 2, spec.rope_theta), persistent=False)
+        self.blocks = nn.ModuleList([self._block(i) for i in range(spec.depth)])
+        self.merger = QwenPatchMerger(spec)
+        self.hook_out = HookPoint()
+
+    def _block(self, index: int) -> TransformerBlock:
+        s = self.spec
+        attn = Attention(s.width, s.n_heads, s.n_heads, s.width // s.n_heads, qkv_bias=True, o_bias=True, rotary_in_fp32=True, layer_index=index)
+        if s.version == "2":
+            return TransformerBlock(LayerNorm(s.width, 1e-6), attn, LayerNorm(s.width, 1e-6), MLP(s.width, s.d_mlp, s.act, bias=True))
+        return TransformerBlock(RMSNorm(s.width, 1e-6), attn, RMSNorm(s.width, 1e-6), GatedMLP(s.width, s.d_mlp, s.act, bias=True))
+
+    def block_mask(self, index: int, plan: VisionPlan) -> MaskSpec:
+        if plan.window_mask is not None and index not in self.spec.fullatt_blocks:
+            return plan.window_mask
+        return plan.full_mask
+
+    def forward(self, pixels: Float[Tensor, "rows patch_dim"], plan: VisionPlan) -> Float[Tensor, "batch m d_model"]:
+        dtype = self.patch_embed.weight.dtype
+        x = pixels.to(dtype)[plan.src] * plan.valid[..., None].to(dtype)
+        x = self.hook_patch_embed(self.patch_embed(x))
+        cos, sin = vision_2d_cos_sin(plan.hw, self.inv_freq)
+        for j, block in enumerate(self.blocks):
+            x = block(x, cos, sin, self.block_mask(j, plan))
+        merged = self.merger(x, plan.merge_index)
+        return self.hook_out(merged * plan.merged_valid[..., None].to(merged.dtype))
+
+
+class HookedQwenVL(HookedVLM):
+    """Qwen2-VL / Qwen2.5-VL with hooks on both towers. Inputs are the Hugging Face keyword tensors."""
+
+    hf_architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    input_names = (
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "second_per_grid_ts",
+        "mm_token_type_ids",
+    )
+
+    # ----- configuration ---------------------------------------------------------------------------------
+    @classmethod
+    def config_from_hf(cls, hf_config: Any) -> HookedVLMConfig:
+        d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+        t = d["text_config"]
+        n_heads = t["num_attention_heads"]
+        rope = t.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") not in ("default", "mrope"):
+            raise NotImplementedError(f"rope_type {rope.get('rope_type')!r} is not supported yet (only default M-RoPE)")
+        layer_types = list(t.get("layer_types") or ["full_attention"] * t["num_hidden_layers"])
+        if not t.get("use_sliding_window"):
+            layer_types = ["full_attention"] * t["num_hidden_layers"]
+        family = "qwen2_vl" if d["model_type"] == "qwen2_vl" else "qwen2_5_vl"
+        return HookedVLMConfig(
+            family=family,
+            architecture="Qwen2VLForConditionalGeneration" if family == "qwen2_vl" else "Qwen2_5_VLForConditionalGeneration",
+            n_layers=t["num_hidden_layers"],
+            d_model=t["hidden_size"],
+            n_heads=n_heads,
+            n_key_value_heads=t["num_key_value_heads"],
+            d_head=t["hidden_size"] // n_heads,
+            d_mlp=t["intermediate_size"],
+            d_vocab=t["vocab_size"],
+            act_fn=t["hidden_act"],
+            eps=t["rms_norm_eps"],
+            layer_types=layer_types,
+            hf_config=d,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
+            model_name=d.get("_name_or_path", "") or family,
+            original_architecture=family,
+        )
+
+    @property
+    def vision_spec(self) -> QwenVisionSpec:
+        return self.vision.spec
+
+    @property
+    def token_ids(self) -> dict[str, int]:
+        d = self.cfg.hf_config
+        return {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+
+    def _build_vision(self) -> nn.Module:
+        version = "2" if self.cfg.family == "qwen2_vl" else "2.5"
+        return QwenVisionTower(QwenVisionSpec.from_hf_dict(self.cfg.hf_config["vision_config"], version))
+
+    def _build_block(self, index: int) -> TransformerBlock:
+        c = self.cfg
+        attn = Attention(c.d_model, c.n_heads, c.n_key_value_heads, c.d_head, qkv_bias=True, o_bias=False, layer_index=index)
+        return TransformerBlock(RMSNorm(c.d_model, c.eps), attn, RMSNorm(c.d_model, c.eps), GatedMLP(c.d_model, c.d_mlp, c.act_fn))
+
+    def _build_final_norm(self) -> nn.Module:
+        return RMSNorm(self.cfg.d_model, self.cfg.eps)
+
+    def _extra_hooks(self) -> None:
+        t = self.cfg.hf_config["text_config"]
+        rope = t.get("rope_parameters") or {}
+        self.register_buffer("inv_freq", inverse_frequencies(self.cfg.d_head, rope.get("rope_theta", 1e6)), persistent=False)
+        self.mrope_section = list(rope.get("mrope_section", [16, 24, 24]))
+        self.rope_rule = "transformers-5.23"
+
+    # ----- weights -----------------------------------------------------------------------------------------
+    @classmethod
+    def convert_hf_state_dict(cls, hf_config: Any, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Accepts the in-memory (``model.visual.*``, ``model.language_model.*``) or on-disk (``visual.*``,
+        ``model.layers.*``) Qwen layout."""
+        canon: dict[str, Tensor] = {}
+        for k, v in sd.items():
+            if k.startswith("visual."):
+                k = "model." + k
+            elif k.startswith("model.") and not k.startswith(("model.visual.", "model.language_model.")):
+                k = "model.language_model." + k[len("model.") :]
+            canon[k] = v
+        out: dict[str, Tensor] = {}
+        for k, v in canon.items():
+            if k.startswith("model.visual."):
+                out.update(cls._convert_vision_key(k[len("model.visual.") :], v))
+            elif k.startswith("model.language_model."):
+                out.update(cls._convert_lm_key(k[len("model.language_model.") :], v))
+            elif k == "lm_head.weight":
+                out["unembed.weight"] = v
+        if "unembed.weight" not in out:
+            out["unembed.weight"] = out["embed.weight"]
+        return out
+
+    @staticmethod
+    def _convert_lm_key(k: str, v: Tensor) -> dict[str, Tensor]:
+        if k == "embed_tokens.weight":
+            return {"embed.weight": v}
+        if k == "norm.weight":
+            return {"ln_final.w": v}
+        parts = k.split(".")
+        i, rest = parts[1], ".".join(parts[2:])
+        table = {
+            "input_layernorm.weight": "ln1.w",
+            "post_attention_layernorm.weight": "ln2.w",
+        }
+        if rest in table:
+            return {f"blocks.{i}.{table[rest]}": v}
+        if rest.startswith("self_attn."):
+            return {f"blocks.{i}.attn.{rest[len('self_attn.'):]}": v}
+        if rest.startswith("mlp."):
+            return {f"blocks.{i}.{rest}": v}
+        raise KeyError(f"unexpected language-model weight {k!r}")
+
+    @staticmethod
+    def _convert_vision_key(k: str, v: Tensor) -> dict[str, Tensor]:
+        if k == "patch_embed.proj.weight":
+            return {"vision.patch_embed.weight": v.reshape(v.shape[0], -1)}
+        if k.startswith("merger."):
+            rest = k[len("merger.") :]
+            rest = rest.replace("ln_q.weight", "ln_q.w").replace("ln_q.bias", "ln_q.b")
+            rest = rest.replace("mlp.0.", "mlp.fc1.").replace("mlp.2.", "mlp.fc2.")
+            return {f"vision.merger.{rest}": v}
+        parts = k.split(".")
+        j, rest = parts[1], ".".join(parts[2:])
+        pre = f"vision.blocks.{j}."
+        if rest.startswith("norm1."):
+            return {pre + "ln1." + ("w" if rest.endswith("weight") else "b"): v}
+        if rest.startswith("norm2."):
+            return {pre + "ln2." + ("w" if rest.endswith("weight") else "b"): v}
+        if rest.startswith("attn.qkv."):
+            q, kk, vv = v.chunk(3, dim=0)
+            kind = rest.split(".")[-1]
+            return {pre + f"attn.q_proj.{kind}": q, pre + f"attn.k_proj.{kind}": kk, pre + f"attn.v_proj.{kind}": vv}
+        if rest.startswith("attn.proj."):
+            return {pre + "attn.o_proj." + rest.split(".")[-1]: v}
+        if rest.startswith("mlp."):
+            return {pre + rest: v}
+        raise KeyError(f"unexpected vision weight {k!r}")
+
+    # ----- inputs ------------------------------------------------------------------------------------------
+    def layout(self, **inputs: Any) -> TokenLayout:
+        """Token layout of the given Hugging Face inputs, validated; includes HF's M-RoPE position ids."""
+        return self._layout(dict(inputs))
+
+    def _layout(self, inputs: dict[str, Any]) -> TokenLayout:
+        from hooked_vlm.families.qwen_inputs import build_qwen_layout
+
+        return build_qwen_layout(self, inputs)
+
+    def _prepare(self, inputs: dict[str, Any], cache: KVCache | None) -> LMInput:
+        from hooked_vlm.families.qwen_inputs import check_common_inputs
+
+        ids = inputs["input_ids"]
+        past = cache.seq_len() if cache is not None else 0
+        check_common_inputs(self, inputs, past)
+        am = inputs.get("attention_mask")
+        embeds = self.embed(ids)
+        layout = None
+        if past == 0:
+            layout = self._layout(inputs)
+            if layout.items:
+                embeds = self._inject(embeds, inputs, layout)
+        elif any(inputs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
+            raise InputError("pixel inputs can only be given with the prompt (prefill), not at a decode step")
+        embeds = self.hook_embed(embeds)
+        positions = self._positions(inputs, layout, past)
+        cos, sin = mrope_cos_sin(positions, self.inv_freq, self.mrope_section)
+        key_valid = None
+        if am is not None and not bool(am.bool().all()):
+            key_valid = am.bool()
+        masks = {
+            "full_attention": MaskSpec(causal=True, key_valid=key_valid, q_offset=past),
+        }
+        if "sliding_attention" in self.cfg.layer_types:
+            window = self.cfg.hf_config["text_config"].get("sliding_window") or 0
+            masks["sliding_attention"] = MaskSpec(causal=True, window=window, key_valid=key_valid, q_offset=past)
+        rotary = {kind: (cos, sin) for kind in masks}
+        return LMInput(embeds=embeds, rotary=rotary, masks=masks, layout=layout)
+
+    def _positions(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> Int[Tensor, "3 batch pos"]:
+        ids = inputs["input_ids"]
+        pos = inputs.get("position_ids")
+        if pos is not None:
+            pos = pos.to(ids.device)
+            if pos.dim() == 2:
+                return pos[None].expand(3, -1, -1)
+            if pos.dim() == 3 and pos.shape[0] == 4:
+                return pos[1:]
+            if pos.dim() == 3 and pos.shape[0] == 3:
+                return pos
+            raise InputError(f"position_ids must be [B, L], [3, B, L] or [4, B, L]; got {tuple(pos.shape)}")
+        if layout is not None and layout.position_ids is not None:
+            return layout.position_ids
+        b, length = ids.shape
+        return (torch.arange(length, device=ids.device) + past).view(1, 1, -1).expand(3, b, -1)
+
+    def encode_vision(self, **inputs: Any) -> Float[Tensor, "batch m d_model"]:
+        """Run only the vision tower; the result can be passed back as ``vision_features=`` to skip it."""
+        layout = self._layout(dict(inputs))
+        return self._vision_features(inputs, layout)
+
+    def _vision_features(self, inputs: dict[str, Any], layout: TokenLayout) -> Tensor:
+        pv, pvv = inputs.get("pixel_values"), inputs.get("pixel_values_videos")
+        parts = [p for p in (pv, pvv) if p is not None]
+        pixels = torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=0)
+        plan = build_vision_plan(layout, self.vision_spec, 0 if pv is None else pv.shape[0], pixels.device)
+        return self.vision(pixels, plan)
+
+    def _inject(self, embeds: Tensor, inputs: dict[str, Any], layout: TokenLayout) -> Tensor:
+        feats = inputs.get("vision_features")
+        if feats is None:
+            feats = self._vision_features(inputs, layout)
+        else:
+            feats = self.vision.hook_out(feats)
+        b = embeds.shape[0]
+        embeds = embeds.clone()
+        for bi in range(b):
+            pos = (layout.item[bi] >= 0).nonzero().flatten()
+            if pos.numel():
+                embeds[bi, pos] = feats[bi, : pos.numel()].to(embeds.dtype)
+        return embeds
+
+    def _generation_positions(self, input_ids: Tensor, attention_mask: Tensor, inputs: dict[str, Any]) -> Tensor:
+        if inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None:
+            layout = self._layout({"input_ids": input_ids, "attention_mask": attention_mask, **inputs})
+            assert layout.position_ids is not None
+            return layout.position_ids
+        return super()._generation_positions(input_ids, attention_mask, inputs)[None].expand(3, -1, -1)
+
+
+__all__ = ["HookedQwenVL", "QwenVisionTower", "QwenVisionSpec", "build_vision_plan", "merge_block_to_raster", "TEXT", "IMAGE", "VIDEO", "SPECIAL", "PAD"]

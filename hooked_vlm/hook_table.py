@@ -1,0 +1,38 @@
+"""Documented shape of each hook point, derived from its name (the README's hook table comes from here)."""
+
+from __future__ import annotations
+
+import re
+
+# (suffix pattern, shape) in priority order; B batch, L positions (N patches in the vision tower),
+# H heads, Hkv key/value heads, dh head dim, d width, m MLP width, M merged visual tokens.
+_SHAPES: list[tuple[str, str]] = [
+    (r"attn\.hook_(q|rot_q)$", "B L H dh"),
+    (r"attn\.hook_(k|v|rot_k)$", "B L Hkv dh"),
+    (r"attn\.(q_norm|k_norm)\.hook_scale$", "B L H(kv) 1"),
+    (r"attn\.(q_norm|k_norm)\.hook_normalized$", "B L H(kv) dh"),
+    (r"attn\.hook_(attn_scores|pattern)$", "B H Lq Lk"),
+    (r"attn\.hook_z$", "B L H dh"),
+    (r"attn\.hook_result$", "B L H d"),
+    (r"attn\.hook_lse$", "B H L"),
+    (r"attn\.hook_region$", "B H QG KG"),
+    (r"attn\.hook_colsum$", "B H QG L"),
+    (r"attn\.hook_rows$", "B H S L"),
+    (r"mlp\.hook_(pre|pre_linear|post)$", "B L m"),
+    (r"\.hook_scale$", "B L 1"),
+    (r"\.hook_normalized$", "B L d"),
+    (r"merger\.hook_in$", "B M (merge^2 d_vision)"),
+    (r"vision\.hook_out$", "B M d_model"),
+    (r"projector\.hook_out$", "B M d_model"),
+    (r"hook_(embed|resid_pre|resid_mid|resid_post|attn_out|mlp_out|patch_embed)$", "B L d"),
+]
+
+
+def describe_hook(name: str) -> str:
+    """The documented shape of hook ``name`` (vision-tower names use N patches for L)."""
+    for pattern, shape in _SHAPES:
+        if re.search(pattern, name):
+            if name.startswith("vision.") and "L" in shape.split():
+                shape = " ".join("N" if s == "L" else s for s in shape.split())
+            return shape
+    return "see docstring"

@@ -1,0 +1,312 @@
+"""Token layout: what every position of a multimodal sequence is, and where it came from.
+
+For each position: text / image / video / special / padding, which image or video, which frame
+(temporal slice: ``temporal_patch_size`` input frames merged into one), the merged-grid row and column,
+and the pixel box it covers. The same object gives the vision-tower row of every patch, the M-RoPE
+position ids (computed exactly as transformers does), and group ids for the attention-statistics kernels
+and for patching sweeps. Nothing here hard-codes a token count.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+TEXT, IMAGE, VIDEO, SPECIAL, PAD = 0, 1, 2, 3, -1
+KIND_NAMES = {TEXT: "text", IMAGE: "image", VIDEO: "video", SPECIAL: "special", PAD: "pad"}
+
+
+@dataclass(frozen=True)
+class VisualItem:
+    """One image or video as placed in the prompt batch."""
+
+    kind: Literal["image", "video"]
+    index: int  # among images (or videos), in the order transformers consumes them
+    batch: int  # prompt row
+    start: int  # first sequence position of its placeholder tokens
+    grid_thw: tuple[int, int, int]  # patch grid (temporal slices, rows, cols) before merging
+    merge: int
+    patch_size: int
+    temporal_patch_size: int
+    vision_offset: int  # first row of this item in its prompt's vision-tower batch row
+    pixel_offset: int  # first row of this item in the packed pixel_values(_videos) tensor
+    second_per_grid_t: float | None = None
+
+    @property
+    def merged_grid(self) -> tuple[int, int, int]:
+        t, h, w = self.grid_thw
+        return t, h // self.merge, w // self.merge
+
+    @property
+    def n_tokens(self) -> int:
+        t, h, w = self.merged_grid
+        return t * h * w
+
+    @property
+    def n_patches(self) -> int:
+        t, h, w = self.grid_thw
+        return t * h * w
+
+    @property
+    def pixel_size(self) -> tuple[int, int]:
+        """(height, width) of the resized image the grid covers."""
+        _, h, w = self.grid_thw
+        return h * self.patch_size, w * self.patch_size
+
+    @property
+    def cell_pixels(self) -> int:
+        return self.merge * self.patch_size
+
+
+@dataclass
+class TokenLayout:
+    """Per-position description of a batch; all per-position tensors are ``[B, L]``."""
+
+    input_ids: Int[Tensor, "batch pos"]
+    kind: Int[Tensor, "batch pos"]
+    item: Int[Tensor, "batch pos"]  # index into ``items``; -1 for non-visual positions
+    frame: Int[Tensor, "batch pos"]  # temporal slice; -1 for non-visual
+    row: Int[Tensor, "batch pos"]  # merged-grid row; -1 for non-visual
+    col: Int[Tensor, "batch pos"]
+    items: list[VisualItem]
+    position_ids: Int[Tensor, "3 batch pos"] | None = None
+    rope_deltas: Int[Tensor, "batch"] | None = None
+    attention_mask: Int[Tensor, "batch pos"] | None = None
+    meta: dict = field(default_factory=dict)
+
+    # ----- selection helpers -------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def images(self) -> list[VisualItem]:
+        return [it for it in self.items if it.kind == "image"]
+
+    def videos(self) -> list[VisualItem]:
+        return [it for it in self.items if it.kind == "video"]
+
+    def find_item(self, image: int | None = None, video: int | None = None) -> tuple[int, VisualItem]:
+        """The (item id, item) of image number ``image`` or video number ``video`` (global order)."""
+        if (image is None) == (video is None):
+            raise ValueError("pass exactly one of image=... or video=...")
+        kind, idx = ("image", image) if image is not None else ("video", video)
+        for i, it in enumerate(self.items):
+            if it.kind == kind and it.index == idx:
+                return i, it
+        n = len(self.images() if kind == "image" else self.videos())
+        raise IndexError(f"there is no {kind} {idx}: this input has {n} {kind}(s), numbered from 0")
+
+    def positions(
+        self, image: int | None = None, video: int | None = None, frame: int | None = None
+    ) -> Int[Tensor, "n"]:
+        """Sequence positions (in its prompt row) of an image, a video, or one frame of a video."""
+        item_id, it = self.find_item(image, video)
+        sel = self.item[it.batch] == item_id
+        if frame is not None:
+            t = it.merged_grid[0]
+            if not 0 <= frame < t:
+                raise IndexError(f"frame {frame} out of range: {it.kind} {it.index} has {t} temporal slices")
+            sel = sel & (self.frame[it.batch] == frame)
+        return sel.nonzero().flatten()
+
+    def cell(self, row: int, col: int, image: int | None = None, video: int | None = None, frame: int = 0) -> int:
+        """Sequence position of merged-grid cell (row, col) (of a given frame for videos)."""
+        item_id, it = self.find_item(image, video)
+        _, gh, gw = it.merged_grid
+        if not (0 <= row < gh and 0 <= col < gw):
+            raise IndexError(f"cell ({row}, {col}) outside the {gh}x{gw} grid of {it.kind} {it.index}")
+        return it.start + frame * gh * gw + row * gw + col
+
+    def pixel_box(self, batch: int, pos: int) -> tuple[int, int, int, int] | None:
+        """(y0, x0, y1, x1) in resized-image pixels covered by a visual token, or None for other tokens."""
+        item_id = int(self.item[batch, pos])
+        if item_id < 0:
+            return None
+        it = self.items[item_id]
+        r, c, s = int(self.row[batch, pos]), int(self.col[batch, pos]), it.cell_pixels
+        return r * s, c * s, (r + 1) * s, (c + 1) * s
+
+    def box(
+        self, y0: int, x0: int, y1: int, x1: int, image: int | None = None, video: int | None = None
+    ) -> Int[Tensor, "n"]:
+        """Positions of the visual tokens whose cell overlaps the pixel box [y0, y1) x [x0, x1)."""
+        item_id, it = self.find_item(image, video)
+        s = it.cell_pixels
+        b = it.batch
+        rows, cols = self.row[b], self.col[b]
+        sel = (self.item[b] == item_id) & (rows * s < y1) & ((rows + 1) * s > y0) & (cols * s < x1) & ((cols + 1) * s > x0)
+        return sel.nonzero().flatten()
+
+    def text_span(self, substring: str, tokenizer, batch: int = 0, occurrence: int = 0) -> Int[Tensor, "n"]:
+        """Positions of the tokens whose decoded text covers ``substring`` (its ``occurrence``-th match)."""
+        ids = self.input_ids[batch].tolist()
+        pieces = [tokenizer.decode([i]) for i in ids]
+        text, starts = "", []
+        for p in pieces:
+            starts.append(len(text))
+            text += p
+        found, at = -1, -1
+        for _ in range(occurrence + 1):
+            at = text.find(substring, at + 1)
+            if at < 0:
+                raise ValueError(f"{substring!r} does not occur {occurrence + 1} time(s) in prompt {batch}")
+            found = at
+        end = found + len(substring)
+        sel = [i for i, s in enumerate(starts) if s < end and s + len(pieces[i]) > found]
+        return torch.tensor(sel, dtype=torch.long)
+
+    def last_token(self, batch: int | None = None) -> Int[Tensor, "batch"]:
+        """Position of the last non-padding token of each row (or of one row)."""
+        if self.attention_mask is None:
+            last = torch.full((self.batch_size,), self.seq_len - 1, dtype=torch.long)
+        else:
+            valid = self.attention_mask.bool()
+            idx = torch.arange(self.seq_len).expand_as(valid)
+            last = torch.where(valid, idx, -1).max(dim=1).values
+        return last if batch is None else last[batch]
+
+    # ----- group ids for kernels and sweeps --------------------------------------------------------
+    def group_ids(self, by: Literal["item", "frame", "cell", "visual", "kind", "last"]) -> Int[Tensor, "batch pos"]:
+        """Integer group per position (-1 = no group).
+
+        * ``item``: one group per image/video (its id in ``items``);
+        * ``frame``: one group per (item, temporal slice), numbered consecutively;
+        * ``cell``: one group per merged-grid cell ``row * W + col`` of any image (frame 0 for videos);
+        * ``visual``: 0 for every visual token;
+        * ``kind``: the kind code (text 0, image 1, video 2, special 3);
+        * ``last``: 0 at each row's last token.
+        """
+        out = torch.full_like(self.kind, -1)
+        visual = self.item >= 0
+        if by == "item":
+            return torch.where(visual, self.item, out)
+        if by == "frame":
+            offsets, total = [], 0
+            for it in self.items:
+                offsets.append(total)
+                total += it.merged_grid[0]
+            off = torch.tensor(offsets + [0], dtype=torch.long)
+            return torch.where(visual, off[self.item.clamp(min=0)] + self.frame, out)
+        if by == "cell":
+            widths = torch.tensor([it.merged_grid[2] for it in self.items] + [0], dtype=torch.long)
+            return torch.where(visual, self.row * widths[self.item.clamp(min=0)] + self.col, out)
+        if by == "visual":
+            return torch.where(visual, torch.zeros_like(out), out)
+        if by == "kind":
+            return self.kind.clone()
+        if by == "last":
+            last = self.last_token()
+            out[torch.arange(self.batch_size), last] = 0
+            return out
+        raise ValueError(f"unknown grouping {by!r}; choose item, frame, cell, visual, kind or last")
+
+    # ----- vision tower rows ------------------------------------------------------------------------
+    def vision_rows(
+        self, image: int | None = None, video: int | None = None, frame: int | None = None
+    ) -> tuple[int, Int[Tensor, "n"]]:
+        """(batch row, patch indices) of an item in the vision tower's batch-first, raster-order activations."""
+        _, it = self.find_item(image, video)
+        t, h, w = it.grid_thw
+        rows = torch.arange(it.vision_offset, it.vision_offset + it.n_patches)
+        if frame is not None:
+            rows = rows[frame * h * w : (frame + 1) * h * w]
+        return it.batch, rows
+
+    def vision_grid(self, activation: Tensor, image: int | None = None, video: int | None = None) -> Tensor:
+        """Reshape a vision activation ``[B, N, ...]`` to this item's ``[t, h, w, ...]`` patch grid."""
+        b, rows = self.vision_rows(image, video)
+        _, it = self.find_item(image, video)
+        return activation[b, rows].reshape(*it.grid_thw, *activation.shape[2:])
+
+    def summary(self) -> str:
+        """A human-readable account of each prompt's segments."""
+        lines = []
+        for b in range(self.batch_size):
+            kinds = self.kind[b].tolist()
+            items = self.item[b].tolist()
+            segs = []
+            for key, grp in itertools.groupby(enumerate(zip(kinds, items)), key=lambda x: x[1]):
+                grp = list(grp)
+                segs.append((key, grp[0][0], grp[-1][0] + 1))
+            lines.append(f"prompt {b}: {self.seq_len} positions")
+            for (k, item_id), s, e in segs:
+                desc = f"  [{s:>5}, {e:>5}) {KIND_NAMES[k]:<7}"
+                if item_id >= 0:
+                    it = self.items[item_id]
+                    t, gh, gw = it.merged_grid
+                    desc += (
+                        f" {it.kind} {it.index}: {t} slice(s) x {gh}x{gw} cells of {it.cell_pixels}px, "
+                        f"pixels {it.pixel_size[0]}x{it.pixel_size[1]}"
+                    )
+                lines.append(desc)
+        return "\n".join(lines)
+
+
+def mrope_position_ids(
+    input_ids: Int[Tensor, "batch pos"],
+    mm_token_type_ids: Int[Tensor, "batch pos"],
+    image_grid_thw: Tensor | None,
+    video_grid_thw: Tensor | None,
+    attention_mask: Tensor | None,
+    spatial_merge_size: int,
+    second_per_grid_ts: Tensor | None = None,
+    tokens_per_second: float | None = None,
+    rule: Literal["transformers-5.23", "official"] = "transformers-5.23",
+) -> tuple[Int[Tensor, "3 batch pos"], Int[Tensor, "batch"]]:
+    """Qwen M-RoPE position ids and rope deltas, exactly as transformers 5.23 ``get_rope_index``.
+
+    Runs of equal ``mm_token_type_ids`` are walked in order; a text run of n takes ``cur..cur+n-1``
+    on all three axes; a vision run at ``s = cur`` takes T = s + scaled slice index, H = s + row,
+    W = s + col. ``rule="transformers-5.23"`` then continues at ``s + max(h', w')``; ``rule="official"``
+    (transformers 4.x / the Qwen reference code) continues at ``max(all ids of the run) + 1``. They
+    differ only when scaled video time exceeds the spatial extent. Padding positions get 0.
+    """
+    b, length = input_ids.shape
+    pos = torch.zeros(3, b, length, dtype=torch.long, device=input_ids.device)
+    grids = {
+        IMAGE: iter(image_grid_thw.tolist()) if image_grid_thw is not None else iter(()),
+        VIDEO: iter(video_grid_thw.tolist()) if video_grid_thw is not None else iter(()),
+    }
+    seconds = iter(second_per_grid_ts.tolist()) if second_per_grid_ts is not None else None
+    deltas = []
+    for bi in range(b):
+        valid = attention_mask[bi].bool() if attention_mask is not None else torch.ones(length, dtype=torch.bool)
+        types = mm_token_type_ids[bi][valid.to(mm_token_type_ids.device)].tolist()
+        chunks, cur = [], 0
+        for key, grp in itertools.groupby(types):
+            n = len(list(grp))
+            if key == TEXT:
+                chunks.append(torch.arange(n).expand(3, -1) + cur)
+                cur += n
+                continue
+            try:
+                t, h, w = next(grids[key])
+            except StopIteration:
+                raise ValueError(
+                    f"prompt {bi} has more {KIND_NAMES[key]} placeholder runs than grids in "
+                    f"{'image' if key == IMAGE else 'video'}_grid_thw"
+                ) from None
+            gh, gw = h // spatial_merge_size, w // spatial_merge_size
+            interval = 1.0
+            if key == VIDEO and tokens_per_second is not None:
+                sec = next(seconds) if seconds is not None else 1.0
+                interval = tokens_per_second * sec
+            tt = (torch.arange(t) * interval).long()
+            tt, hh, ww = torch.meshgrid(tt, torch.arange(gh), torch.arange(gw), indexing="ij")
+            ids = torch.stack([tt.flatten() + cur, hh.flatten() + cur, ww.flatten() + cur])
+            chunks.append(ids)
+            cur = cur + max(gh, gw) if rule == "transformers-5.23" else int(ids.max()) + 1
+        flat = torch.cat(chunks, dim=1) if chunks else torch.zeros(3, 0, dtype=torch.long)
+        pos[:, bi, valid.to(pos.device)] = flat.to(pos.device)
+        n_valid = int(valid.sum())
+        deltas.append((int(flat.max()) + 1 if flat.numel() else 0) - n_valid)
+    return pos, torch.tensor(deltas, dtype=torch.long, device=input_ids.device)

@@ -1,0 +1,265 @@
+"""HookedVLM: a TransformerLens ``HookedRootModule`` around a reimplemented vision-language model.
+
+The base class owns what every family shares: the language model (embedding, blocks, final norm,
+unembedding), caching and hook management with helpful errors, and greedy generation with a KV cache.
+A family subclass (``families/``) adds its vision tower, input validation, positions, masks and the
+mapping from Hugging Face weight names.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.HookedRootModule import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from hooked_vlm.components.attention import KVCache
+from hooked_vlm.components.block import TransformerBlock
+from hooked_vlm.config import HookedVLMConfig
+from hooked_vlm.layout import TokenLayout
+from kernels.mask import MaskSpec
+
+
+@dataclass
+class LMInput:
+    """What the language-model stack needs for one forward: embeddings, rotary tables and masks.
+
+    ``rotary`` and ``masks`` are keyed by layer type (e.g. ``"full_attention"``, ``"sliding_attention"``);
+    ``layer_types[i]`` says which one block ``i`` uses.
+    """
+
+    embeds: Float[Tensor, "batch pos d_model"]
+    rotary: dict[str, tuple[Tensor, Tensor]]
+    masks: dict[str, MaskSpec]
+    layout: TokenLayout | None = None
+    next_text_position: Int[Tensor, "batch"] | None = None
+    extras: dict = field(default_factory=dict)
+
+
+class HookedVLM(HookedRootModule):
+    """A vision-language model with a named hook on every residual, attention and MLP site of both towers.
+
+    Build one with :meth:`from_hf` (an in-memory transformers model) or :meth:`from_pretrained` (a local
+    checkpoint folder in the Hugging Face layout, or a hub id when a hub is reachable). Call it with the
+    keyword tensors the Hugging Face model takes; it returns logits ``[batch, seq, vocab]``.
+    """
+
+    #: Hugging Face architecture names this class reimplements (filled by each family).
+    hf_architectures: ClassVar[tuple[str, ...]] = ()
+    #: Keyword inputs ``forward`` accepts (besides the generic ones below).
+    input_names: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")
+    generic_inputs: ClassVar[tuple[str, ...]] = ("position_ids", "vision_features", "return_type", "stop_at_layer")
+
+    def __init__(self, cfg: HookedVLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = HookPoint()
+        self.vision = self._build_vision()
+        self.blocks = nn.ModuleList([self._build_block(i) for i in range(cfg.n_layers)])
+        self.ln_final = self._build_final_norm()
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        if cfg.tie_word_embeddings:
+            self.unembed.weight = self.embed.weight
+        self._extra_hooks()
+        self.setup()
+
+    # ----- family hooks (override) -------------------------------------------------------------------
+    def _build_vision(self) -> nn.Module | None:
+        return None
+
+    def _build_block(self, index: int) -> TransformerBlock:
+        raise NotImplementedError
+
+    def _build_final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _extra_hooks(self) -> None:
+        """Register family-specific top-level hook points (before ``setup``)."""
+
+    def _prepare(self, inputs: dict[str, Any], cache: KVCache | None) -> LMInput:
+        """Validate inputs, run the vision tower, inject features and build rotary tables and masks."""
+        raise NotImplementedError
+
+    def layout(self, **inputs: Any) -> TokenLayout:
+        """Describe every position of the given inputs (see :class:`hooked_vlm.layout.TokenLayout`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def convert_hf_state_dict(cls, hf_config: Any, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Map Hugging Face parameter names (in-memory or on-disk layout) to ours."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_from_hf(cls, hf_config: Any) -> HookedVLMConfig:
+        raise NotImplementedError
+
+    # ----- construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "HookedVLM":
+        """Build the hooked twin of an in-memory transformers model (same weights, same outputs)."""
+        from hooked_vlm.loading import from_hf
+
+        return from_hf(hf_model, dtype=dtype, device=device)
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_id: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> "HookedVLM":
+        """Load a local checkpoint folder (config.json + safetensors, sharded or not) or a hub id."""
+        from hooked_vlm.loading import from_pretrained
+
+        return from_pretrained(path_or_id, dtype=dtype, device=device)
+
+    # ----- TransformerLens-style weights ------------------------------------------------------------------
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.weight
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.weight.T
+
+    @property
+    def b_U(self) -> Float[Tensor, "d_vocab"]:
+        return torch.zeros(self.cfg.d_vocab, dtype=self.unembed.weight.dtype, device=self.unembed.weight.device)
+
+    def tokens_to_residual_directions(self, tokens: Tensor | int) -> Tensor:
+        """Unembedding directions of the given token ids (for ``ActivationCache.logit_attrs``)."""
+        tokens = torch.as_tensor(tokens, device=self.unembed.weight.device)
+        return self.unembed.weight[tokens]
+
+    def to_single_token(self, token: int | str) -> int:
+        if isinstance(token, int):
+            return token
+        raise TypeError("hooked_vlm models carry no tokenizer: pass token ids")
+
+    # ----- forward ---------------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor | None = None, **inputs: Any) -> Tensor:
+        """Logits ``[batch, seq, vocab]`` for the Hugging Face keyword inputs of this family.
+
+        Extra keywords: ``position_ids`` (override positions), ``vision_features`` (reuse a previous
+        ``vision.hook_out`` and skip the vision tower), ``return_type`` ("logits", "resid" for the final
+        normalised residual, or None), ``stop_at_layer`` (return the residual entering that block),
+        ``past_key_values`` (a :class:`KVCache`, used by :meth:`generate`).
+        """
+        cache: KVCache | None = inputs.pop("past_key_values", None)
+        return_type = inputs.pop("return_type", "logits")
+        stop_at_layer = inputs.pop("stop_at_layer", None)
+        inputs["input_ids"] = input_ids
+        self._check_input_names(inputs)
+        prep = self._prepare(inputs, cache)
+        resid = prep.embeds
+        for i, block in enumerate(self.blocks):
+            if stop_at_layer is not None and i == stop_at_layer:
+                return resid
+            kind = self.cfg.layer_types[i]
+            cos, sin = prep.rotary[kind]
+            resid = block(resid, cos, sin, prep.masks[kind], cache)
+        self._last_prepared = prep if cache is not None else None
+        normed = self.ln_final(resid)
+        if return_type == "resid":
+            return normed
+        if return_type is None:
+            return None
+        return self.unembed(normed)
+
+    def _check_input_names(self, inputs: dict[str, Any]) -> None:
+        allowed = set(self.input_names) | set(self.generic_inputs)
+        unknown = [k for k in inputs if k not in allowed and inputs[k] is not None]
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected input(s) {unknown}; it accepts "
+                f"{sorted(self.input_names)} (the Hugging Face keyword tensors) and {sorted(self.generic_inputs)}"
+            )
+
+    # ----- hooks and caching -------------------------------------------------------------------------------
+    def check_hook_names(self, names: str | Sequence[str]) -> None:
+        """Raise a helpful error for hook names that do not exist, listing the closest valid ones."""
+        for name in [names] if isinstance(names, str) else names:
+            if name not in self.hook_dict:
+                close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
+                hint = f" Closest valid names: {close}." if close else ""
+                raise KeyError(
+                    f"Unknown hook name {name!r}.{hint} See model.hook_dict (or the README's hook table) "
+                    "for every hook point."
+                )
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:  # type: ignore[override]
+        if isinstance(name, str):
+            self.check_hook_names(name)
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    @contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False):  # type: ignore[override]
+        """Temporary hooks, removed on exit even when the forward raises (TransformerLens semantics)."""
+        self.check_hook_names([n for n, _ in list(fwd_hooks) + list(bwd_hooks) if isinstance(n, str)])
+        with super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts) as m:
+            yield m
+
+    def run_with_cache(self, *model_args: Any, names_filter=None, device=None, remove_batch_dim=False, **kwargs: Any):  # type: ignore[override]
+        """Forward with caching; returns ``(logits, ActivationCache)``.
+
+        Only the requested hooks are attached, so caching residual hooks computes no attention pattern.
+        """
+        if isinstance(names_filter, (str, list, tuple)):
+            self.check_hook_names(list(names_filter) if not isinstance(names_filter, str) else names_filter)
+            if isinstance(names_filter, tuple):
+                names_filter = list(names_filter)
+        out, cache_dict = super().run_with_cache(
+            *model_args, names_filter=names_filter, device=device, remove_batch_dim=remove_batch_dim, **kwargs
+        )
+        return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+    def hook_table(self) -> list[tuple[str, str]]:
+        """(name, documented shape) of every hook point, in module order."""
+        from hooked_vlm.hook_table import describe_hook
+
+        return [(name, describe_hook(name)) for name in self.hook_dict]
+
+    # ----- generation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, max_new_tokens: int = 16, eos_token_id: int | None = None, **inputs: Any) -> Int[Tensor, "batch total"]:
+        """Greedy decoding with a KV cache; returns prompt + generated ids (as HF ``generate``).
+
+        Hooks behave as in a forward: at prefill every hook fires once with the full prompt (vision tower
+        included); at each decode step only language-model hooks fire, with ``pos = 1`` (the new token), and
+        attention patterns of a decode step are ``[B, H, 1, L_so_far]``.
+        """
+        input_ids = inputs.pop("input_ids")
+        attention_mask = inputs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cache = KVCache()
+        positions = self._generation_positions(input_ids, attention_mask, inputs)
+        logits = self(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, **inputs)
+        next_pos = positions.amax(dim=(0, 2)) + 1 if positions.dim() == 3 else positions.amax(dim=-1) + 1
+        out = input_ids
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            token = logits[:, -1].argmax(-1)
+            if eos_token_id is not None:
+                token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+                finished |= token == eos_token_id
+            out = torch.cat([out, token[:, None]], dim=1)
+            if eos_token_id is not None and bool(finished.all()):
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            step_pos = next_pos[:, None]
+            pos_ids = step_pos[None].expand(3, -1, -1) if positions.dim() == 3 else step_pos
+            logits = self(input_ids=token[:, None], attention_mask=attention_mask, position_ids=pos_ids, past_key_values=cache)
+            next_pos = next_pos + 1
+        return out
+
+    def _generation_positions(self, input_ids: Tensor, attention_mask: Tensor, inputs: dict[str, Any]) -> Tensor:
+        """Prompt positions as HF ``generate`` computes them (padding-aware)."""
+        pos = attention_mask.long().cumsum(-1) - 1
+        return pos.masked_fill(attention_mask == 0, 1)

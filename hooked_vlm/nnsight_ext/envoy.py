@@ -1,0 +1,386 @@
+"""``HookedVLMEnvoy``: nnsight over hooked_vlm models, locally and on an NDIF server.
+
+The envoy tree mirrors the model's own module tree, so every TransformerLens hook point is an
+attribute path: ``nn_model.blocks[3].hook_resid_post.output``, ``nn_model.vision.blocks[0].attn
+.hook_pattern.output``. What this class adds to plain ``nnsight.NNsight``:
+
+* **several invokes in one trace** (``_batch_size`` / ``_batch``): invokes' Hugging Face keyword
+  inputs are merged into one batch: sequence tensors (``input_ids``, ``attention_mask``, token type
+  ids) are padded to the longest invoke (left padding by default, so positions counted from the
+  right name the same token in every invoke), and visual inputs (``pixel_values``,
+  ``image_grid_thw``, their video twins, ...) are concatenated in invoke order, which is the order
+  the model consumes them. Hook activations are batch-first, so nnsight hands each invoke its rows.
+* **a remote identity without a hub** (``Remotable``): the model key is
+  ``hooked_vlm.nnsight_ext.envoy.HookedVLMEnvoy:<canonical JSON spec>`` where the spec names the
+  family, its config and either a seed (random weights, rebuilt bit-identically from torch's RNG)
+  or a local safetensors checkpoint (path + sha256). The server rebuilds the model from the key.
+* ``scan`` (shapes on the meta device), ``remote=True`` / ``remote="local"``, sessions, gradients
+  and everything else nnsight's ``Remotable`` provides.
+
+A spec is a plain JSON-able dict::
+
+    {"family": "toy", "config": {...}, "seed": 0}
+    {"family": "qwen2_vl", "config": {...}, "checkpoint": "/abs/model.safetensors", "sha256": "..."}
+
+Families are builders registered with :func:`register_family`: ``build(config) -> nn.Module``
+constructs the architecture (parameters initialised from torch's global RNG, which the envoy seeds
+inside a forked RNG state, so building never disturbs the caller's RNG).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from nnsight.modeling.mixins.remotable import CheckpointInfo, Remotable, bytes_per_element
+from torch import Tensor, nn
+
+#: family name -> builder(config dict) -> nn.Module (random init from torch's global RNG).
+_FAMILIES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
+
+#: Load keywords an NDIF server passes that mean nothing to a CPU-built hooked model.
+_IGNORED_LOAD_KWARGS = ("device_map", "max_memory", "trust_remote_code", "revision", "low_cpu_mem_usage")
+
+#: Per-position inputs shaped ``[batch, seq]`` and what to pad them with (None: the pad token id).
+_SEQUENCE_INPUTS: dict[str, int | None] = {
+    "input_ids": None,
+    "attention_mask": 0,
+    "token_type_ids": 0,
+    "mm_token_type_ids": 0,
+    "labels": -100,
+}
+
+
+def register_family(name: str, build: Callable[[dict[str, Any]], nn.Module]) -> None:
+    """Make ``{"family": name, ...}`` specs buildable (on the client and on the server alike).
+
+    The server imports this module to rebuild a model, so a family must be registered at import
+    time of ``hooked_vlm.nnsight_ext`` (or of a module that it imports).
+    """
+    _FAMILIES[name] = build
+
+
+def families() -> list[str]:
+    _ensure_builtin_families()
+    return sorted(_FAMILIES)
+
+
+def _ensure_builtin_families() -> None:
+    if "toy" not in _FAMILIES:
+        from hooked_vlm.nnsight_ext.toy import build_toy
+
+        register_family("toy", build_toy)
+    try:
+        from hooked_vlm.nnsight_ext import families as _vlm_families  # noqa: F401  (registers on import)
+    except ImportError:  # the VLM families are optional until the model package provides them
+        pass
+
+
+def canonical_spec(spec: dict[str, Any]) -> str:
+    """The spec as canonical JSON (sorted keys, no spaces): equal specs give equal keys."""
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    raise TypeError(f"model spec values must be JSON-serialisable, got {type(value).__name__}: {value!r}")
+
+
+def _resolve_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return resolved
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_from_spec(spec: dict[str, Any], *, weights: bool = True, dtype: Any = None) -> nn.Module:
+    """Build the module a spec describes.
+
+    ``weights=False`` builds the architecture only (what ``_load_meta`` wants, under nnsight's meta
+    device). With weights, a ``seed`` spec initialises from ``torch.manual_seed(seed)`` in a forked
+    RNG state; a ``checkpoint`` spec loads the safetensors file after checking its sha256.
+    """
+    _ensure_builtin_families()
+    family = spec.get("family")
+    if family not in _FAMILIES:
+        raise KeyError(f"unknown hooked_vlm family {family!r}; registered: {sorted(_FAMILIES)}")
+    build = _FAMILIES[family]
+    config = spec.get("config") or {}
+    if not weights:
+        module = build(config)
+    elif "checkpoint" in spec:
+        path = spec["checkpoint"]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"checkpoint {path!r} named by the model key does not exist on this machine; a "
+                "checkpoint key works only where the server can read the same file"
+            )
+        if spec.get("sha256") and file_sha256(path) != spec["sha256"]:
+            raise ValueError(f"checkpoint {path!r} does not match the sha256 in the model key")
+        from safetensors.torch import load_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = build(config)
+        load_model(module, path, strict=True)
+    elif "seed" in spec:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(spec["seed"]))
+            module = build(config)
+    else:
+        raise ValueError("a model spec needs either a 'seed' or a 'checkpoint' to build weights")
+    resolved = _resolve_dtype(dtype)
+    if resolved is not None and weights:
+        module = module.to(resolved)
+    return module.eval()
+
+
+class HookedVLMEnvoy(Remotable):
+    """An nnsight model over a hooked_vlm model (or any TransformerLens-style hooked module).
+
+    Construct it from a spec (meta build; real weights load on first trace, or pass
+    ``dispatch=True``), or around a ready module with :func:`hooked_vlm.nnsight_ext.to_nnsight`.
+    """
+
+    #: Padding side when invokes differ in length ("left" keeps the last token aligned).
+    padding_side: str = "left"
+
+    def __init__(self, *args: Any, spec: dict[str, Any] | None = None, pad_token_id: int | None = None, **kwargs: Any):
+        for name in _IGNORED_LOAD_KWARGS:
+            kwargs.pop(name, None)
+        device = kwargs.pop("device", None)
+        if device is not None and torch.device(device).type != "cpu":
+            kwargs["device"] = device
+        if args and isinstance(args[0], dict):
+            spec = args[0]
+        self._hvlm_spec = dict(spec) if spec is not None else None
+        self._hvlm_pad_token_id = pad_token_id
+        super().__init__(*args, **kwargs)
+        if self._hvlm_pad_token_id is None:
+            self._hvlm_pad_token_id = _pad_token_id_of(self._module)
+
+    # ----- building ---------------------------------------------------------------------------
+    def _load_meta(self, spec: dict[str, Any], **kwargs: Any) -> nn.Module:
+        return build_from_spec(spec, weights=False)
+
+    def _load(self, spec: dict[str, Any], dtype: Any = None, device: Any = None, **kwargs: Any) -> nn.Module:
+        module = build_from_spec(spec, weights=True, dtype=dtype)
+        return module.to(device) if device is not None else module
+
+    # ----- remote identity --------------------------------------------------------------------
+    @property
+    def spec(self) -> dict[str, Any] | None:
+        """The spec this model is rebuilt from on a server (None: local use only)."""
+        return self._hvlm_spec
+
+    def _remoteable_model_key(self) -> str:
+        if self._hvlm_spec is None:
+            raise ValueError(
+                "this nnsight model has no remote identity: build it with "
+                "to_nnsight(model, seed=...) for a model made from a seeded family factory, or "
+                "to_nnsight(model, checkpoint='path/to/file.safetensors') to save its weights where the "
+                "server can load them"
+            )
+        return canonical_spec(self._hvlm_spec)
+
+    @classmethod
+    def _remoteable_from_model_key(cls, model_key: str, **kwargs: Any) -> "HookedVLMEnvoy":
+        return cls(json.loads(model_key), **kwargs)
+
+    @classmethod
+    def _remoteable_describe_checkpoint(cls, model_key: str, dtype: str, **kwargs: Any) -> CheckpointInfo:
+        from nnsight.modeling.mixins.meta import MetaDevice
+
+        with MetaDevice():
+            module = build_from_spec(json.loads(model_key), weights=False)
+        n_params = sum(p.nelement() for p in module.parameters())
+        elements = n_params + sum(b.nelement() for b in module.buffers())
+        return CheckpointInfo(size_bytes=math.ceil(elements * bytes_per_element(dtype)), n_params=n_params)
+
+    @classmethod
+    def _remoteable_estimate_bytes(cls, model_key: str, dtype: str) -> int:
+        return cls._remoteable_describe_checkpoint(model_key, dtype).size_bytes
+
+    # ----- batching several invokes -------------------------------------------------------------
+    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+        first = inputs[0] if inputs else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if first is None:
+            return 0
+        if isinstance(first, Tensor):
+            return int(first.shape[0]) if first.dim() > 1 else 1
+        if isinstance(first, (list, tuple)):
+            return len(first)
+        raise TypeError(
+            f"{type(self).__name__} takes the Hugging Face keyword tensors (input_ids=[batch, seq], ...), "
+            f"got {type(first).__name__}"
+        )
+
+    def _batch(self, invokes: list[tuple], fn: Any) -> tuple:
+        if not invokes:
+            return tuple(), {}
+        if len(invokes) == 1:
+            return invokes[0]
+        return (), batch_inputs(
+            [_as_kwargs(args, kwargs) for args, kwargs in invokes],
+            pad_token_id=self._hvlm_pad_token_id or 0,
+            padding_side=self.padding_side,
+        )
+
+
+def _as_kwargs(args: tuple, kwargs: dict) -> dict[str, Any]:
+    if len(args) > 1:
+        raise TypeError("pass inputs as keywords (input_ids=..., pixel_values=...) when batching invokes")
+    merged = dict(kwargs)
+    if args:
+        if "input_ids" in merged:
+            raise TypeError("input_ids given both positionally and as a keyword")
+        merged["input_ids"] = args[0]
+    return merged
+
+
+def _rows(inputs: dict[str, Any]) -> int:
+    first = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    return int(first.shape[0])
+
+
+def batch_inputs(
+    invokes: list[dict[str, Any]], *, pad_token_id: int = 0, padding_side: str = "left"
+) -> dict[str, Any]:
+    """Merge several invokes' Hugging Face keyword inputs into one batch.
+
+    * ``[batch, seq]`` inputs (``input_ids``, ``attention_mask``, ``token_type_ids``,
+      ``mm_token_type_ids``, ``labels``) are padded to the longest sequence on ``padding_side``
+      (an ``attention_mask`` of ones is made for invokes without one when padding is needed) and
+      concatenated on the batch dimension;
+    * ``position_ids`` (``[batch, seq]`` or M-RoPE's ``[3, batch, seq]``) are concatenated on their
+      batch dimension and must not need padding;
+    * every other tensor (``pixel_values``, ``image_grid_thw``, ``pixel_values_videos``,
+      ``video_grid_thw``, ``second_per_grid_ts``, ...) is concatenated on dim 0 in invoke order;
+      invokes without it contribute nothing (text-only rows next to image rows);
+    * lists are concatenated; any other value must be equal across the invokes that give it.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    lengths = [int(inv.get("input_ids", inv.get("inputs_embeds")).shape[1]) for inv in invokes]
+    longest = max(lengths)
+    needs_padding = any(length != longest for length in lengths)
+    keys: list[str] = []
+    for inv in invokes:
+        keys.extend(k for k in inv if k not in keys)
+    if needs_padding and "attention_mask" not in keys:
+        keys.append("attention_mask")
+
+    merged: dict[str, Any] = {}
+    for key in keys:
+        values = [inv.get(key) for inv in invokes]
+        present = [v for v in values if v is not None]
+        if not present:
+            merged[key] = None
+            continue
+        if key in _SEQUENCE_INPUTS or key == "inputs_embeds":
+            parts = []
+            for inv, value, length in zip(invokes, values, lengths):
+                if value is None:
+                    if key != "attention_mask":
+                        raise ValueError(f"{key!r} is given for some invokes but not for others")
+                    value = torch.ones(_rows(inv), length, dtype=torch.long, device=present[0].device)
+                fill = _SEQUENCE_INPUTS.get(key, 0)
+                parts.append(_pad_seq(value, longest, pad_token_id if fill is None else fill, padding_side))
+            merged[key] = torch.cat(parts, dim=0)
+        elif key == "position_ids":
+            if len(present) != len(values):
+                raise ValueError("'position_ids' is given for some invokes but not for others")
+            if needs_padding:
+                raise ValueError("explicit position_ids cannot be padded: give invokes of equal length")
+            merged[key] = torch.cat(values, dim=1 if values[0].dim() == 3 else 0)
+        elif isinstance(present[0], Tensor):
+            merged[key] = torch.cat(present, dim=0)
+        elif isinstance(present[0], (list, tuple)):
+            merged[key] = [item for value in present for item in value]
+        else:
+            if any(v != present[0] for v in present[1:]):
+                raise ValueError(f"invokes disagree on the non-tensor input {key!r}: {present}")
+            merged[key] = present[0]
+    return merged
+
+
+def _pad_seq(value: Tensor, length: int, fill: int | float, side: str) -> Tensor:
+    missing = length - value.shape[1]
+    if missing == 0:
+        return value
+    pad = torch.full((value.shape[0], missing, *value.shape[2:]), fill, dtype=value.dtype, device=value.device)
+    return torch.cat([pad, value] if side == "left" else [value, pad], dim=1)
+
+
+def _pad_token_id_of(module: nn.Module) -> int | None:
+    cfg = getattr(module, "cfg", None)
+    hf_config = getattr(cfg, "hf_config", None) or {}
+    for source in (hf_config, hf_config.get("text_config") or {} if isinstance(hf_config, dict) else {}):
+        if isinstance(source, dict) and source.get("pad_token_id") is not None:
+            return int(source["pad_token_id"])
+    return None
+
+
+def to_nnsight(
+    model: nn.Module,
+    *,
+    spec: dict[str, Any] | None = None,
+    seed: int | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> HookedVLMEnvoy:
+    """Wrap a ready hooked model for nnsight (``HookedVLM.to_nnsight`` binds to this).
+
+    The remote identity comes from, in order: an explicit ``spec``; ``seed`` (the model was built
+    by its family's factory under ``torch.manual_seed(seed)``: family and config are read from the
+    model); ``checkpoint`` (the weights are saved there as safetensors and the key names the file
+    and its sha256); or a spec the model carries (``model._hooked_vlm_spec``, set by the factories
+    in this package). Without any, the model works locally and refuses ``remote=True`` with a
+    message saying how to give it an identity.
+    """
+    if spec is None:
+        if seed is not None or checkpoint is not None:
+            family, config = family_and_config(model)
+            spec = {"family": family, "config": config}
+            if checkpoint is not None:
+                from safetensors.torch import save_model
+
+                path = os.path.abspath(os.fspath(checkpoint))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp{os.getpid()}"
+                save_model(model, tmp)
+                os.replace(tmp, path)
+                spec.update(checkpoint=path, sha256=file_sha256(path))
+            else:
+                spec["seed"] = int(seed)
+        else:
+            spec = getattr(model, "_hooked_vlm_spec", None)
+    return HookedVLMEnvoy(model, spec=spec, **kwargs)
+
+
+def family_and_config(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """The registered family and config dict a model is rebuilt from."""
+    from hooked_vlm.nnsight_ext.toy import ToyHookedModel
+
+    if isinstance(model, ToyHookedModel):
+        return "toy", dict(model.config)
+    _ensure_builtin_families()
+    from hooked_vlm.nnsight_ext import families as vlm_families
+
+    return vlm_families.family_and_config(model)

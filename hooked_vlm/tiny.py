@@ -1,0 +1,90 @@
+"""Tiny random-weight models for tests, examples and the CLI: real transformers classes, CPU-sized.
+
+Vocabulary convention (see ``hooked_vlm.tiny_tokenizer``): 0 bos, 1 eos, 2 pad, 3..95 words,
+98/99 Gemma image begin/end, 100 image placeholder, 101 video placeholder, 102/103 vision start/end.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+SPECIAL_IDS = dict(image_token_id=100, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
+
+
+def qwen2_vl_config(vision_depth: int = 2, **text_overrides: Any):
+    from transformers import Qwen2VLConfig
+
+    text = dict(TEXT, bos_token_id=0, eos_token_id=1, pad_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}, **text_overrides)
+    vision = dict(depth=vision_depth, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, **SPECIAL_IDS)
+
+
+def qwen2_5_vl_config(vision_depth: int = 4, window_size: int = 56, **text_overrides: Any):
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(TEXT, bos_token_id=0, eos_token_id=1, pad_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}, **text_overrides)
+    vision = dict(
+        depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, window_size=window_size,
+        fullatt_block_indexes=[i for i in range(vision_depth) if i % 2 == 1], tokens_per_second=2,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+    )
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **SPECIAL_IDS)
+
+
+def _qwen2_vl(config) -> Any:
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def _qwen2_5_vl(config) -> Any:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+#: name -> (config factory, HF model factory); other families register theirs with ``register_tiny``.
+TINY_MODELS: dict[str, tuple[Callable[..., Any], Callable[[Any], Any]]] = {
+    "tiny-qwen2-vl": (qwen2_vl_config, _qwen2_vl),
+    "tiny-qwen2.5-vl": (qwen2_5_vl_config, _qwen2_5_vl),
+}
+
+
+def register_tiny(name: str, config_factory: Callable[..., Any], model_factory: Callable[[Any], Any]) -> None:
+    TINY_MODELS[name] = (config_factory, model_factory)
+
+
+def randomize_(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Fill every parameter from N(0, std) (norm weights around 1) so no path is trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            if ("norm" in name or "ln_" in name) and p.dim() == 1 and not name.endswith("bias"):
+                p.copy_(1.0 + noise if float(p.detach().abs().mean()) > 0.5 else noise)
+            else:
+                p.copy_(noise * (4 if p.dim() == 1 else 1))
+    return model
+
+
+def tiny_hf_model(name: str = "tiny-qwen2-vl", seed: int = 0, attn_implementation: str = "eager", **config_overrides: Any):
+    """A random-weight transformers model of the named tiny family, in eval mode, fp32."""
+    if name not in TINY_MODELS:
+        raise KeyError(f"unknown tiny model {name!r}; available: {sorted(TINY_MODELS)}")
+    config_factory, model_factory = TINY_MODELS[name]
+    cfg = config_factory(**config_overrides)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = model_factory(cfg)
+    randomize_(model, seed)
+    return model.eval()
+
+
+def tiny_model(name: str = "tiny-qwen2-vl", seed: int = 0, **config_overrides: Any):
+    """The hooked twin of :func:`tiny_hf_model` (same weights)."""
+    from hooked_vlm.loading import from_hf
+
+    return from_hf(tiny_hf_model(name, seed, **config_overrides))
