@@ -18,6 +18,7 @@ _SHAPES: list[tuple[str, str]] = [
     (r"attn\.hook_region$", "B H QG KG"),
     (r"attn\.hook_colsum$", "B H QG L"),
     (r"attn\.hook_rows$", "B H S L"),
+    (r"merger\.mlp\.hook_(pre|post)$", "B M (merge^2 d_vision)"),
     (r"mlp\.hook_(pre|pre_linear|post)$", "B L m"),
     (r"\.hook_scale$", "B L 1"),
     (r"\.hook_normalized$", "B L d"),

@@ -147,21 +147,27 @@ class TokenLayout:
         return sel.nonzero().flatten()
 
     def text_span(self, substring: str, tokenizer, batch: int = 0, occurrence: int = 0) -> Int[Tensor, "n"]:
-        """Positions of the tokens whose decoded text covers ``substring`` (its ``occurrence``-th match)."""
+        """Positions of the tokens covering ``substring`` (its ``occurrence``-th match) in prompt ``batch``.
+
+        Matching ignores whitespace, so it works whether the tokenizer's pieces carry their spaces (BPE) or
+        not (word-level).
+        """
         ids = self.input_ids[batch].tolist()
-        pieces = [tokenizer.decode([i]) for i in ids]
+        pieces = ["".join(tokenizer.decode([i]).split()) for i in ids]
+        target = "".join(substring.split())
+        if not target:
+            raise ValueError("text_span needs a non-empty substring")
         text, starts = "", []
         for p in pieces:
             starts.append(len(text))
             text += p
-        found, at = -1, -1
+        at = -1
         for _ in range(occurrence + 1):
-            at = text.find(substring, at + 1)
+            at = text.find(target, at + 1)
             if at < 0:
                 raise ValueError(f"{substring!r} does not occur {occurrence + 1} time(s) in prompt {batch}")
-            found = at
-        end = found + len(substring)
-        sel = [i for i, s in enumerate(starts) if s < end and s + len(pieces[i]) > found]
+        end = at + len(target)
+        sel = [i for i, s in enumerate(starts) if pieces[i] and s < end and s + len(pieces[i]) > at]
         return torch.tensor(sel, dtype=torch.long)
 
     def last_token(self, batch: int | None = None) -> Int[Tensor, "batch"]:

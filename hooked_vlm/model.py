@@ -244,13 +244,13 @@ class HookedVLM(HookedRootModule):
         next_pos = positions.amax(dim=(0, 2)) + 1 if positions.dim() == 3 else positions.amax(dim=-1) + 1
         out = input_ids
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             token = logits[:, -1].argmax(-1)
             if eos_token_id is not None:
                 token = torch.where(finished, torch.full_like(token, eos_token_id), token)
                 finished |= token == eos_token_id
             out = torch.cat([out, token[:, None]], dim=1)
-            if eos_token_id is not None and bool(finished.all()):
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             step_pos = next_pos[:, None]

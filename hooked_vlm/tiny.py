@@ -88,3 +88,42 @@ def tiny_model(name: str = "tiny-qwen2-vl", seed: int = 0, **config_overrides: A
     from hooked_vlm.loading import from_hf
 
     return from_hf(tiny_hf_model(name, seed, **config_overrides))
+
+
+# ----- Gemma 3 / MedGemma (hooked_vlm.families.gemma3) ---------------------------------------------------
+def gemma3_config(
+    mm_tokens_per_image: int = 4,
+    image_size: int = 56,
+    sliding_window: int = 8,
+    layer_types: list[str] | None = None,
+    vision_layers: int = 2,
+    **text_overrides: Any,
+):
+    """Tiny Gemma3: SigLIP 56 px / 14 px patches (4x4) pooled to ``mm_tokens_per_image`` tokens; layer 0
+    sliding, layer 1 full. ``layer_types`` is always set (the default, every 6th layer full, would make
+    every layer of a 2-layer model sliding)."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    n_layers = text_overrides.pop("num_hidden_layers", TEXT["num_hidden_layers"])
+    if layer_types is None:
+        layer_types = ["full_attention" if i % 2 else "sliding_attention" for i in range(n_layers)]
+    text = Gemma3TextConfig(
+        **dict(TEXT, num_hidden_layers=n_layers), head_dim=16, query_pre_attn_scalar=16, sliding_window=sliding_window,
+        layer_types=layer_types, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1e6}},
+        **text_overrides,
+    )
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
+                                image_size=image_size, patch_size=14, vision_use_head=False)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=mm_tokens_per_image,
+                        boi_token_index=98, eoi_token_index=99, image_token_index=100)
+
+
+def _gemma3(config) -> Any:
+    from transformers import Gemma3ForConditionalGeneration
+
+    return Gemma3ForConditionalGeneration(config)
+
+
+register_tiny("tiny-gemma3", gemma3_config, _gemma3)

@@ -1,0 +1,196 @@
+"""Llama-style decoders (Llama, Mistral, Qwen2) on the shared blocks: configuration, blocks, RoPE, masks, weights.
+
+Generic helpers for any family whose language model is a pre-norm RMSNorm decoder with SwiGLU MLP and 1-D RoPE
+(the LLaVA family uses all three). Each takes the Hugging Face *text* config as a plain dict
+(``config.text_config.to_dict()``) so nothing depends on which VLM wraps the decoder.
+
+* Llama: ``attention_bias`` on q/k/v/o, ``mlp_bias``; RoPE types default / linear / llama3 / yarn / longrope
+  (inverse frequencies computed by transformers' own ``ROPE_INIT_FUNCTIONS``; ``dynamic`` is refused because
+  its frequencies depend on the sequence length).
+* Mistral: no biases; a ``sliding_window`` (when not null) applies to every layer: a query sees the last
+  ``sliding_window`` keys including itself, as ``transformers.masking_utils.sliding_window_overlay``.
+* Qwen2: q/k/v biases, no o bias; sliding layers only where ``layer_types`` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from hooked_vlm.components.attention import Attention
+from hooked_vlm.components.block import TransformerBlock
+from hooked_vlm.components.mlp import GatedMLP
+from hooked_vlm.components.norms import RMSNorm
+from hooked_vlm.components.rotary import inverse_frequencies, rope_cos_sin
+from hooked_vlm.config import HookedVLMConfig
+from kernels.mask import MaskSpec
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What distinguishes one Llama-style decoder from another."""
+
+    model_type: str  # "llama" | "mistral" | "qwen2"
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_window: int  # 0 = none
+    layer_types: tuple[str, ...]
+
+    @classmethod
+    def from_text_config(cls, t: dict[str, Any]) -> "DecoderSpec":
+        mt = t.get("model_type", "llama")
+        n = t["num_hidden_layers"]
+        if mt == "qwen2":
+            window = int(t.get("sliding_window") or 0) if t.get("use_sliding_window") else 0
+            types = tuple(t.get("layer_types") or [FULL] * n) if window else (FULL,) * n
+            return cls(mt, True, False, False, window, types)
+        if mt == "mistral":
+            window = int(t.get("sliding_window") or 0)
+            return cls(mt, False, False, False, window, ((SLIDING if window else FULL),) * n)
+        if mt in ("llama", "vicuna"):
+            bias = bool(t.get("attention_bias", False))
+            return cls("llama", bias, bias, bool(t.get("mlp_bias", False)), 0, (FULL,) * n)
+        raise NotImplementedError(
+            f"text model_type {mt!r} is not a supported Llama-style decoder (llama, mistral, qwen2)"
+        )
+
+
+def decoder_config(
+    t: dict[str, Any], family: str, architecture: str, hf_config: dict[str, Any], tie_word_embeddings: bool | None = None
+) -> HookedVLMConfig:
+    """A :class:`HookedVLMConfig` for the decoder described by the HF text config ``t``."""
+    spec = DecoderSpec.from_text_config(t)
+    n_heads = t["num_attention_heads"]
+    d_head = t.get("head_dim") or t["hidden_size"] // n_heads
+    tie = t.get("tie_word_embeddings", False) if tie_word_embeddings is None else tie_word_embeddings
+    return HookedVLMConfig(
+        family=family,
+        architecture=architecture,
+        n_layers=t["num_hidden_layers"],
+        d_model=t["hidden_size"],
+        n_heads=n_heads,
+        n_key_value_heads=t.get("num_key_value_heads") or n_heads,
+        d_head=d_head,
+        d_mlp=t["intermediate_size"],
+        d_vocab=t["vocab_size"],
+        act_fn=t.get("hidden_act", "silu"),
+        eps=t.get("rms_norm_eps", 1e-6),
+        layer_types=list(spec.layer_types),
+        hf_config=hf_config,
+        tie_word_embeddings=bool(tie),
+        model_name=hf_config.get("_name_or_path", "") or family,
+        original_architecture=architecture,
+    )
+
+
+def build_decoder_block(cfg: HookedVLMConfig, spec: DecoderSpec, index: int) -> TransformerBlock:
+    """One decoder layer: RMSNorm -> attention (GQA, RoPE) -> RMSNorm -> SwiGLU."""
+    attn = Attention(
+        cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, qkv_bias=spec.qkv_bias, o_bias=spec.o_bias, layer_index=index
+    )
+    mlp = GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, bias=spec.mlp_bias)
+    return TransformerBlock(RMSNorm(cfg.d_model, cfg.eps), attn, RMSNorm(cfg.d_model, cfg.eps), mlp)
+
+
+def rope_parameters(t: dict[str, Any]) -> dict[str, Any]:
+    """The text config's RoPE parameters (5.x ``rope_parameters`` or legacy ``rope_theta`` / ``rope_scaling``)."""
+    rope = dict(t.get("rope_parameters") or {})
+    if not rope:
+        rope = dict(t.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", t.get("rope_theta", 10000.0))
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope.pop("type")
+    rope.setdefault("rope_type", "default")
+    rope.setdefault("rope_theta", 10000.0)
+    return rope
+
+
+def rope_inverse_frequencies(t: dict[str, Any]) -> tuple[Float[Tensor, "half"], float]:
+    """(inverse frequencies, attention scaling) of the decoder's 1-D RoPE, as transformers computes them."""
+    rope = rope_parameters(t)
+    kind = rope["rope_type"]
+    d_head = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+    if kind == "default":
+        return inverse_frequencies(d_head, float(rope["rope_theta"])), 1.0
+    if kind == "dynamic":
+        raise NotImplementedError("dynamic-NTK RoPE recomputes its frequencies per sequence length; not supported")
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if kind not in ROPE_INIT_FUNCTIONS:
+        raise NotImplementedError(f"rope_type {kind!r} is not supported")
+    keep = {k: v for k, v in t.items() if k not in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")}
+    hf_cfg = AutoConfig.for_model(**keep)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](hf_cfg, torch.device("cpu"))
+    return inv_freq.float().cpu(), float(scaling)
+
+
+def rope_tables(
+    position_ids: Int[Tensor, "batch pos"], inv_freq: Tensor, attention_scaling: float = 1.0
+) -> tuple[Float[Tensor, "batch pos d_head"], Float[Tensor, "batch pos d_head"]]:
+    """cos / sin of 1-D RoPE at the given positions (fp32)."""
+    return rope_cos_sin(position_ids, inv_freq, attention_scaling)
+
+
+def decoder_masks(
+    layer_types: list[str] | tuple[str, ...], attention_mask: Tensor | None, past: int, sliding_window: int
+) -> dict[str, MaskSpec]:
+    """One causal :class:`MaskSpec` per layer type (padding keys hidden; ``past`` cached positions)."""
+    key_valid = None
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        key_valid = attention_mask.bool()
+    masks = {FULL: MaskSpec(causal=True, key_valid=key_valid, q_offset=past)}
+    if SLIDING in layer_types:
+        masks[SLIDING] = MaskSpec(causal=True, window=sliding_window, key_valid=key_valid, q_offset=past)
+    return masks
+
+
+def default_position_ids(input_ids: Tensor, past: int) -> Int[Tensor, "batch pos"]:
+    """``past .. past+L-1`` for every row, as transformers' decoders use when no position_ids are given."""
+    b, length = input_ids.shape
+    return (torch.arange(length, device=input_ids.device) + past)[None].expand(b, -1)
+
+
+def convert_decoder_key(k: str, v: Tensor) -> dict[str, Tensor]:
+    """Map one decoder weight name (relative to the decoder: ``embed_tokens.*``, ``layers.{i}.*``, ``norm.*``)."""
+    if k == "embed_tokens.weight":
+        return {"embed.weight": v}
+    if k == "norm.weight":
+        return {"ln_final.w": v}
+    parts = k.split(".")
+    if parts[0] != "layers":
+        raise KeyError(f"unexpected language-model weight {k!r}")
+    i, rest = parts[1], ".".join(parts[2:])
+    if rest == "input_layernorm.weight":
+        return {f"blocks.{i}.ln1.w": v}
+    if rest == "post_attention_layernorm.weight":
+        return {f"blocks.{i}.ln2.w": v}
+    if rest.startswith("self_attn."):
+        return {f"blocks.{i}.attn.{rest[len('self_attn.'):]}": v}
+    if rest.startswith("mlp."):
+        return {f"blocks.{i}.{rest}": v}
+    if "rotary_emb" in rest:
+        return {}
+    raise KeyError(f"unexpected language-model weight {k!r}")
+
+
+__all__ = [
+    "DecoderSpec",
+    "decoder_config",
+    "build_decoder_block",
+    "rope_parameters",
+    "rope_inverse_frequencies",
+    "rope_tables",
+    "decoder_masks",
+    "default_position_ids",
+    "convert_decoder_key",
+    "FULL",
+    "SLIDING",
+]

@@ -1,0 +1,443 @@
+"""Gemma 3 and MedGemma (``Gemma3ForConditionalGeneration``), reimplemented on the shared blocks.
+
+Architecture:
+
+* **Vision**: a SigLIP ViT (the shared :class:`~hooked_vlm.families.vit.HookedViT`) over a fixed
+  ``image_size`` square (896 px, 14 px patches = 64 x 64 patches), ``post_layernorm`` on every patch.
+* **Projector**: the patch grid is average-pooled to ``mm_tokens_per_image`` tokens (16 x 16 with a 4 x 4
+  kernel), normalised by a Gemma RMSNorm (``mm_soft_emb_norm``, scale ``1 + w``) and multiplied by
+  ``mm_input_projection_weight`` (``x @ W``, no bias).
+* **Language model**: text embeddings are scaled by ``sqrt(d_model)`` (cast to the weight dtype); image
+  features replace the image tokens *unscaled*. Each layer is
+  ``x + post_attn_norm(attn(input_norm(x)))`` then ``x + post_ff_norm(mlp(pre_ff_norm(x)))`` with Gemma
+  RMSNorms ``(1 + w)``, GeGLU (``gelu_pytorch_tanh``), grouped-query attention with QK-norm before RoPE and
+  the softmax scale ``query_pre_attn_scalar ** -0.5``. Layers alternate between sliding-window (local RoPE
+  theta, a window over the past) and full attention (global RoPE theta, optionally linearly scaled).
+* **Attention mask**: causal plus padding, except that the tokens of one image (a run of
+  ``token_type_ids == 1``) see each other bidirectionally, in full *and* sliding layers (the window bounds
+  only the past, so an image token sees later tokens of its own image however far).
+
+Differences from transformers' code that change no output: the bidirectional image blocks are a
+:class:`~kernels.mask.MaskSpec` (``bidir_ids``) instead of a dense mask; average pooling runs on the
+``[n, d, P, P]`` grid as transformers does; the vision tower is batch-first per image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from hooked_vlm.components.attention import Attention, KVCache
+from hooked_vlm.components.block import TransformerBlock
+from hooked_vlm.components.mlp import GatedMLP
+from hooked_vlm.components.norms import RMSNorm
+from hooked_vlm.components.rotary import inverse_frequencies, rope_cos_sin
+from hooked_vlm.config import HookedVLMConfig
+from hooked_vlm import loading
+from hooked_vlm.errors import InputError
+from hooked_vlm.families.vit import HookedViT, ViTSpec, convert_vit_state_dict
+from hooked_vlm.layout import TokenLayout
+from hooked_vlm.model import HookedVLM, LMInput
+from kernels.mask import MaskSpec
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+_DROP_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")
+
+
+@dataclass(frozen=True)
+class Gemma3VisionSpec:
+    """Image geometry of a Gemma 3 checkpoint: SigLIP patch grid and the pooled token grid."""
+
+    image_size: int
+    patch_size: int
+    num_channels: int
+    width: int
+    eps: float
+    tokens_per_image: int
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.patches_per_side**2
+
+    @property
+    def tokens_per_side(self) -> int:
+        return math.isqrt(self.tokens_per_image)
+
+    @property
+    def pool_kernel(self) -> int:
+        return self.patches_per_side // self.tokens_per_side
+
+    @property
+    def cell_pixels(self) -> int:
+        """Side in pixels of the square one image token covers."""
+        return self.pool_kernel * self.patch_size
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "Gemma3VisionSpec":
+        v = d["vision_config"]
+        spec = cls(
+            image_size=v["image_size"],
+            patch_size=v["patch_size"],
+            num_channels=v.get("num_channels", 3),
+            width=v["hidden_size"],
+            eps=v.get("layer_norm_eps", 1e-6),
+            tokens_per_image=d.get("mm_tokens_per_image", 256),
+        )
+        side = spec.tokens_per_side
+        if side * side != spec.tokens_per_image or spec.patches_per_side % side:
+            raise NotImplementedError(
+                f"mm_tokens_per_image={spec.tokens_per_image} must be a square whose side divides the "
+                f"{spec.patches_per_side}x{spec.patches_per_side} patch grid (image_size {spec.image_size} / patch "
+                f"{spec.patch_size}); other geometries pool to a different token count in transformers"
+            )
+        return spec
+
+
+class Gemma3Projector(nn.Module):
+    """Average-pool the SigLIP patch grid to the token grid, RMSNorm ``(1 + w)``, then ``x @ W``.
+
+    Hooks (per image, ``n`` = images in ``pixel_values``): ``hook_pooled [n, M, d_vision]`` (after the
+    average pool, raster order of the token grid), ``mm_soft_emb_norm.hook_scale [n, M, 1]`` /
+    ``hook_normalized [n, M, d_vision]``, ``hook_out [n, M, d_model]`` (the projected image features).
+    """
+
+    def __init__(self, spec: Gemma3VisionSpec, d_model: int):
+        super().__init__()
+        self.spec = spec
+        self.hook_pooled = HookPoint()
+        self.mm_soft_emb_norm = RMSNorm(spec.width, spec.eps, offset=1.0)
+        self.mm_input_projection_weight = nn.Parameter(torch.zeros(spec.width, d_model))
+        self.hook_out = HookPoint()
+
+    def forward(self, patches: Float[Tensor, "n patches d_vision"]) -> Float[Tensor, "n tokens d_model"]:
+        n, _, d = patches.shape
+        side, k = self.spec.patches_per_side, self.spec.pool_kernel
+        grid = patches.transpose(1, 2).reshape(n, d, side, side).contiguous()
+        pooled = F.avg_pool2d(grid, kernel_size=k, stride=k).flatten(2).transpose(1, 2)
+        pooled = self.hook_pooled(pooled)
+        normed = self.mm_soft_emb_norm(pooled)
+        return self.hook_out(torch.matmul(normed, self.mm_input_projection_weight).type_as(patches))
+
+
+class Gemma3SiglipTower(HookedViT):
+    """The shared SigLIP tower (hooks per image, ``[n_images, N, d_vision]``) plus ``hook_out``: the image
+    features injected into the language model, batch-first per prompt ``[B, M, d_model]`` (that prompt's
+    images in sequence order, zero-padded), as ``vision.hook_out`` in every family."""
+
+    def __init__(self, spec: ViTSpec):
+        super().__init__(spec)
+        self.hook_out = HookPoint()
+
+
+class HookedGemma3(HookedVLM):
+    """Gemma 3 / MedGemma with hooks on the SigLIP tower, the projector and the decoder.
+
+    Inputs are transformers' keyword tensors: ``input_ids``, ``attention_mask``, ``pixel_values``
+    ``[n_images, 3, S, S]`` and ``token_type_ids`` (1 at image tokens; derived from the image token id
+    when absent). ``bidirectional_images`` (default True) can be set False to make image tokens attend
+    causally, as transformers does when called without ``token_type_ids``.
+    """
+
+    hf_architectures = ("Gemma3ForConditionalGeneration",)
+    input_names = ("input_ids", "attention_mask", "pixel_values", "token_type_ids")
+
+    # ----- configuration ---------------------------------------------------------------------------------
+    @classmethod
+    def config_from_hf(cls, hf_config: Any) -> HookedVLMConfig:
+        d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+        t = d["text_config"]
+        if t.get("use_bidirectional_attention"):
+            raise NotImplementedError("use_bidirectional_attention (EmbeddingGemma) is not supported: Gemma3 VLMs are causal")
+        if t.get("final_logit_softcapping") or t.get("attn_logit_softcapping"):
+            # Gemma3ForConditionalGeneration applies neither, so nothing to reproduce; say so rather than guess.
+            pass
+        n = t["num_hidden_layers"]
+        layer_types = list(t.get("layer_types") or [])
+        if not layer_types:
+            pattern = int(t.get("sliding_window_pattern") or t.get("_sliding_window_pattern") or 6)
+            layer_types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n)]
+        n_heads = t["num_attention_heads"]
+        Gemma3VisionSpec.from_hf_dict(d)  # validates the geometry early
+        return HookedVLMConfig(
+            family="gemma3",
+            architecture="Gemma3ForConditionalGeneration",
+            n_layers=n,
+            d_model=t["hidden_size"],
+            n_heads=n_heads,
+            n_key_value_heads=t.get("num_key_value_heads") or n_heads,
+            d_head=t.get("head_dim") or t["hidden_size"] // n_heads,
+            d_mlp=t["intermediate_size"],
+            d_vocab=t["vocab_size"],
+            act_fn=t.get("hidden_activation") or t.get("hidden_act") or "gelu_pytorch_tanh",
+            eps=t.get("rms_norm_eps", 1e-6),
+            layer_types=layer_types,
+            hf_config=d,
+            tie_word_embeddings=True,  # Gemma3ForConditionalGeneration always ties lm_head to the embeddings
+            model_name=d.get("_name_or_path", "") or "gemma3",
+            original_architecture="Gemma3ForConditionalGeneration",
+        )
+
+    @property
+    def vision_spec(self) -> Gemma3VisionSpec:
+        return self.projector.spec
+
+    @property
+    def token_ids(self) -> dict[str, int]:
+        d = self.cfg.hf_config
+        return {
+            "image_token_id": d.get("image_token_index", d.get("image_token_id")),
+            "boi_token_id": d.get("boi_token_index", d.get("boi_token_id")),
+            "eoi_token_id": d.get("eoi_token_index", d.get("eoi_token_id")),
+        }
+
+    @property
+    def sliding_window(self) -> int:
+        return int(self.cfg.hf_config["text_config"].get("sliding_window") or 0)
+
+    def _build_vision(self) -> nn.Module:
+        d = self.cfg.hf_config
+        self.projector = Gemma3Projector(Gemma3VisionSpec.from_hf_dict(d), self.cfg.d_model)
+        return Gemma3SiglipTower(ViTSpec.from_hf_config(d["vision_config"], kind="siglip"))
+
+    def _build_block(self, index: int) -> TransformerBlock:
+        c = self.cfg
+        t = c.hf_config["text_config"]
+        bias = bool(t.get("attention_bias", False))
+        scalar = t.get("query_pre_attn_scalar") or c.d_head
+
+        def norm(width: int) -> RMSNorm:
+            return RMSNorm(width, c.eps, offset=1.0)
+
+        attn = Attention(
+            c.d_model, c.n_heads, c.n_key_value_heads, c.d_head, qkv_bias=bias, o_bias=bias,
+            scale=float(scalar) ** -0.5, qk_norm_eps=c.eps, qk_norm_offset=1.0, layer_index=index,
+        )
+        mlp = GatedMLP(c.d_model, c.d_mlp, c.act_fn)
+        return TransformerBlock(norm(c.d_model), attn, norm(c.d_model), mlp, ln1_post=norm(c.d_model), ln2_post=norm(c.d_model))
+
+    def _build_final_norm(self) -> nn.Module:
+        return RMSNorm(self.cfg.d_model, self.cfg.eps, offset=1.0)
+
+    def _extra_hooks(self) -> None:
+        t = self.cfg.hf_config["text_config"]
+        self.rope_scaling: dict[str, float] = {}
+        for kind in sorted(set(self.cfg.layer_types)):
+            inv_freq, scaling = _rope_inverse_frequencies(t, kind, self.cfg.d_head)
+            self.register_buffer(f"inv_freq_{kind}", inv_freq, persistent=False)
+            self.rope_scaling[kind] = scaling
+        self.bidirectional_images = True
+        self._warned_token_types = False
+
+    # ----- weights -----------------------------------------------------------------------------------------
+    @classmethod
+    def convert_hf_state_dict(cls, hf_config: Any, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Accepts the transformers 5 in-memory layout (``model.language_model.*``, ``model.vision_tower.*``,
+        ``model.multi_modal_projector.*``) and the on-disk layout of the released checkpoints
+        (``language_model.model.*``, ``vision_tower.vision_model.*``, ``multi_modal_projector.*``)."""
+        vision: dict[str, Tensor] = {}
+        out: dict[str, Tensor] = {}
+        for k, v in sd.items():
+            k = k[len("model.") :] if k.startswith("model.") else k
+            if k.startswith("vision_tower."):
+                vision[k] = v
+            elif k.startswith("multi_modal_projector."):
+                rest = k[len("multi_modal_projector.") :]
+                if rest == "mm_soft_emb_norm.weight":
+                    out["projector.mm_soft_emb_norm.w"] = v
+                elif rest == "mm_input_projection_weight":
+                    out["projector.mm_input_projection_weight"] = v
+                else:
+                    raise KeyError(f"unexpected projector weight {k!r}")
+            elif k.startswith("language_model."):
+                rest = k[len("language_model.") :]
+                if rest.startswith("model."):
+                    rest = rest[len("model.") :]
+                if rest == "lm_head.weight":
+                    continue  # tied to the embeddings
+                out.update(_convert_lm_key(rest, v))
+            elif k == "lm_head.weight":
+                continue  # tied to the embeddings
+            else:
+                raise KeyError(f"unexpected Gemma3 weight {k!r}")
+        for k, v in convert_vit_state_dict(vision, prefix="vision_tower.").items():
+            out["vision." + k] = v
+        out["unembed.weight"] = out["embed.weight"]
+        return out
+
+    # ----- inputs ------------------------------------------------------------------------------------------
+    def layout(self, **inputs: Any) -> TokenLayout:
+        """Token layout of the given inputs, validated (see :func:`build_gemma3_layout`)."""
+        return self._layout(dict(inputs))
+
+    def _layout(self, inputs: dict[str, Any]) -> TokenLayout:
+        from hooked_vlm.families.gemma3_inputs import build_gemma3_layout
+
+        return build_gemma3_layout(self, inputs)
+
+    def _prepare(self, inputs: dict[str, Any], cache: KVCache | None) -> LMInput:
+        from hooked_vlm.families.gemma3_inputs import check_common_inputs
+
+        ids = inputs["input_ids"]
+        past = cache.seq_len() if cache is not None else 0
+        check_common_inputs(self, inputs, past)
+        am = inputs.get("attention_mask")
+        layout, bidir = None, None
+        if past == 0:
+            layout = self._layout(inputs)
+            if self.bidirectional_images:
+                bidir = layout.meta["bidir_ids"]
+                bidir = bidir if bool((bidir >= 0).any()) else None
+        elif inputs.get("pixel_values") is not None or inputs.get("vision_features") is not None:
+            raise InputError("pixel inputs can only be given with the prompt (prefill), not at a decode step")
+        embeds = self._embed_text(ids)
+        if layout is not None and layout.items:
+            embeds = self._inject(embeds, inputs, layout)
+        embeds = self.hook_embed(embeds)
+        positions = self._positions(inputs, past)
+        key_valid = am.bool() if am is not None and not bool(am.bool().all()) else None
+        masks, rotary = {}, {}
+        for kind in set(self.cfg.layer_types):
+            window = self.sliding_window if kind == SLIDING else 0
+            masks[kind] = MaskSpec(causal=True, window=window, key_valid=key_valid, bidir_ids=bidir, q_offset=past)
+            rotary[kind] = rope_cos_sin(positions, getattr(self, f"inv_freq_{kind}"), self.rope_scaling[kind])
+        return LMInput(embeds=embeds, rotary=rotary, masks=masks, layout=layout)
+
+    def _embed_text(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """Token embeddings times ``sqrt(d_model)`` (the scale cast to the weight dtype first, as transformers).
+
+        Ids outside the vocabulary (an image token id >= vocab size) embed as id 0; they are replaced by image
+        features anyway."""
+        w = self.embed.weight
+        ids = ids.masked_fill(ids >= self.cfg.d_vocab, 0)
+        scale = torch.tensor(self.cfg.d_model**0.5, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
+        return self.embed(ids) * scale
+
+    def _positions(self, inputs: dict[str, Any], past: int) -> Int[Tensor, "batch pos"]:
+        ids = inputs["input_ids"]
+        pos = inputs.get("position_ids")
+        if pos is not None:
+            pos = pos.to(ids.device)
+            if pos.dim() == 1:
+                pos = pos[None]
+            if pos.dim() != 2 or pos.shape[-1] != ids.shape[1]:
+                raise InputError(f"position_ids must be [B, L] (or [L]) matching input_ids {tuple(ids.shape)}; got {tuple(pos.shape)}")
+            return pos.expand(ids.shape[0], -1)
+        b, length = ids.shape
+        return (torch.arange(length, device=ids.device) + past)[None].expand(b, -1)
+
+    # ----- vision --------------------------------------------------------------------------------------------
+    def image_features(self, pixel_values: Float[Tensor, "n channels height width"]) -> Float[Tensor, "n tokens d_model"]:
+        """SigLIP tower + projector, per image (transformers' ``get_image_features(...).pooler_output``)."""
+        out = self.vision(pixel_values)
+        return self.projector(out.last_hidden_state)
+
+    def encode_vision(self, **inputs: Any) -> Float[Tensor, "batch m d_model"]:
+        """Run only the vision tower and projector; the result (per prompt, as ``vision.hook_out``) can be
+        passed back as ``vision_features=`` to skip them."""
+        layout = self._layout(dict(inputs))
+        return self._vision_features(inputs, layout)
+
+    def _vision_features(self, inputs: dict[str, Any], layout: TokenLayout) -> Float[Tensor, "batch m d_model"]:
+        from hooked_vlm.families.gemma3_inputs import vision_row_index
+
+        feats = self.image_features(inputs["pixel_values"])  # n M d
+        per = self.vision_spec.tokens_per_image
+        image, slot = vision_row_index(layout, per)
+        image, slot = image.to(feats.device), slot.to(feats.device)
+        rows = feats[image.clamp(min=0), slot]
+        return rows * (image >= 0)[..., None].to(rows.dtype)
+
+    def _inject(self, embeds: Tensor, inputs: dict[str, Any], layout: TokenLayout) -> Tensor:
+        feats = inputs.get("vision_features")
+        if feats is None:
+            feats = self._vision_features(inputs, layout)
+        else:
+            need = max([sum(1 for it in layout.items if it.batch == b) for b in range(layout.batch_size)]) * self.vision_spec.tokens_per_image
+            if feats.dim() != 3 or feats.shape[0] != embeds.shape[0] or feats.shape[1] < need or feats.shape[2] != embeds.shape[2]:
+                raise InputError(
+                    f"vision_features must be [B, >= {need}, {embeds.shape[2]}] (one row per prompt, as vision.hook_out / "
+                    f"encode_vision return); got {tuple(feats.shape)}"
+                )
+        feats = self.vision.hook_out(feats)
+        embeds = embeds.clone()
+        for bi in range(embeds.shape[0]):
+            pos = (layout.item[bi] >= 0).nonzero().flatten()
+            if pos.numel():
+                embeds[bi, pos] = feats[bi, : pos.numel()].to(embeds.dtype)
+        return embeds
+
+    def image_grid(self, activation: Tensor, image: int) -> Tensor:
+        """A per-image activation (vision tower ``[n, N, ...]`` or projector ``[n, M, ...]``) of image ``image``
+        reshaped to its raster grid ``[side, side, ...]`` (patch grid or pooled token grid)."""
+        a = activation[image]
+        side = math.isqrt(a.shape[0])
+        if side * side != a.shape[0]:
+            raise ValueError(f"activation has {a.shape[0]} positions per image, not a square grid")
+        return a.reshape(side, side, *a.shape[1:])
+
+
+def _rope_inverse_frequencies(t: dict[str, Any], kind: str, d_head: int) -> tuple[Float[Tensor, "half"], float]:
+    """(inverse frequencies, attention scaling) of one layer type's RoPE, as transformers computes them."""
+    params = t.get("rope_parameters") or {}
+    rope = dict(params.get(kind) or {})
+    if not rope:  # legacy config: rope_theta (global) / rope_local_base_freq (sliding) / rope_scaling
+        rope = dict(t.get("rope_scaling") or {}) if kind == FULL else {}
+        rope["rope_theta"] = t.get("rope_local_base_freq", 1e4) if kind == SLIDING else t.get("rope_theta", 1e6)
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope.pop("type")
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        return inverse_frequencies(d_head, float(rope["rope_theta"])), 1.0
+    if rope_type in ("dynamic", "longrope"):
+        raise NotImplementedError(f"rope_type {rope_type!r} recomputes its frequencies per sequence length; not supported")
+    from transformers import Gemma3TextConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise NotImplementedError(f"rope_type {rope_type!r} is not supported")
+    cfg = Gemma3TextConfig.from_dict({k: v for k, v in t.items() if k not in _DROP_KEYS})
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"), layer_type=kind)
+    return inv_freq.float().cpu(), float(scaling)
+
+
+def _convert_lm_key(k: str, v: Tensor) -> dict[str, Tensor]:
+    """One decoder weight (relative to the text model) to our name."""
+    if k == "embed_tokens.weight":
+        return {"embed.weight": v}
+    if k == "norm.weight":
+        return {"ln_final.w": v}
+    parts = k.split(".")
+    if parts[0] != "layers":
+        raise KeyError(f"unexpected Gemma3 language-model weight {k!r}")
+    i, rest = parts[1], ".".join(parts[2:])
+    norms = {
+        "input_layernorm.weight": "ln1.w",
+        "post_attention_layernorm.weight": "ln1_post.w",
+        "pre_feedforward_layernorm.weight": "ln2.w",
+        "post_feedforward_layernorm.weight": "ln2_post.w",
+        "self_attn.q_norm.weight": "attn.q_norm.w",
+        "self_attn.k_norm.weight": "attn.k_norm.w",
+    }
+    if rest in norms:
+        return {f"blocks.{i}.{norms[rest]}": v}
+    if rest.startswith("self_attn."):
+        return {f"blocks.{i}.attn.{rest[len('self_attn.'):]}": v}
+    if rest.startswith("mlp."):
+        return {f"blocks.{i}.{rest}": v}
+    raise KeyError(f"unexpected Gemma3 language-model weight {k!r}")
+
+
+__all__ = ["HookedGemma3", "Gemma3Projector", "Gemma3SiglipTower", "Gemma3VisionSpec"]
+
+loading.register(HookedGemma3)
