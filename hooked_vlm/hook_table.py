@@ -18,6 +18,7 @@ _SHAPES: list[tuple[str, str]] = [
     (r"attn\.hook_region$", "B H QG KG"),
     (r"attn\.hook_colsum$", "B H QG L"),
     (r"attn\.hook_rows$", "B H S L"),
+    (r"attn\.hook_row_mass$", "B H L KG"),
     (r"merger\.mlp\.hook_(pre|post)$", "B M (merge^2 d_vision)"),
     (r"mlp\.hook_(pre|pre_linear|post)$", "B L m"),
     (r"\.hook_scale$", "B L 1"),
@@ -25,6 +26,7 @@ _SHAPES: list[tuple[str, str]] = [
     (r"merger\.hook_in$", "B M (merge^2 d_vision)"),
     (r"vision\.hook_out$", "B M d_model"),
     (r"projector\.hook_out$", "B M d_model"),
+    (r"projector\.hook_pooled$", "B M d_vision"),
     (r"hook_(embed|resid_pre|resid_mid|resid_post|attn_out|mlp_out|patch_embed)$", "B L d"),
 ]
 
@@ -33,7 +35,7 @@ def describe_hook(name: str) -> str:
     """The documented shape of hook ``name`` (vision-tower names use N patches for L)."""
     for pattern, shape in _SHAPES:
         if re.search(pattern, name):
-            if name.startswith("vision.") and "L" in shape.split():
-                shape = " ".join("N" if s == "L" else s for s in shape.split())
+            if name.startswith("vision."):
+                shape = " ".join("N" if s in ("L", "Lq", "Lk") else s for s in shape.split())
             return shape
     return "see docstring"

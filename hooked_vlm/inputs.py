@@ -36,7 +36,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypedDict, Union
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ __all__ = [
     "VIDEO_MIN_PIXELS",
     "VIDEO_MAX_PIXELS",
     "DEFAULT_VIDEO_FPS",
+    "QwenImageInputs",
+    "QwenVideoInputs",
+    "QwenInputs",
     "smart_resize",
     "load_image",
     "load_video",
@@ -79,6 +82,34 @@ DEFAULT_VIDEO_FPS = 2.0
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 VideoLike = Union[str, os.PathLike, np.ndarray, Tensor, Sequence[ImageLike]]
+
+
+class QwenImageInputs(TypedDict):
+    """What ``Qwen2VLImageProcessorPil`` returns: patch rows of all images, and one grid per image."""
+
+    pixel_values: Float[Tensor, "patches dim"]
+    image_grid_thw: Int[Tensor, "images 3"]
+
+
+class QwenVideoInputs(TypedDict):
+    """What HF's Qwen video path returns (``second_per_grid_ts`` from the Qwen2.5-VL processor)."""
+
+    pixel_values_videos: Float[Tensor, "patches dim"]
+    video_grid_thw: Int[Tensor, "videos 3"]
+    second_per_grid_ts: Float[Tensor, "videos"]
+
+
+class QwenInputs(TypedDict, total=False):
+    """The model keywords ``build_qwen_inputs`` returns; vision keys only for the modalities given."""
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    mm_token_type_ids: Int[Tensor, "batch pos"]
+    pixel_values: Float[Tensor, "patches dim"]
+    image_grid_thw: Int[Tensor, "images 3"]
+    pixel_values_videos: Float[Tensor, "patches dim"]
+    video_grid_thw: Int[Tensor, "videos 3"]
+    second_per_grid_ts: Float[Tensor, "videos"]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -346,7 +377,7 @@ def qwen_image_inputs(
     temporal_patch_size: int = 2,
     image_mean: Sequence[float] = IMAGE_MEAN,
     image_std: Sequence[float] = IMAGE_STD,
-) -> dict[str, Tensor]:
+) -> QwenImageInputs:
     """``pixel_values`` (N, 3 tps p p) float32 and ``image_grid_thw`` (n, 3) int64 for images.
 
     Bit-identical to ``Qwen2VLImageProcessorPil(min_pixels=..., max_pixels=...)(images=...,
@@ -418,7 +449,7 @@ def qwen_video_inputs(
     temporal_patch_size: int = 2,
     image_mean: Sequence[float] = IMAGE_MEAN,
     image_std: Sequence[float] = IMAGE_STD,
-) -> dict[str, Tensor]:
+) -> QwenVideoInputs:
     """``pixel_values_videos``, ``video_grid_thw`` (n, 3) and ``second_per_grid_ts`` (n,) for videos.
 
     ``videos`` is one video or a list of videos (see ``load_video``); a flat list of frames (PIL
@@ -511,11 +542,13 @@ def qwen_processing_kwargs(checkpoint: str | os.PathLike) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Prompt ids
 # --------------------------------------------------------------------------------------------
-def _special_token(tokenizer: Any, attribute: str, default: str) -> tuple[str, int]:
-    """(text, id) of a special token the tokenizer must know as one piece."""
+def _special_token(tokenizer: Any, attribute: str, default: str, required: bool = True) -> tuple[str, int]:
+    """(text, id) of a special token the tokenizer must know as one piece; id -1 if absent and not required."""
     text = getattr(tokenizer, attribute, None) or default
     token_id = tokenizer.convert_tokens_to_ids(text)
     if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None):
+        if not required:
+            return text, -1
         raise InputError(
             f"The tokenizer has no '{text}' token ({attribute}). Use the model's own tokenizer or processor, "
             f"or a tokenizer with extra_special_tokens={{'{attribute}': '{default}'}}."
@@ -593,7 +626,7 @@ def build_qwen_inputs(
     temporal_patch_size: int = 2,
     image_mean: Sequence[float] = IMAGE_MEAN,
     image_std: Sequence[float] = IMAGE_STD,
-) -> dict[str, Tensor]:
+) -> QwenInputs:
     """The keyword tensors a Qwen2-VL / Qwen2.5-VL model takes, for one prompt or a batch.
 
     Returns ``input_ids`` and ``attention_mask`` (B, L) int64, ``mm_token_type_ids`` (B, L)
@@ -637,10 +670,11 @@ def build_qwen_inputs(
         )
         video_counts = (outputs["video_grid_thw"].prod(-1) // merge_size**2).tolist()
 
-    image_text, image_id = _special_token(tokenizer, "image_token", "<|image_pad|>")
-    video_text, video_id = _special_token(tokenizer, "video_token", "<|video_pad|>")
-    start_text, _ = _special_token(tokenizer, "vision_start_token", "<|vision_start|>")
-    end_text, _ = _special_token(tokenizer, "vision_end_token", "<|vision_end|>")
+    # Only the tokens a prompt needs must exist: an image-only tokenizer works for images.
+    image_text, image_id = _special_token(tokenizer, "image_token", "<|image_pad|>", required=bool(images))
+    video_text, video_id = _special_token(tokenizer, "video_token", "<|video_pad|>", required=bool(videos))
+    start_text, _ = _special_token(tokenizer, "vision_start_token", "<|vision_start|>", required=bool(images or videos))
+    end_text, _ = _special_token(tokenizer, "vision_end_token", "<|vision_end|>", required=bool(images or videos))
     tokens = {"image": image_text, "video": video_text, "vision_start": start_text, "vision_end": end_text}
     texts = _expand_prompts(prompts, image_counts, video_counts, tokens)
 

@@ -56,7 +56,10 @@ def model_class_for(architecture: str) -> type[HookedVLM]:
 def build(architecture: str, hf_config: Any, state_dict: dict[str, Tensor], dtype: torch.dtype | None, device: Any) -> HookedVLM:
     """Instantiate the hooked class for ``architecture`` and load Hugging Face-named weights into it."""
     cls = model_class_for(architecture)
-    cfg = cls.config_from_hf(hf_config)
+    # Classes serving several architectures whose configs look alike (CLIPVisionModel vs ...WithProjection)
+    # take the architecture name too.
+    takes_arch = getattr(cls, "config_takes_architecture", False)
+    cfg = cls.config_from_hf(hf_config, architecture) if takes_arch else cls.config_from_hf(hf_config)
     with torch.device("meta"):
         model = cls(cfg)
     ours = cls.convert_hf_state_dict(hf_config, state_dict)
@@ -103,14 +106,18 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype | None = N
     raw = json.loads(cfg_file.read_text())
     archs = raw.get("architectures") or []
     arch = archs[0] if archs else _arch_from_model_type(raw.get("model_type"))
-    hf_config = _hf_config(raw)
+    model_class_for(arch)  # unsupported architectures fail before any weights are read
     sd = read_weights(path)
+    # A family may read its own config.json dialect (e.g. original LLaVA checkpoints): cls.hf_config_from_checkpoint.
+    from_checkpoint = getattr(model_class_for(arch), "hf_config_from_checkpoint", None)
+    hf_config = from_checkpoint(raw, sd) if from_checkpoint is not None else _hf_config(raw)
     return build(arch, hf_config, sd, dtype, device)
 
 
 def _arch_from_model_type(model_type: str | None) -> str:
     _ensure_families()
     guesses = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+    guesses["gemma3"] = "Gemma3ForConditionalGeneration"
     if model_type in guesses:
         return guesses[model_type]
     raise UnsupportedModelError(f"config.json names no architectures and model_type {model_type!r} is not supported; supported: {supported_architectures()}")

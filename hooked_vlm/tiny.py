@@ -97,6 +97,7 @@ def gemma3_config(
     sliding_window: int = 8,
     layer_types: list[str] | None = None,
     vision_layers: int = 2,
+    rope_parameters: dict[str, Any] | None = None,
     **text_overrides: Any,
 ):
     """Tiny Gemma3: SigLIP 56 px / 14 px patches (4x4) pooled to ``mm_tokens_per_image`` tokens; layer 0
@@ -110,8 +111,8 @@ def gemma3_config(
     text = Gemma3TextConfig(
         **dict(TEXT, num_hidden_layers=n_layers), head_dim=16, query_pre_attn_scalar=16, sliding_window=sliding_window,
         layer_types=layer_types, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
-                         "full_attention": {"rope_type": "default", "rope_theta": 1e6}},
+        rope_parameters=rope_parameters or {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                            "full_attention": {"rope_type": "default", "rope_theta": 1e6}},
         **text_overrides,
     )
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
@@ -127,3 +128,106 @@ def _gemma3(config) -> Any:
 
 
 register_tiny("tiny-gemma3", gemma3_config, _gemma3)
+
+
+# ----- LLaVA family (tiny configs of docs/notes §2) ---------------------------------------------------------------
+LLAVA_TEXT = dict(TEXT, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+def _clip_vision(image_size: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size, patch_size=14, hidden_act="quick_gelu")
+
+
+def llava_config(text: str = "llama", text_overrides: dict | None = None, **overrides: Any):
+    """LLaVA-1.5 (``text="mistral"``: LLaVA-Med v1.5): CLIP 56 px (4x4 patches), 16 image tokens."""
+    from transformers import LlamaConfig, LlavaConfig, MistralConfig
+
+    text_cfg = (MistralConfig if text == "mistral" else LlamaConfig)(**dict(LLAVA_TEXT, **(text_overrides or {})))
+    kw = dict(image_token_index=100, vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    kw.update(overrides)
+    return LlavaConfig(vision_config=_clip_vision(56), text_config=text_cfg, **kw)
+
+
+def llava_next_config(**overrides: Any):
+    """LLaVA-NeXT: CLIP 28 px crops (2x2 patches), Mistral text, pinpoints 28x56 / 56x28 / 56x56."""
+    from transformers import LlavaNextConfig, MistralConfig
+
+    kw = dict(image_token_index=100, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], vision_feature_layer=-2, vision_feature_select_strategy="default")
+    kw.update(overrides)
+    return LlavaNextConfig(vision_config=_clip_vision(28), text_config=MistralConfig(**LLAVA_TEXT), **kw)
+
+
+def llava_onevision_config(**overrides: Any):
+    """LLaVA-OneVision: SigLIP 28 px crops (no CLS, no head), Qwen2 text, anyres_max_9, video pooling + newline."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vis = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14, vision_use_head=False)
+    kw = dict(image_token_index=100, video_token_index=101, image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
+              vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+    kw.update(overrides)
+    return LlavaOnevisionConfig(vision_config=vis, text_config=Qwen2Config(**LLAVA_TEXT), **kw)
+
+
+def llava_next_video_config(**overrides: Any):
+    """LLaVA-NeXT-Video: CLIP 56 px, Llama text, 2x2 average pooling before the projector (4 tokens per frame)."""
+    from transformers import LlamaConfig, LlavaNextVideoConfig
+
+    kw = dict(image_token_index=100, video_token_index=101, spatial_pool_mode="average", spatial_pool_stride=2,
+              image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]], vision_feature_layer=-2, vision_feature_select_strategy="default")
+    kw.update(overrides)
+    return LlavaNextVideoConfig(vision_config=_clip_vision(56), text_config=LlamaConfig(**LLAVA_TEXT), **kw)
+
+
+def _hf_class(name: str) -> Callable[[Any], Any]:
+    def make(config) -> Any:
+        import transformers
+
+        return getattr(transformers, name)(config)
+
+    return make
+
+
+register_tiny("tiny-llava", llava_config, _hf_class("LlavaForConditionalGeneration"))
+register_tiny("tiny-llava-next", llava_next_config, _hf_class("LlavaNextForConditionalGeneration"))
+register_tiny("tiny-llava-onevision", llava_onevision_config, _hf_class("LlavaOnevisionForConditionalGeneration"))
+register_tiny("tiny-llava-next-video", llava_next_video_config, _hf_class("LlavaNextVideoForConditionalGeneration"))
+
+
+# ----- CLIP / SigLIP two-tower models (hooked_vlm.families.clip) -----------------------------------------------
+TWO_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+TWO_TOWER_TEXT = dict(TWO_TOWER, vocab_size=128, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+def clip_config(eos_token_id: int = 1, **overrides: Any):
+    """Tiny CLIP: B/32 geometry (64 px, 2x2 patches + [CLS]), projection 16; ``eos_token_id=2`` gives the legacy pooling."""
+    from transformers import CLIPConfig
+
+    text = dict(TWO_TOWER_TEXT, eos_token_id=eos_token_id)
+    vision = dict(TWO_TOWER, image_size=64, patch_size=32, hidden_act="quick_gelu")
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16, **overrides)
+
+
+def siglip_config(**overrides: Any):
+    """Tiny SigLIP: 56 px / patch 14 (4x4 patches, no [CLS]) with the MAP head; texts pool the last of 16 tokens."""
+    from transformers import SiglipConfig
+
+    vision = dict(TWO_TOWER, image_size=56, patch_size=14)
+    return SiglipConfig(text_config=dict(TWO_TOWER_TEXT), vision_config=vision, **overrides)
+
+
+def _clip(config) -> Any:
+    from transformers import CLIPModel
+
+    return CLIPModel(config)
+
+
+def _siglip(config) -> Any:
+    from transformers import SiglipModel
+
+    return SiglipModel(config)
+
+
+register_tiny("tiny-clip", clip_config, _clip)
+register_tiny("tiny-siglip", siglip_config, _siglip)

@@ -440,6 +440,8 @@ def test_tokenizer_without_placeholder_is_rejected():
     plain = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
     with pytest.raises(ValueError, match=r"no '<\|image_pad\|>' token.*extra_special_tokens"):
         build_qwen_inputs(plain, "<image> a", [_random_image(56, 56)])
+    text_only = build_qwen_inputs(plain, "a a")  # no vision tokens needed for text
+    assert text_only["input_ids"].tolist() == [[2, 2]] and not text_only["mm_token_type_ids"].any()
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,13 +5,22 @@
 * Pattern path: taken only when a hook (or the cache) is attached to ``hook_attn_scores`` or
   ``hook_pattern``, or when ``force_pattern`` is set. Scores and pattern are materialised, hooked, and
   the hooked values are the ones used, so edits take effect.
+* Statistics path: taken when an :class:`AttnStatsRequest` is attached for the run (see
+  :func:`attn_stats_request`). The ``kernels`` package computes the output together with the requested
+  statistics without the L x L matrix and fires ``hook_lse [B, H, Lq]``, ``hook_region [B, H, QG, KG]``,
+  ``hook_row_mass [B, H, Lq, KG]``, ``hook_colsum [B, H, QG, Lk]`` and ``hook_rows [B, H, S, Lk]``. A request
+  may also knock out attention edges between token groups in chosen layers: the knockout is added to the
+  layer's MaskSpec, so the output, every statistic and (if cached) the pattern all see the same edit.
 
 Every mask is a :class:`kernels.mask.MaskSpec`, the same object the attention-statistics kernels use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +32,7 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_vlm.components.norms import RMSNorm
 from hooked_vlm.components.rotary import apply_rotary
-from kernels.mask import MaskSpec
+from kernels.mask import Knockout, MaskSpec
 
 
 @dataclass
@@ -69,6 +78,100 @@ def segment_plan(mask: MaskSpec) -> list[Tensor]:
     plan = [torch.stack(group) for group in by_len.values()]
     _SEGMENT_PLANS[mask] = plan
     return plan
+
+
+@dataclass
+class AttnStatsRequest:
+    """What one run asks of every attention layer it is attached to (shared by all of them).
+
+    Ids are in the coordinates of the attended sequence: LM positions ``[B, L]`` for the language model
+    (build them from the token layout: ``lay.group_ids("frame")``, ``"item"``, ``"cell"``, ``"visual"``,
+    ``"kind"``, ``"last"``), patch rows ``[B, N]`` for the vision tower; ``-1`` = in no group.
+
+    * ``key_group_ids`` -> ``hook_region [B, H, QG, KG]``: mass from each query group (``q_group_ids``; all
+      queries when None) to each key group; with ``row_mass=True`` also ``hook_row_mass [B, H, Lq, KG]``.
+    * ``colsum_q_group_ids`` / ``colsum_q_weights`` / ``colsum=True`` -> ``hook_colsum [B, H, QG, Lk]``:
+      attention received per key from each query group (dense weights: one exact rollout step).
+    * ``rows`` ``[B, S]`` query positions -> ``hook_rows [B, H, S, Lk]``: exact probability rows.
+    * ``layers``: the layers that compute statistics (None = all of the tower).
+    * ``knockout`` (a :class:`kernels.Knockout` over the same coordinates) removes every edge from query region
+      A to key region B where ``table[A, B]``, in ``knockout_layers`` (None = the same layers as ``layers``).
+    * ``backend``: ``"triton"``, ``"torch"`` or ``"naive"`` (None = automatic, see ``kernels.resolve_backend``).
+
+    ``hook_lse [B, H, Lq]`` fires in every layer that computes statistics.
+    """
+
+    key_group_ids: Tensor | None = None
+    q_group_ids: Tensor | None = None
+    colsum_q_group_ids: Tensor | None = None
+    colsum_q_weights: Tensor | None = None
+    colsum: bool = False
+    rows: Tensor | None = None
+    row_mass: bool = False
+    layers: Sequence[int] | None = None
+    knockout: Knockout | None = None
+    knockout_layers: Sequence[int] | None = None
+    backend: str | None = None
+
+
+STAT_HOOKS = ("hook_lse", "hook_region", "hook_row_mass", "hook_colsum", "hook_rows")
+
+_KNOCKED_OUT: "weakref.WeakKeyDictionary[MaskSpec, dict[int, MaskSpec]]" = weakref.WeakKeyDictionary()
+
+
+def with_knockout(mask: MaskSpec, knockout: Knockout) -> MaskSpec:
+    """``mask`` with ``knockout`` added; one derived spec per (mask, knockout), shared by every layer."""
+    if mask.knockout is not None and mask.knockout is not knockout:
+        raise ValueError("this attention call's MaskSpec already carries a knockout; merge both into one Knockout table")
+    per_mask = _KNOCKED_OUT.setdefault(mask, {})
+    spec = per_mask.get(id(knockout))
+    if spec is None or spec.knockout is not knockout:
+        spec = dataclasses.replace(mask, knockout=knockout)
+        per_mask[id(knockout)] = spec
+    return spec
+
+
+def _tower_attentions(model: nn.Module, tower: str) -> list["Attention"]:
+    if tower == "lm":
+        return [blk.attn for blk in model.blocks]
+    if tower == "vision":
+        vision = getattr(model, "vision", None)
+        if vision is None or not hasattr(vision, "blocks"):
+            raise ValueError(f"{type(model).__name__} has no vision tower with blocks")
+        return [blk.attn for blk in vision.blocks]
+    raise ValueError(f"tower must be 'lm' or 'vision', got {tower!r}")
+
+
+@contextmanager
+def attn_stats_request(model: nn.Module, request: AttnStatsRequest, tower: str = "lm") -> Iterator[AttnStatsRequest]:
+    """Attach ``request`` to the attention layers of one tower (``"lm"`` or ``"vision"``) for the enclosed runs.
+
+    Example::
+
+        lay = model.layout(**inputs)
+        req = AttnStatsRequest(key_group_ids=lay.group_ids("frame"), q_group_ids=lay.group_ids("last"),
+                               colsum_q_group_ids=lay.group_ids("kind"), rows=lay.last_token()[:, None])
+        with attn_stats_request(model, req):
+            logits, cache = model.run_with_cache(**inputs, names_filter=lambda n: n.endswith(STAT_HOOKS))
+        cache["blocks.3.attn.hook_region"]  # [B, H, 1, n_frames]
+    """
+    attns = _tower_attentions(model, tower)
+    n = len(attns)
+    layers = set(range(n)) if request.layers is None else set(request.layers)
+    ko_layers = set() if request.knockout is None else (layers if request.knockout_layers is None else set(request.knockout_layers))
+    bad = sorted(i for i in layers | ko_layers if not 0 <= i < n)
+    if bad:
+        raise ValueError(f"layers {bad} do not exist: the {tower} tower has {n} attention layers (0..{n - 1})")
+    saved = [(a.stats_request, a.stats_enabled, a.knockout_enabled) for a in attns]
+    try:
+        for i, a in enumerate(attns):
+            on, ko = i in layers, i in ko_layers
+            a.stats_request = request if (on or ko) else None
+            a.stats_enabled, a.knockout_enabled = on, ko
+        yield request
+    finally:
+        for a, (r, on, ko) in zip(attns, saved):
+            a.stats_request, a.stats_enabled, a.knockout_enabled = r, on, ko
 
 
 class Attention(nn.Module):
@@ -117,6 +220,15 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
         self.hook_result = HookPoint()
+        # attention statistics (fire only under an AttnStatsRequest, see attn_stats_request)
+        self.hook_lse = HookPoint()
+        self.hook_region = HookPoint()
+        self.hook_row_mass = HookPoint()
+        self.hook_colsum = HookPoint()
+        self.hook_rows = HookPoint()
+        self.stats_request: AttnStatsRequest | None = None
+        self.stats_enabled = False
+        self.knockout_enabled = False
 
     # TransformerLens-style weight views (used by ActivationCache.stack_head_results and friends).
     @property
@@ -168,8 +280,15 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
+        req = self.stats_request
+        if req is not None and self.knockout_enabled and req.knockout is not None:
+            mask = with_knockout(mask, req.knockout)
         if self.wants_pattern():
             z = self._pattern_path(q, k, v, mask)
+            if req is not None and self.stats_enabled:
+                self._stats_path(q, k, v, mask, req)  # statistics beside the materialised pattern
+        elif req is not None:
+            z = self._stats_path(q, k, v, mask, req)
         else:
             z = self._fast_path(q, k, v, mask)
         z = self.hook_z(z)
@@ -230,3 +349,52 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scale)
             out[idx.reshape(-1)] = o.transpose(1, 2).reshape(-1, self.n_heads, self.d_head)
         return out.view(b, length, self.n_heads, self.d_head)
+
+    def _stats_path(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, req: AttnStatsRequest) -> Tensor:
+        """Output via the ``kernels`` package, plus (in statistics layers) the requested statistics and hooks."""
+        from kernels import attn_stats
+
+        b, lq = q.shape[:2]
+        lk = k.shape[1]
+
+        def ids(t: Tensor | None, n: int, what: str) -> Tensor | None:
+            if t is None or not self.stats_enabled:
+                return None
+            if t.shape[-1] != n:
+                raise ValueError(
+                    f"AttnStatsRequest.{what} has {t.shape[-1]} positions but this attention call has {n} "
+                    f"({'queries' if what.startswith(('q_', 'colsum', 'rows')) else 'keys'}); build the ids from "
+                    "this run's token layout (LM) or vision rows (vision tower), and do not attach a request "
+                    "to decoding steps"
+                )
+            return t.to(q.device)
+
+        rows = req.rows if self.stats_enabled else None
+        if rows is not None and rows.numel() and int(rows.max()) >= lq:
+            raise ValueError(f"AttnStatsRequest.rows holds position {int(rows.max())} but this call has {lq} queries")
+        st = attn_stats(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            mask,
+            key_group_ids=ids(req.key_group_ids, lk, "key_group_ids"),
+            q_group_ids=ids(req.q_group_ids, lq, "q_group_ids"),
+            colsum_q_group_ids=ids(req.colsum_q_group_ids, lq, "colsum_q_group_ids"),
+            colsum_q_weights=None if req.colsum_q_weights is None or not self.stats_enabled else req.colsum_q_weights.to(q.device),
+            colsum=req.colsum and self.stats_enabled,
+            rows=None if rows is None else rows.to(q.device),
+            return_row_mass=req.row_mass,
+            scale=self.scale,
+            backend=req.backend,
+        )
+        if self.stats_enabled:
+            self.hook_lse(st.lse)
+            for hook, value in (
+                (self.hook_region, st.region),
+                (self.hook_row_mass, st.row_mass),
+                (self.hook_colsum, st.colsum),
+                (self.hook_rows, st.rows),
+            ):
+                if value is not None:
+                    hook(value)
+        return st.out.transpose(1, 2)

@@ -127,8 +127,9 @@ def rope_inverse_frequencies(t: dict[str, Any]) -> tuple[Float[Tensor, "half"], 
     if kind not in ROPE_INIT_FUNCTIONS:
         raise NotImplementedError(f"rope_type {kind!r} is not supported")
     keep = {k: v for k, v in t.items() if k not in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")}
-    hf_cfg = AutoConfig.for_model(**keep)
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](hf_cfg, torch.device("cpu"))
+    with torch.device("cpu"):  # real tensors even inside a meta-device construction context
+        hf_cfg = AutoConfig.for_model(**keep)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](hf_cfg, torch.device("cpu"))
     return inv_freq.float().cpu(), float(scaling)
 
 

@@ -159,9 +159,7 @@ class HookedGemma3(HookedVLM):
         t = d["text_config"]
         if t.get("use_bidirectional_attention"):
             raise NotImplementedError("use_bidirectional_attention (EmbeddingGemma) is not supported: Gemma3 VLMs are causal")
-        if t.get("final_logit_softcapping") or t.get("attn_logit_softcapping"):
-            # Gemma3ForConditionalGeneration applies neither, so nothing to reproduce; say so rather than guess.
-            pass
+        # final_logit_softcapping / attn_logit_softcapping: Gemma3ForConditionalGeneration applies neither.
         n = t["num_hidden_layers"]
         layer_types = list(t.get("layer_types") or [])
         if not layer_types:
@@ -207,8 +205,9 @@ class HookedGemma3(HookedVLM):
 
     def _build_vision(self) -> nn.Module:
         d = self.cfg.hf_config
-        self.projector = Gemma3Projector(Gemma3VisionSpec.from_hf_dict(d), self.cfg.d_model)
-        return Gemma3SiglipTower(ViTSpec.from_hf_config(d["vision_config"], kind="siglip"))
+        self.vision = Gemma3SiglipTower(ViTSpec.from_hf_config(d["vision_config"], kind="siglip"))
+        self.projector = Gemma3Projector(Gemma3VisionSpec.from_hf_dict(d), self.cfg.d_model)  # listed after the tower
+        return self.vision
 
     def _build_block(self, index: int) -> TransformerBlock:
         c = self.cfg
@@ -407,7 +406,8 @@ def _rope_inverse_frequencies(t: dict[str, Any], kind: str, d_head: int) -> tupl
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise NotImplementedError(f"rope_type {rope_type!r} is not supported")
     cfg = Gemma3TextConfig.from_dict({k: v for k, v in t.items() if k not in _DROP_KEYS})
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"), layer_type=kind)
+    with torch.device("cpu"):  # real memory even under a meta-device construction context
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"), layer_type=kind)
     return inv_freq.float().cpu(), float(scaling)
 
 
@@ -441,3 +441,13 @@ def _convert_lm_key(k: str, v: Tensor) -> dict[str, Tensor]:
 __all__ = ["HookedGemma3", "Gemma3Projector", "Gemma3SiglipTower", "Gemma3VisionSpec"]
 
 loading.register(HookedGemma3)
+
+
+def _register_cli_builder() -> None:
+    from hooked_vlm.cli import register_input_builder
+    from hooked_vlm.families.gemma3_inputs import cli_input_builder
+
+    register_input_builder("gemma3", cli_input_builder)
+
+
+_register_cli_builder()

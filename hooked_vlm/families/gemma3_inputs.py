@@ -272,7 +272,35 @@ def build_gemma3_inputs(
     return out
 
 
+def cli_input_builder(request: Any) -> dict[str, Tensor]:
+    """``hooked-vlm inspect`` inputs for Gemma 3: the checkpoint's processor when it could be built, else
+    :func:`build_gemma3_inputs` with the image size and token count read from the checkpoint's config.json
+    (or the tiny model's config)."""
+    import json
+
+    if request.videos:
+        raise InputError("Gemma 3 takes images only; pass --image (video frames are not a Gemma 3 input)")
+    images = list(request.images)
+    boi = getattr(request.tokenizer, "boi_token", None) or "<start_of_image>"
+    prompt = request.prompt.replace("<image>", boi)  # the CLI's generic image marker
+    if request.processor is not None:
+        if images and boi not in prompt:
+            prompt = boi * len(images) + prompt
+        out = request.processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
+        return {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values", "token_type_ids") if k in out}
+    if request.checkpoint is not None:
+        raw = json.loads((request.checkpoint / "config.json").read_text())
+        size, per_image = raw["vision_config"]["image_size"], raw.get("mm_tokens_per_image", 256)
+    else:
+        from hooked_vlm.tiny import gemma3_config
+
+        cfg = gemma3_config()
+        size, per_image = cfg.vision_config.image_size, cfg.mm_tokens_per_image
+    return build_gemma3_inputs(request.tokenizer, prompt, images, image_size=size, mm_tokens_per_image=per_image)
+
+
 __all__ = [
+    "cli_input_builder",
     "build_gemma3_layout",
     "build_gemma3_inputs",
     "block_ids_from_token_types",

@@ -54,7 +54,7 @@ class LlavaGeometry:
     @property
     def tokens_per_crop(self) -> int:
         """Feature tokens one crop yields after the select strategy (CLS kept only with ``"full"``)."""
-        return self.side**2 + (1 if (self.has_cls and self.strategy == "full") else 0)
+        return self.side**2 + int(self.has_cls) - (1 if self.strategy == "default" else 0)
 
     @property
     def anyres(self) -> bool:
@@ -362,16 +362,16 @@ def derive_image_sizes(geom: LlavaGeometry, counts: list[int], n_crops: list[int
 
 
 def _candidate_sizes(bh: int, bw: int, geom: LlavaGeometry) -> list[tuple[int, int]]:
-    """Sizes fitting the canvas ``bh x bw`` exactly along one side, one per unpadded patch count on the other."""
+    """Representative original sizes for the canvas ``bh x bw``: every unpadded row (or column) count at the canvas
+    aspect ratio, at a few scales (the best resolution depends on the size, the unpadding on the aspect ratio)."""
     side = geom.side
-    nh, nw = bh // geom.image_size, bw // geom.image_size
-    ch, cw = nh * side, nw * side
-    sizes = [(bh, bw)]
-    for rows in range(1, ch + 1):
-        sizes.append((max(1, round(rows * bh / ch)), bw))
-    for cols in range(1, cw + 1):
-        sizes.append((bh, max(1, round(cols * bw / cw))))
-    return sizes
+    ch, cw = (bh // geom.image_size) * side, (bw // geom.image_size) * side
+    shapes = [(rows * bh / ch, float(bw)) for rows in range(1, ch + 1)] + [(float(bh), cols * bw / cw) for cols in range(1, cw + 1)]
+    sizes = []
+    for scale in (0.3, 0.5, 0.7, 0.85, 1.0, 1.5):
+        for h, w in shapes:
+            sizes.append((max(1, round(h * scale)), max(1, round(w * scale))))
+    return list(dict.fromkeys(sizes))
 
 
 def image_tokens(geom: LlavaGeometry, image_size: tuple[int, int] | None, anyres: bool = True) -> int:
@@ -577,7 +577,7 @@ def _fill_item(geom: LlavaGeometry, s: dict[str, Any], label: str, idx: int, bi:
     if base > side * side:  # CLS kept ("full" with CLIP)
         part[bi, bpos[0]] = CLS
         bpos = bpos[1:]
-    k = torch.arange(side * side)
+    k = torch.arange(side * side)[side * side - bpos.numel() :]  # SigLIP + "default" drops the first patch
     part[bi, bpos] = BASE
     crop[bi, bpos] = 0
     row[bi, bpos] = k // side

@@ -340,27 +340,11 @@ class HookedViT(nn.Module):
         else:
             wanted = {normalize_layer(i, n) for i in feature_layers}
         last_block = (max(wanted) if wanted else n) if truncate else n
-        states: dict[int, Tensor] = {}
-        handles = []
-        try:
-            # Read hidden_states[i] (i < depth) as the output of blocks.{i}.hook_resid_pre, registered now so it
-            # runs after any user hook already attached there (and after edits upstream of it).
-            for i in sorted(wanted):
-                if i < n and i < last_block:
-                    handles.append(self.blocks[i].hook_resid_pre.register_forward_hook(_store_output(states, i)))
-            x = self.embed(pixel_values, interpolate_pos_encoding)
-            for j in range(last_block):
-                x = self.blocks[j](x, None, None, FULL_VISIBILITY)
-        finally:
-            for h in handles:
-                h.remove()
+        x = self.embed(pixel_values, interpolate_pos_encoding)
+        x, states = run_blocks(self.blocks, x, FULL_VISIBILITY, wanted, last_block)
         if truncate and last_block < n:
-            if last_block in wanted:  # the residual entering a block that was not run
-                states[last_block] = x
-            return ViTOutput(None, None, {i: states[i] for i in sorted(wanted)})
-        if n in wanted:
-            states[n] = x
-        return self._finish(x, {i: states[i] for i in sorted(wanted)})
+            return ViTOutput(None, None, states)
+        return self._finish(x, states)
 
     def _finish(self, x: Float[Tensor, "batch n d"], states: dict[int, Tensor]) -> ViTOutput:
         if self.spec.kind == "clip":
@@ -370,6 +354,37 @@ class HookedViT(nn.Module):
         last = self.hook_last_hidden(self.ln_post(x))
         pooled = self.hook_pooled(self.head(last)) if self.head is not None else None
         return ViTOutput(last, pooled, states)
+
+
+def run_blocks(
+    blocks: Sequence[TransformerBlock],
+    x: Float[Tensor, "batch n d"],
+    mask: MaskSpec,
+    wanted: set[int],
+    n_run: int | None = None,
+) -> tuple[Float[Tensor, "batch n d"], dict[int, Float[Tensor, "batch n d"]]]:
+    """Run the first ``n_run`` blocks (all by default) without rotary; also return the transformers hidden
+    states whose indices are in ``wanted``, each read after every hook at that point of the residual.
+
+    ``hidden_states[i]`` for ``i < n_run`` is the output of ``blocks[i].hook_resid_pre``, captured by a torch
+    forward hook registered here, i.e. after any hook a user attached before the forward, so an edit of that
+    hook, of ``blocks[i-1]`` or of the embedding is part of what is returned; ``hidden_states[n_run]`` is the
+    residual after the last block run.
+    """
+    n_run = len(blocks) if n_run is None else n_run
+    states: dict[int, Tensor] = {}
+    handles = [
+        blocks[i].hook_resid_pre.register_forward_hook(_store_output(states, i)) for i in sorted(wanted) if i < n_run
+    ]
+    try:
+        for j in range(n_run):
+            x = blocks[j](x, None, None, mask)
+    finally:
+        for h in handles:
+            h.remove()
+    if n_run in wanted:
+        states[n_run] = x
+    return x, {i: states[i] for i in sorted(wanted) if i in states}
 
 
 def _store_output(store: dict[int, Tensor], index: int):
@@ -405,6 +420,8 @@ def convert_vit_state_dict(sd: Mapping[str, Tensor], prefix: str = "") -> dict[s
         k = key[len(prefix) :]
         if k.startswith("vision_model."):
             k = k[len("vision_model.") :]
+        if k.endswith("position_ids"):  # a non-persistent buffer some older checkpoints still carry
+            continue
         out.update(_convert_vit_key(k, value))
     return out
 
@@ -472,6 +489,7 @@ __all__ = [
     "ProbeAttention",
     "FULL_VISIBILITY",
     "normalize_layer",
+    "run_blocks",
     "select_image_features",
     "convert_vit_state_dict",
     "load_vit_from_hf",

@@ -12,11 +12,21 @@ from hooked_vlm.nnsight_ext.envoy import (
     batch_inputs,
     build_from_spec,
     canonical_spec,
-    families,
+    registered_families,
     family_and_config,
     register_family,
     to_nnsight,
 )
+
+
+def tiny_nnsight(name: str = "tiny-qwen2-vl", seed: int = 0, dispatch: bool = True, **overrides) -> HookedVLMEnvoy:
+    """hooked_vlm's tiny model ``name`` (see ``hooked_vlm.tiny``) as an nnsight model with a remote key.
+
+    Same weights as ``hooked_vlm.tiny.tiny_model(name, seed, **overrides)``; the key rebuilds it on a
+    server from the name, overrides and seed.
+    """
+    spec = {"family": "tiny", "config": {"name": name, "overrides": dict(overrides)}, "seed": seed}
+    return HookedVLMEnvoy(spec, dispatch=dispatch)
 
 
 def toy_nnsight(seed: int = 0, dispatch: bool = True, **config) -> HookedVLMEnvoy:
@@ -29,9 +39,10 @@ __all__ = [
     "batch_inputs",
     "build_from_spec",
     "canonical_spec",
-    "families",
+    "registered_families",
     "family_and_config",
     "register_family",
     "to_nnsight",
+    "tiny_nnsight",
     "toy_nnsight",
 ]

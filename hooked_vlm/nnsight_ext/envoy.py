@@ -22,26 +22,31 @@ A spec is a plain JSON-able dict::
     {"family": "toy", "config": {...}, "seed": 0}
     {"family": "qwen2_vl", "config": {...}, "checkpoint": "/abs/model.safetensors", "sha256": "..."}
 
-Families are builders registered with :func:`register_family`: ``build(config) -> nn.Module``
+Families are builders registered with :func:`register_family`: ``build(config, seed) -> nn.Module``
 constructs the architecture (parameters initialised from torch's global RNG, which the envoy seeds
-inside a forked RNG state, so building never disturbs the caller's RNG).
+inside a forked RNG state, so building never disturbs the caller's RNG). ``families.py`` registers
+``"tiny"`` (hooked_vlm's tiny models) and ``"hf"`` (any supported transformers architecture from its
+config dict); ``"toy"`` is a minimal hooked transformer for fast tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from nnsight.intervention.envoy import Envoy
+from nnsight.intervention.tracer import InterleavingTracer
 from nnsight.modeling.mixins.remotable import CheckpointInfo, Remotable, bytes_per_element
 from torch import Tensor, nn
 
-#: family name -> builder(config dict) -> nn.Module (random init from torch's global RNG).
-_FAMILIES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
+#: family name -> builder(config dict, seed or None) -> nn.Module.
+_FAMILIES: dict[str, Callable[[dict[str, Any], int | None], nn.Module]] = {}
 
 #: Load keywords an NDIF server passes that mean nothing to a CPU-built hooked model.
 _IGNORED_LOAD_KWARGS = ("device_map", "max_memory", "trust_remote_code", "revision", "low_cpu_mem_usage")
@@ -56,16 +61,19 @@ _SEQUENCE_INPUTS: dict[str, int | None] = {
 }
 
 
-def register_family(name: str, build: Callable[[dict[str, Any]], nn.Module]) -> None:
+def register_family(name: str, build: Callable[[dict[str, Any], int | None], nn.Module]) -> None:
     """Make ``{"family": name, ...}`` specs buildable (on the client and on the server alike).
 
-    The server imports this module to rebuild a model, so a family must be registered at import
-    time of ``hooked_vlm.nnsight_ext`` (or of a module that it imports).
+    ``build(config, seed)`` returns the module; it runs with torch's global RNG already seeded
+    with ``seed`` (inside a forked RNG state) and may seed further itself. ``seed=None`` asks for
+    the architecture only (weights are then either meta tensors or overwritten by a checkpoint).
+    The server imports this module to rebuild a model, so a family must be registered when
+    ``hooked_vlm.nnsight_ext`` is imported (or by a module that it imports).
     """
     _FAMILIES[name] = build
 
 
-def families() -> list[str]:
+def registered_families() -> list[str]:
     _ensure_builtin_families()
     return sorted(_FAMILIES)
 
@@ -74,11 +82,11 @@ def _ensure_builtin_families() -> None:
     if "toy" not in _FAMILIES:
         from hooked_vlm.nnsight_ext.toy import build_toy
 
-        register_family("toy", build_toy)
-    try:
-        from hooked_vlm.nnsight_ext import families as _vlm_families  # noqa: F401  (registers on import)
-    except ImportError:  # the VLM families are optional until the model package provides them
-        pass
+        register_family("toy", lambda config, seed: build_toy(config))
+    if "tiny" not in _FAMILIES:
+        import importlib
+
+        importlib.import_module("hooked_vlm.nnsight_ext.families")  # registers "tiny" and "hf"
 
 
 def canonical_spec(spec: dict[str, Any]) -> str:
@@ -123,7 +131,7 @@ def build_from_spec(spec: dict[str, Any], *, weights: bool = True, dtype: Any = 
     build = _FAMILIES[family]
     config = spec.get("config") or {}
     if not weights:
-        module = build(config)
+        module = build(config, None)
     elif "checkpoint" in spec:
         path = spec["checkpoint"]
         if not os.path.isfile(path):
@@ -133,22 +141,81 @@ def build_from_spec(spec: dict[str, Any], *, weights: bool = True, dtype: Any = 
             )
         if spec.get("sha256") and file_sha256(path) != spec["sha256"]:
             raise ValueError(f"checkpoint {path!r} does not match the sha256 in the model key")
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            module = build(config)
-        load_model(module, path, strict=True)
+            module = build(config, None)
+        module.load_state_dict(load_file(path), strict=True)
     elif "seed" in spec:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(spec["seed"]))
-            module = build(config)
+            module = build(config, int(spec["seed"]))
     else:
         raise ValueError("a model spec needs either a 'seed' or a 'checkpoint' to build weights")
     resolved = _resolve_dtype(dtype)
     if resolved is not None and weights:
         module = module.to(resolved)
     return module.eval()
+
+
+#: Attention modules whose ``force_pattern`` this process switched on for the running trace.
+_FORCED_PATTERNS: list[nn.Module] = []
+
+
+class PatternHookEnvoy(Envoy):
+    """Envoy of an attention's ``hook_pattern`` / ``hook_attn_scores``.
+
+    hooked_vlm's attention materialises the ``[B, H, L, L]`` scores and pattern only when something
+    listens to them (a torch hook, the cache, or ``attn.force_pattern``); otherwise it takes the
+    fused fast path and these hook points never fire. nnsight registers no torch hooks, so reading,
+    writing or skipping one of these hook points in a trace switches ``force_pattern`` on for that
+    attention module, for that trace only (``HookedVLMEnvoy.interleave`` switches it back off).
+    The request is made when the intervention asks for the value, which is always before the
+    forward reaches the attention's pattern-or-fast-path decision (after its projections).
+    """
+
+    _PATTERN_ACCESS = frozenset(("output", "input", "inputs", "skip"))
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in PatternHookEnvoy._PATTERN_ACCESS:
+            object.__getattribute__(self, "_hvlm_want_pattern")()
+        return super().__getattribute__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in PatternHookEnvoy._PATTERN_ACCESS:
+            self._hvlm_want_pattern()
+        super().__setattr__(name, value)
+
+    def _hvlm_want_pattern(self) -> None:
+        parent = self.parent
+        attention = getattr(parent, "_module", None) if parent is not None else None
+        if attention is not None and getattr(attention, "force_pattern", None) is False:
+            attention.force_pattern = True
+            _FORCED_PATTERNS.append(attention)
+
+
+class HookedScanTracer(InterleavingTracer):
+    """``scan`` for hooked VLMs: shapes of every activation without loading the weights.
+
+    nnsight's own scan runs the forward under a fake-tensor mode, where input *values* are unknown.
+    A VLM's forward is data-dependent before its first layer (which positions hold image tokens,
+    M-RoPE positions, patch grids, padding), so it cannot run there. This tracer runs the real
+    forward on the real inputs instead, under ``torch.no_grad``, with the parameters of an
+    undispatched model materialised as *uninitialised* CPU memory for the duration (and put back on
+    the meta device afterwards): shapes and dtypes are exact, values are meaningless, and no weights
+    are loaded. On a dispatched model it is a no-grad forward.
+    """
+
+    def execute(self, code: Any) -> None:
+        envoy = self.envoy
+        with envoy._hvlm_scan_weights(), torch.no_grad():
+            super().execute(code)
+
+
+def _release_forced_patterns() -> None:
+    while _FORCED_PATTERNS:
+        _FORCED_PATTERNS.pop().force_pattern = False
 
 
 class HookedVLMEnvoy(Remotable):
@@ -171,6 +238,11 @@ class HookedVLMEnvoy(Remotable):
             spec = args[0]
         self._hvlm_spec = dict(spec) if spec is not None else None
         self._hvlm_pad_token_id = pad_token_id
+        envoys = {"hook_pattern": PatternHookEnvoy, "hook_attn_scores": PatternHookEnvoy}
+        if isinstance(kwargs.get("envoys"), dict):
+            envoys.update(kwargs["envoys"])
+        if kwargs.get("envoys") is None or isinstance(kwargs.get("envoys"), dict):
+            kwargs["envoys"] = envoys
         super().__init__(*args, **kwargs)
         if self._hvlm_pad_token_id is None:
             self._hvlm_pad_token_id = _pad_token_id_of(self._module)
@@ -182,6 +254,30 @@ class HookedVLMEnvoy(Remotable):
     def _load(self, spec: dict[str, Any], dtype: Any = None, device: Any = None, **kwargs: Any) -> nn.Module:
         module = build_from_spec(spec, weights=True, dtype=dtype)
         return module.to(device) if device is not None else module
+
+    def scan(self, *args: Any, fn: Any = None, backend: Any = None, **kwargs: Any) -> HookedScanTracer:
+        """Activation shapes without weights (see :class:`HookedScanTracer`); read ``.shape`` inside."""
+        return HookedScanTracer(self, fn if fn is not None else "__call__", *args, backend=backend, **kwargs)
+
+    @contextlib.contextmanager
+    def _hvlm_scan_weights(self) -> Iterator[None]:
+        if self.dispatched:
+            yield
+            return
+        module = self._module
+        module.to_empty(device="cpu")
+        self.dispatched = True  # keep Meta.interleave from loading the real weights
+        try:
+            yield
+        finally:
+            self.dispatched = False
+            module.to_empty(device="meta")
+
+    def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().interleave(fn, *args, **kwargs)
+        finally:
+            _release_forced_patterns()
 
     # ----- remote identity --------------------------------------------------------------------
     @property
@@ -290,7 +386,7 @@ def batch_inputs(
     for key in keys:
         values = [inv.get(key) for inv in invokes]
         present = [v for v in values if v is not None]
-        if not present:
+        if not present and key != "attention_mask":
             merged[key] = None
             continue
         if key in _SEQUENCE_INPUTS or key == "inputs_embeds":
@@ -299,7 +395,8 @@ def batch_inputs(
                 if value is None:
                     if key != "attention_mask":
                         raise ValueError(f"{key!r} is given for some invokes but not for others")
-                    value = torch.ones(_rows(inv), length, dtype=torch.long, device=present[0].device)
+                    device = inv.get("input_ids", inv.get("inputs_embeds")).device
+                    value = torch.ones(_rows(inv), length, dtype=torch.long, device=device)
                 fill = _SEQUENCE_INPUTS.get(key, 0)
                 parts.append(_pad_seq(value, longest, pad_token_id if fill is None else fill, padding_side))
             merged[key] = torch.cat(parts, dim=0)
@@ -343,35 +440,56 @@ def to_nnsight(
     spec: dict[str, Any] | None = None,
     seed: int | None = None,
     checkpoint: str | os.PathLike | None = None,
+    verify: bool = True,
     **kwargs: Any,
 ) -> HookedVLMEnvoy:
     """Wrap a ready hooked model for nnsight (``HookedVLM.to_nnsight`` binds to this).
 
-    The remote identity comes from, in order: an explicit ``spec``; ``seed`` (the model was built
-    by its family's factory under ``torch.manual_seed(seed)``: family and config are read from the
-    model); ``checkpoint`` (the weights are saved there as safetensors and the key names the file
-    and its sha256); or a spec the model carries (``model._hooked_vlm_spec``, set by the factories
-    in this package). Without any, the model works locally and refuses ``remote=True`` with a
-    message saying how to give it an identity.
-    """
-    if spec is None:
-        if seed is not None or checkpoint is not None:
-            family, config = family_and_config(model)
-            spec = {"family": family, "config": config}
-            if checkpoint is not None:
-                from safetensors.torch import save_model
+    The remote identity (what ``remote=True`` sends) comes from, in order:
 
-                path = os.path.abspath(os.fspath(checkpoint))
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp{os.getpid()}"
-                save_model(model, tmp)
-                os.replace(tmp, path)
-                spec.update(checkpoint=path, sha256=file_sha256(path))
-            else:
-                spec["seed"] = int(seed)
-        else:
-            spec = getattr(model, "_hooked_vlm_spec", None)
+    * ``spec``: an explicit spec (see the module docstring);
+    * ``checkpoint``: the weights are saved there as safetensors and the key names the file and its
+      sha256 (the server must be able to read the path: same machine or shared disk);
+    * ``seed``: the model is its family's default initialisation under ``torch.manual_seed(seed)``
+      (family and config read from the model); with ``verify`` (default) the model is rebuilt once
+      and compared, so a wrong seed fails here rather than giving different numbers remotely;
+    * a spec the model carries (``model._hooked_vlm_spec``).
+
+    Without any, the model works locally and ``remote=True`` raises an error saying how to give it
+    an identity. Other keywords go to :class:`HookedVLMEnvoy` (e.g. ``pad_token_id``).
+    """
+    if spec is None and checkpoint is not None:
+        family, config = family_and_config(model)
+        from safetensors.torch import save_file
+
+        path = os.path.abspath(os.fspath(checkpoint))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        # Every entry saved as its own contiguous copy: hooked weights may be views into a fused
+        # projection, and tied weights load back into both names.
+        save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+        spec = {"family": family, "config": config, "checkpoint": path, "sha256": file_sha256(path)}
+    elif spec is None and seed is not None:
+        family, config = family_and_config(model)
+        spec = {"family": family, "config": config, "seed": int(seed)}
+        if verify:
+            _verify_spec(model, spec)
+    elif spec is None:
+        spec = getattr(model, "_hooked_vlm_spec", None)
     return HookedVLMEnvoy(model, spec=spec, **kwargs)
+
+
+def _verify_spec(model: nn.Module, spec: dict[str, Any]) -> None:
+    rebuilt = build_from_spec(spec, weights=True).state_dict()
+    ours = model.state_dict()
+    differ = [k for k in ours if k not in rebuilt or not torch.equal(ours[k].detach().cpu(), rebuilt[k].to(ours[k].dtype))]
+    if differ or set(rebuilt) - set(ours):
+        raise ValueError(
+            f"the model's weights are not the {spec['family']!r} family's seed-{spec['seed']} initialisation "
+            f"(first differing tensors: {differ[:4]}); use to_nnsight(model, checkpoint='file.safetensors') "
+            "to give it a remote identity from its actual weights"
+        )
 
 
 def family_and_config(model: nn.Module) -> tuple[str, dict[str, Any]]:
@@ -380,7 +498,6 @@ def family_and_config(model: nn.Module) -> tuple[str, dict[str, Any]]:
 
     if isinstance(model, ToyHookedModel):
         return "toy", dict(model.config)
-    _ensure_builtin_families()
-    from hooked_vlm.nnsight_ext import families as vlm_families
+    import importlib
 
-    return vlm_families.family_and_config(model)
+    return importlib.import_module("hooked_vlm.nnsight_ext.families").family_and_config(model)
