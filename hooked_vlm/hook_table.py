@@ -21,6 +21,8 @@ _SHAPES: list[tuple[str, str]] = [
     (r"attn\.hook_row_mass$", "B H L KG"),
     (r"merger\.mlp\.hook_(pre|post)$", "B M (merge^2 d_vision)"),
     (r"mlp\.hook_(pre|pre_linear|post)$", "B L m"),
+    (r"projector\.mm_soft_emb_norm\.hook_scale$", "B M 1"),
+    (r"projector\.mm_soft_emb_norm\.hook_normalized$", "B M d_vision"),
     (r"\.hook_scale$", "B L 1"),
     (r"\.hook_normalized$", "B L d"),
     (r"merger\.hook_in$", "B M (merge^2 d_vision)"),

@@ -231,3 +231,16 @@ def _siglip(config) -> Any:
 
 register_tiny("tiny-clip", clip_config, _clip)
 register_tiny("tiny-siglip", siglip_config, _siglip)
+
+
+def llava_dinov2_config(**overrides: Any):
+    """LLaVA-1.5 with a DINOv2 tower (LLaVA-Rad's geometry, 56 px instead of 518): transformers' LlavaConfig + Dinov2Config."""
+    from transformers import Dinov2Config, LlamaConfig, LlavaConfig
+
+    vis = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=56, patch_size=14)
+    kw = dict(image_token_index=100, vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    kw.update(overrides)
+    return LlavaConfig(vision_config=vis, text_config=LlamaConfig(**LLAVA_TEXT), **kw)
+
+
+register_tiny("tiny-llava-dinov2", llava_dinov2_config, _hf_class("LlavaForConditionalGeneration"))

@@ -82,12 +82,17 @@ def case(name: str, family: str) -> dict[str, torch.Tensor]:
 CASES = ["text", "image", "two_images", "video", "image_video", "batch_left", "batch_right"]
 
 
-def hf_logits(hf, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Reference logits: adds mm_token_type_ids and clears HF's cached rope deltas first."""
-    ids = inputs["input_ids"]
+def mm_types(ids: torch.Tensor) -> torch.Tensor:
+    """HF's mm_token_type_ids for the tiny vocabulary: 1 at image, 2 at video placeholders."""
     mm = torch.zeros_like(ids)
     mm[ids == IMG] = 1
     mm[ids == VID] = 2
+    return mm
+
+
+def hf_logits(hf, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Reference logits: adds mm_token_type_ids and clears HF's cached rope deltas first."""
+    mm = mm_types(inputs["input_ids"])
     hf.model.rope_deltas = None
     with torch.no_grad():
         return hf(**inputs, mm_token_type_ids=mm).logits

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import QWEN_FAMILIES
-from qwen_cases import IMG, VE, VID, VS, case, image_rows
+from qwen_cases import IMG, VE, VID, VS, case, mm_types
 
 from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, VIDEO
 
@@ -17,9 +17,7 @@ def test_position_ids_agree_with_hf(qwen_pair, family, name):
     hf, model = qwen_pair(family)
     inputs = case(name, family)
     ids = inputs["input_ids"]
-    mm = torch.zeros_like(ids)
-    mm[ids == IMG] = 1
-    mm[ids == VID] = 2
+    mm = mm_types(ids)
     kw = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw", "attention_mask")}
     if family == "tiny-qwen2.5-vl":
         kw["second_per_grid_ts"] = inputs.get("second_per_grid_ts")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import QWEN_FAMILIES
-from qwen_cases import CASES, IMG, VID, case, hf_logits, valid
+from qwen_cases import CASES, case, hf_logits, mm_types, valid
 
 TOL = 1e-4
 
@@ -28,9 +28,7 @@ def test_mm_token_type_ids_accepted_and_derived(qwen_pair, family):
     _, model = qwen_pair(family)
     inputs = case("image_video", family)
     ids = inputs["input_ids"]
-    mm = torch.zeros_like(ids)
-    mm[ids == IMG] = 1
-    mm[ids == VID] = 2
+    mm = mm_types(ids)
     with torch.no_grad():
         a = model(**inputs)
         b = model(**inputs, mm_token_type_ids=mm.int())
@@ -59,9 +57,7 @@ def test_generate_matches_hf(qwen_pair, family, name):
     hf, model = qwen_pair(family)
     inputs = case(name, family)
     ids = inputs["input_ids"]
-    mm = torch.zeros_like(ids)
-    mm[ids == IMG] = 1
-    mm[ids == VID] = 2
+    mm = mm_types(ids)
     hf.model.rope_deltas = None
     with torch.no_grad():
         ref = hf.generate(**inputs, mm_token_type_ids=mm, max_new_tokens=6, do_sample=False, pad_token_id=2,

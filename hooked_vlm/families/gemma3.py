@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
@@ -121,10 +122,9 @@ class Gemma3Projector(nn.Module):
         self.hook_out = HookPoint()
 
     def forward(self, patches: Float[Tensor, "n patches d_vision"]) -> Float[Tensor, "n tokens d_model"]:
-        n, _, d = patches.shape
         side, k = self.spec.patches_per_side, self.spec.pool_kernel
-        grid = patches.transpose(1, 2).reshape(n, d, side, side).contiguous()
-        pooled = F.avg_pool2d(grid, kernel_size=k, stride=k).flatten(2).transpose(1, 2)
+        grid = rearrange(patches, "n (h w) d -> n d h w", h=side, w=side).contiguous()
+        pooled = rearrange(F.avg_pool2d(grid, kernel_size=k, stride=k), "n d h w -> n (h w) d")
         pooled = self.hook_pooled(pooled)
         normed = self.mm_soft_emb_norm(pooled)
         return self.hook_out(torch.matmul(normed, self.mm_input_projection_weight).type_as(patches))

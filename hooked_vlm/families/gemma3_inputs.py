@@ -14,7 +14,6 @@ would have produced) and a warning says so. Every check raises :class:`InputErro
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
