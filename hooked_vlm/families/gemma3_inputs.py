@@ -21,6 +21,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from hooked_vlm.errors import InputError
+from hooked_vlm.input_checks import check_float_pixels, check_token_inputs
 from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, TokenLayout, VisualItem
 
 if TYPE_CHECKING:
@@ -28,40 +29,16 @@ if TYPE_CHECKING:
 
 
 def check_common_inputs(model: "HookedGemma3", inputs: dict[str, Any], past: int = 0) -> None:
-    """Types, devices and shapes shared by prefill and decode (``past`` cached positions)."""
-    ids = inputs.get("input_ids")
-    if ids is None:
-        raise InputError("input_ids is required (build it with hooked_vlm.families.gemma3_inputs.build_gemma3_inputs or the HF processor)")
-    if not isinstance(ids, Tensor) or ids.dim() != 2:
-        raise InputError(f"input_ids must be a [batch, seq] integer tensor; got {type(ids).__name__} {getattr(ids, 'shape', '')}")
-    if ids.dtype.is_floating_point:
-        raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}; pass input_ids.long()")
-    device = model.embed.weight.device
-    for name, t in inputs.items():
-        if isinstance(t, Tensor) and t.device != device:
-            raise InputError(
-                f"{name} is on {t.device} but the model is on {device}; move the inputs with "
-                f"{{k: v.to('{device}') for k, v in inputs.items()}} or the model with model.to('{t.device}')"
-            )
-    for name, extra in (("attention_mask", past), ("token_type_ids", 0)):
-        t = inputs.get(name)
-        if name == "token_type_ids" and past:
-            continue  # transformers drops token_type_ids at decode steps too
-        want = (ids.shape[0], ids.shape[1] + extra)
-        if t is not None and tuple(t.shape) != want:
-            raise InputError(
-                f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(ids.shape)}"
-                + (f" after {past} cached positions" if extra else "")
-                + f"; expected {want} (same batch, one entry per position)"
-            )
+    """Types, devices and shapes shared by prefill and decode (``past`` cached positions).
+
+    ``token_type_ids`` is checked at prefill only: transformers drops it at decode steps too.
+    """
+    check_token_inputs(model, inputs, past, per_position=() if past else ("token_type_ids",),
+                       how_to_build="hooked_vlm.families.gemma3_inputs.build_gemma3_inputs or the HF processor")
+    check_float_pixels(inputs, ("pixel_values",))
     pv = inputs.get("pixel_values")
     if pv is not None:
         spec = model.vision_spec
-        if not isinstance(pv, Tensor) or not pv.dtype.is_floating_point:
-            raise InputError(
-                f"pixel_values must be a floating tensor of normalised pixels, got {getattr(pv, 'dtype', type(pv).__name__)}; "
-                "did you pass raw uint8 pixels? Use build_gemma3_inputs or Gemma3ImageProcessor"
-            )
         want = (spec.num_channels, spec.image_size, spec.image_size)
         if pv.dim() != 4 or tuple(pv.shape[1:]) != want:
             raise InputError(

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from hooked_vlm.errors import InputError
+from hooked_vlm.input_checks import check_float_pixels, check_token_inputs
 from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, VIDEO, TokenLayout, VisualItem, mrope_position_ids
 
 if TYPE_CHECKING:
@@ -19,33 +20,9 @@ if TYPE_CHECKING:
 
 def check_common_inputs(model: "HookedQwenVL", inputs: dict[str, Any], past: int = 0) -> None:
     """Types, devices and batch shapes shared by prefill and decode (``past`` cached positions)."""
-    ids = inputs.get("input_ids")
-    if ids is None:
-        raise InputError("input_ids is required (build it with hooked_vlm.inputs.build_qwen_inputs or the HF processor)")
-    if not isinstance(ids, Tensor) or ids.dim() != 2:
-        raise InputError(f"input_ids must be a [batch, seq] integer tensor; got {type(ids).__name__} {getattr(ids, 'shape', '')}")
-    if ids.dtype.is_floating_point:
-        raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}; pass input_ids.long()")
-    device = model.embed.weight.device
-    for name, t in inputs.items():
-        if isinstance(t, Tensor) and t.device != device:
-            raise InputError(
-                f"{name} is on {t.device} but the model is on {device}; move the inputs with "
-                f"{{k: v.to('{device}') for k, v in inputs.items()}} or the model with model.to('{t.device}')"
-            )
-    for name, extra in (("attention_mask", past), ("mm_token_type_ids", 0)):
-        t = inputs.get(name)
-        want = (ids.shape[0], ids.shape[1] + extra)
-        if t is not None and tuple(t.shape) != want:
-            raise InputError(
-                f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(ids.shape)}"
-                + (f" after {past} cached positions" if extra else "")
-                + f"; expected {want} (same batch, one entry per position)"
-            )
-    for name in ("pixel_values", "pixel_values_videos"):
-        t = inputs.get(name)
-        if t is not None and not t.dtype.is_floating_point:
-            raise InputError(f"{name} must be a floating tensor of normalised pixels, got {t.dtype}; did you pass raw uint8 pixels? Use hooked_vlm.inputs to preprocess")
+    check_token_inputs(model, inputs, past, per_position=("mm_token_type_ids",),
+                       how_to_build="hooked_vlm.inputs.build_qwen_inputs or the HF processor")
+    check_float_pixels(inputs, ("pixel_values", "pixel_values_videos"))
 
 
 def _check_grid(name: str, grid: Tensor | None, pixels: Tensor | None, pixel_name: str, spec) -> None:
