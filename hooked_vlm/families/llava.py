@@ -2,8 +2,8 @@
 
 Architecture (transformers 5.23 ``Llava*ForConditionalGeneration``):
 
-1. A CLIP or SigLIP vision tower (:class:`hooked_vlm.families.vit.HookedViT`) runs on one row per crop or
-   video frame. ``vision_feature_layer`` picks a hidden state (or a list of them, concatenated along the
+1. A CLIP or SigLIP vision tower (:class:`hooked_vlm.families.vit.HookedViT`; or :class:`Dinov2Tower` for a
+   DINOv2 vision config, LLaVA-Rad's geometry) runs on one row per crop or video frame. ``vision_feature_layer`` picks a hidden state (or a list of them, concatenated along the
    width); ``vision_feature_select_strategy="default"`` drops the first token (CLIP's ``[CLS]``), ``"full"``
    keeps every token. Selected features are read *after* the hooks at that residual site, so editing a vision
    block's output changes the logits.
@@ -19,7 +19,8 @@ Architecture (transformers 5.23 ``Llava*ForConditionalGeneration``):
 Hook points (all batch-first; see ``docs/llava.md``):
 
 * ``vision.*``: the tower's hooks over ``[R, N, d_vision]``, R = tower rows (every image's crops, base crop first,
-  then every video's frames; :meth:`LlavaLayout.vision_rows`), N = patches (+1 ``[CLS]`` for CLIP);
+  then every video's frames; :meth:`LlavaLayout.tower_rows` / :meth:`LlavaLayout.vision_rows`), N = patches (+1
+  ``[CLS]`` for CLIP and DINOv2);
 * ``projector.hook_in`` ``[R, N', k*d_vision]`` (the selected feature layer(s) after the strategy),
   ``projector.mlp.hook_pre`` / ``hook_post`` ``[R, N', d]``, ``projector.hook_out`` ``[R, N', d]``;
 * ``video_pool.hook_in`` / ``hook_out`` (NeXT-Video: ``[F, N, d_vision]`` -> ``[F, N/4, d_vision]`` before the
@@ -32,6 +33,7 @@ Hook points (all batch-first; see ``docs/llava.md``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,10 +42,10 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from hooked_vlm.components.attention import KVCache
+from hooked_vlm.components.attention import Attention, KVCache
 from hooked_vlm.components.block import TransformerBlock
 from hooked_vlm.components.mlp import MLP
-from hooked_vlm.components.norms import RMSNorm
+from hooked_vlm.components.norms import LayerNorm, RMSNorm
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import CheckpointError, InputError, UnsupportedModelError
 from hooked_vlm.families.decoder import (
@@ -62,9 +64,16 @@ from hooked_vlm.families.llava_inputs import (
     LlavaLayout,
     build_llava_layout,
     check_common_inputs,
-    parse_anyres_max,
+    geometry_from_config,
 )
-from hooked_vlm.families.vit import HookedViT, convert_vit_state_dict, normalize_layer, select_image_features
+from hooked_vlm.families.vit import (
+    FULL_VISIBILITY,
+    HookedViT,
+    ViTOutput,
+    convert_vit_state_dict,
+    normalize_layer,
+    select_image_features,
+)
 from hooked_vlm.model import HookedVLM, LMInput
 
 ARCHITECTURES = {
@@ -125,6 +134,94 @@ class VideoPool(nn.Module):
         return self.hook_out(out.flatten(2).transpose(1, 2))
 
 
+@dataclass(frozen=True)
+class TowerShape:
+    """The tower facts the LLaVA code reads (:class:`ViTSpec` has the same fields) for towers outside ``vit.py``."""
+
+    kind: str
+    width: int
+    depth: int
+    n_heads: int
+    image_size: int
+    patch_size: int
+    has_cls: bool = True
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_positions(self) -> int:
+        return self.grid**2 + int(self.has_cls)
+
+
+class LayerScale(nn.Module):
+    """DINOv2's per-channel residual-branch scale ``x * lambda1`` (used as the block's post-sublayer module)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        return x * self.lambda1
+
+
+class Dinov2Tower(nn.Module):
+    """A DINOv2 vision tower for LLaVA (LLaVA-Rad's geometry), as transformers' ``Dinov2Model``.
+
+    transformers' ``Dinov2Embeddings`` (CLS, position interpolation) are reused as is; each layer is the shared
+    :class:`TransformerBlock` (pre-LN ``LayerNorm`` -> non-causal :class:`Attention` -> :class:`LayerScale` as the
+    post-attention module; ``LayerNorm`` -> GELU :class:`MLP` -> :class:`LayerScale`), so every block carries the
+    usual hooks (``vision.blocks.{j}.attn.hook_pattern`` ...). Same call contract as :class:`HookedViT`
+    (``feature_layers``, ``truncate`` -> :class:`ViTOutput`; hidden state 0 = embeddings, i = output of block
+    i - 1, last = raw last block without the final ``layernorm``). Hooks: ``hook_embed``, ``blocks.{j}.*``.
+    """
+
+    def __init__(self, vision_config: dict[str, Any]):
+        super().__init__()
+        from transformers import AutoConfig
+        from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
+
+        cfg = AutoConfig.for_model(**{k: v for k, v in vision_config.items() if k not in ("transformers_version", "architectures")})
+        if cfg.use_swiglu_ffn:
+            raise UnsupportedModelError("DINOv2 towers with a SwiGLU MLP (use_swiglu_ffn) are not supported")
+        d, h = cfg.hidden_size, cfg.num_attention_heads
+        self.spec = TowerShape("dinov2", d, cfg.num_hidden_layers, h, cfg.image_size, cfg.patch_size)
+        self.embeddings = Dinov2Embeddings(cfg)
+        self.hook_embed = HookPoint()
+        self.blocks = nn.ModuleList(
+            [
+                TransformerBlock(
+                    LayerNorm(d, cfg.layer_norm_eps),
+                    Attention(d, h, h, d // h, qkv_bias=cfg.qkv_bias, o_bias=True, layer_index=j),
+                    LayerNorm(d, cfg.layer_norm_eps),
+                    MLP(d, int(d * cfg.mlp_ratio), cfg.hidden_act, bias=True),
+                    ln1_post=LayerScale(d),
+                    ln2_post=LayerScale(d),
+                )
+                for j in range(cfg.num_hidden_layers)
+            ]
+        )
+        self.ln_post = LayerNorm(d, cfg.layer_norm_eps)
+
+    @property
+    def depth(self) -> int:
+        return self.spec.depth
+
+    def forward(self, pixel_values: Float[Tensor, "rows 3 h w"], feature_layers: int | list[int] | None = None,
+                truncate: bool = False) -> ViTOutput:
+        layers = [] if feature_layers is None else ([feature_layers] if isinstance(feature_layers, int) else list(feature_layers))
+        wanted = {normalize_layer(int(i), self.depth) for i in layers}
+        last = max(wanted) if (truncate and wanted) else self.depth
+        dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        x = self.hook_embed(self.embeddings(pixel_values.to(dtype)))
+        states = {0: x}
+        for j in range(last):
+            x = self.blocks[j](x, None, None, FULL_VISIBILITY)
+            states[j + 1] = x
+        return ViTOutput(self.ln_post(x) if last == self.depth else None, None, {i: states[i] for i in sorted(wanted)})
+
+
 class HookedLlava(HookedVLM):
     """LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision / LLaVA-NeXT-Video with hooks on both towers and the projector.
 
@@ -160,10 +257,9 @@ class HookedLlava(HookedVLM):
         if mt not in ARCHITECTURES:
             raise UnsupportedModelError(f"model_type {mt!r} is not a LLaVA variant ({sorted(ARCHITECTURES)})")
         vmt = str(d["vision_config"].get("model_type", ""))
-        if "clip" not in vmt and "siglip" not in vmt:
+        if vmt not in ("clip_vision_model", "siglip_vision_model", "dinov2"):
             raise UnsupportedModelError(
-                f"LLaVA with a {vmt!r} vision tower is not supported (CLIP and SigLIP towers are); see docs/llava.md "
-                "(LLaVA-Rad's DINOv2-style tower)"
+                f"LLaVA with a {vmt!r} vision tower is not supported (CLIP, SigLIP and DINOv2 towers are); see docs/llava.md"
             )
         t = d["text_config"]
         tie = bool(d.get("tie_word_embeddings") or t.get("tie_word_embeddings"))
@@ -193,30 +289,11 @@ class HookedLlava(HookedVLM):
 
     def geometry(self, strategy: str | None = None) -> LlavaGeometry:
         """Token-count facts of this model (optionally under another select strategy)."""
-        d = self.cfg.hf_config
-        spec = self.vision.spec
-        strategy = strategy or d["vision_feature_select_strategy"]
-        if strategy not in ("default", "full"):
-            raise InputError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
-        pool = ""
-        if self.variant == "llava_onevision":
-            pool = "bilinear_after"
-        elif self.variant == "llava_next_video":
-            pool = d.get("spatial_pool_mode", "average")
-        return LlavaGeometry(
-            variant=self.variant,
-            image_size=spec.image_size,
-            patch_size=spec.patch_size,
-            has_cls=spec.has_cls,
-            strategy=strategy,
-            pinpoints=tuple(tuple(p) for p in d.get("image_grid_pinpoints") or ()),
-            max_crops_anyres=parse_anyres_max(d.get("vision_aspect_ratio")) if self.variant == "llava_onevision" else None,
-            video_pool=pool,
-            pool_stride=int(d.get("spatial_pool_stride", 2)),
-        )
+        return geometry_from_config(self.cfg.hf_config, strategy)
 
     def _build_vision(self) -> nn.Module:
-        tower = HookedViT.from_hf_config(self.cfg.hf_config["vision_config"])
+        vc = self.cfg.hf_config["vision_config"]
+        tower = Dinov2Tower(vc) if vc.get("model_type") == "dinov2" else HookedViT.from_hf_config(vc)
         tower.hook_out = HookPoint()  # [B, M, d_model]: the features written into the LM's placeholder positions
         return tower
 
@@ -259,7 +336,11 @@ class HookedLlava(HookedVLM):
             vprefix = "model.vision_tower."
         else:
             vprefix = "vision_tower."
-        out = {f"vision.{k}": v for k, v in convert_vit_state_dict(sd, prefix=vprefix).items()}
+        dinov2 = d["vision_config"].get("model_type") == "dinov2"
+        if dinov2:
+            out = {f"vision.{k}": v for k, v in _convert_dinov2(sd, vprefix).items()}
+        else:
+            out = {f"vision.{k}": v for k, v in convert_vit_state_dict(sd, prefix=vprefix).items()}
         proj = {"linear_1": "fc1", "linear_2": "fc2", "0": "fc1", "2": "fc2"}
         for key, v in sd.items():
             k = key
@@ -287,9 +368,9 @@ class HookedLlava(HookedVLM):
                     else:
                         raise KeyError(f"unexpected LLaVA weight {key!r}")
         spec_w = d["vision_config"]["hidden_size"]
-        # post_layernorm is never read by LLaVA; checkpoints that dropped it still load.
-        out.setdefault("vision.ln_post.w", torch.ones(spec_w))
-        out.setdefault("vision.ln_post.b", torch.zeros(spec_w))
+        if not dinov2:  # post_layernorm is never read by LLaVA; checkpoints that dropped it still load.
+            out.setdefault("vision.ln_post.w", torch.ones(spec_w))
+            out.setdefault("vision.ln_post.b", torch.zeros(spec_w))
         if "unembed.weight" not in out and "embed.weight" in out:
             out["unembed.weight"] = out["embed.weight"]
         return out
@@ -371,7 +452,8 @@ class HookedLlava(HookedVLM):
         parts = []
         n_img_rows = 0
         for it in layout.images():
-            crops = pv[it.index : it.index + 1] if pv.dim() == 4 else pv[it.index, : it.n_rows]
+            # 4-D: crops of all images concatenated in image order (LLaVA-1.5: one per image), so rows line up
+            crops = pv[it.row_offset : it.row_offset + it.n_rows] if pv.dim() == 4 else pv[it.index, : it.n_rows]
             parts.append(crops)
             n_img_rows += crops.shape[0]
         for it in layout.videos():
@@ -485,6 +567,38 @@ class HookedLlava(HookedVLM):
         return build(ARCHITECTURES[hf_config.model_type], hf_config, sd, dtype, device)  # type: ignore[return-value]
 
 
+_DINOV2_LAYER = {  # transformers Dinov2Layer (5.x names and the on-disk 4.x attention names) -> TransformerBlock
+    "norm1.weight": "ln1.w", "norm1.bias": "ln1.b", "norm2.weight": "ln2.w", "norm2.bias": "ln2.b",
+    "layer_scale1.lambda1": "ln1_post.lambda1", "layer_scale2.lambda1": "ln2_post.lambda1",
+    "attention.q_proj.": "attn.q_proj.", "attention.k_proj.": "attn.k_proj.", "attention.v_proj.": "attn.v_proj.",
+    "attention.o_proj.": "attn.o_proj.", "attention.attention.query.": "attn.q_proj.",
+    "attention.attention.key.": "attn.k_proj.", "attention.attention.value.": "attn.v_proj.",
+    "attention.output.dense.": "attn.o_proj.", "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2.",
+}
+
+
+def _convert_dinov2(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """transformers ``Dinov2Model`` weights under ``prefix`` -> :class:`Dinov2Tower` names."""
+    out = {}
+    for key, v in sd.items():
+        if not key.startswith(prefix):
+            continue
+        k = key[len(prefix) :]
+        if k.startswith("encoder.layer."):
+            j, rest = k[len("encoder.layer.") :].split(".", 1)
+            match = next((hf for hf in _DINOV2_LAYER if rest == hf or (hf.endswith(".") and rest.startswith(hf))), None)
+            if match is None:
+                raise KeyError(f"unexpected DINOv2 vision weight {key!r}")
+            out[f"blocks.{j}.{_DINOV2_LAYER[match]}{rest[len(match):]}"] = v
+        elif k.startswith("embeddings."):
+            out[k] = v
+        elif k.startswith("layernorm."):
+            out["ln_post." + {"weight": "w", "bias": "b"}[k.split(".")[1]]] = v
+        else:
+            raise KeyError(f"unexpected DINOv2 vision weight {key!r}")
+    return out
+
+
 def _clip_heads(name: str, width: int) -> int:
     """Attention heads of a CLIP tower that ships no config: OpenAI ViT-L 16, ViT-B 12, else width / 64."""
     if "large" in name:
@@ -548,4 +662,17 @@ from hooked_vlm import loading  # noqa: E402
 
 loading.register(HookedLlava)
 
-__all__ = ["HookedLlava", "LlavaProjector", "VideoPool", "original_llava_config", "ARCHITECTURES", "ORIGINAL_ARCHITECTURES"]
+
+def _register_cli_builders() -> None:
+    from functools import partial
+
+    from hooked_vlm.cli import register_input_builder
+    from hooked_vlm.families.llava_inputs import cli_input_builder
+
+    for family in ARCHITECTURES:
+        register_input_builder(family, partial(cli_input_builder, family=family))
+
+
+_register_cli_builders()
+
+__all__ = ["HookedLlava", "LlavaProjector", "VideoPool", "Dinov2Tower", "LayerScale", "TowerShape", "original_llava_config", "ARCHITECTURES", "ORIGINAL_ARCHITECTURES"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_vlm.errors import InputError
@@ -119,6 +119,27 @@ class LlavaGeometry:
         return frames * gh * gw + (1 if self.video_pool == "bilinear_after" else 0)
 
 
+def geometry_from_config(d: dict[str, Any], strategy: str | None = None) -> LlavaGeometry:
+    """:class:`LlavaGeometry` of a transformers LLaVA config (``config.to_dict()``), no model needed."""
+    variant = d["model_type"]
+    v = d["vision_config"]
+    strategy = strategy or d.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise InputError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
+    pool = {"llava_onevision": "bilinear_after", "llava_next_video": d.get("spatial_pool_mode", "average")}.get(variant, "")
+    return LlavaGeometry(
+        variant=variant,
+        image_size=int(v["image_size"]),
+        patch_size=int(v["patch_size"]),
+        has_cls=str(v.get("model_type", "")) in ("clip_vision_model", "dinov2"),
+        strategy=strategy,
+        pinpoints=tuple(tuple(p) for p in d.get("image_grid_pinpoints") or ()),
+        max_crops_anyres=parse_anyres_max(d.get("vision_aspect_ratio")) if variant == "llava_onevision" else None,
+        video_pool=pool,
+        pool_stride=int(d.get("spatial_pool_stride", 2)),
+    )
+
+
 def parse_anyres_max(value: str | None) -> int | None:
     """``"anyres_max_9"`` -> 9; None / other strings -> None."""
     if not value:
@@ -145,6 +166,17 @@ class LlavaItem(VisualItem):
     grid_size: tuple[int, int] = (0, 0)  # (rows, cols) of the grid tokens the LM sees (after interpolation)
     base_tokens: int = 0  # tokens of the base crop (incl. CLS with "full")
     total_tokens: int = 0
+    tower_size: int = 0  # crop / frame side in pixels (the tower's image_size)
+
+    @property
+    def pixel_size(self) -> tuple[int, int]:
+        """(height, width) of one crop or frame as the tower sees it."""
+        return self.tower_size, self.tower_size
+
+    @property
+    def cell_pixels(self) -> int:
+        """Pixels per token cell: a patch for images (base crop); a pooled cell for video frames (rounded)."""
+        return self.tower_size // self.grid_thw[1] if self.kind == "video" else self.patch_size
 
     @property
     def merged_grid(self) -> tuple[int, int, int]:
@@ -261,23 +293,30 @@ class LlavaLayout(TokenLayout):
         return super().group_ids(by)  # type: ignore[arg-type]
 
     # ----- vision tower rows -----------------------------------------------------------------------------
-    def vision_rows(self, image: int | None = None, video: int | None = None, frame: int | None = None,
-                    crop: int | None = None) -> Int[Tensor, "n"]:  # type: ignore[override]
-        """Tower rows (crops / frames) of an item in the batch-first vision activations ``[rows, tokens, d]``."""
+    def tower_rows(self, image: int | None = None, video: int | None = None) -> Int[Tensor, "n"]:
+        """All tower rows (crops: base first, then the crop grid in raster order; or frames) of an item."""
         _, it = self.find_item(image, video)
-        rows = torch.arange(it.row_offset, it.row_offset + it.n_rows)
-        sel = frame if frame is not None else crop
-        return rows if sel is None else rows[sel : sel + 1]
+        return torch.arange(it.row_offset, it.row_offset + it.n_rows)
+
+    def vision_rows(self, image: int | None = None, video: int | None = None, frame: int | None = None,
+                    crop: int | None = None) -> tuple[int, Int[Tensor, "n"]]:
+        """(tower row, patch indices) of one crop (default: the base crop) or video frame, in the batch-first vision
+        activations ``[rows, N, ...]``: same contract as :meth:`TokenLayout.vision_rows` (``act[row, idx]`` are the
+        patches in raster order; CLIP's ``[CLS]`` at index 0 is skipped)."""
+        _, it = self.find_item(image, video)
+        k = frame if frame is not None else (crop or 0)
+        if not 0 <= k < it.n_rows:
+            raise IndexError(f"{it.kind} {it.index} has {it.n_rows} tower rows ({'frames' if it.kind == 'video' else 'crops'}); got {k}")
+        g = self.geometry
+        prefix = 1 if g.has_cls else 0
+        return it.row_offset + k, torch.arange(prefix, prefix + g.side**2)
 
     def vision_grid(self, activation: Tensor, image: int | None = None, video: int | None = None,
                     crop: int = 0, frame: int | None = None) -> Tensor:  # type: ignore[override]
-        """A tower activation ``[rows, prefix + side^2, ...]`` -> the ``[side, side, ...]`` patch grid of one crop
-        (or frame); the CLS token (CLIP) is dropped."""
-        g = self.geometry
-        rows = self.vision_rows(image, video, frame=frame, crop=None if frame is not None else crop)
-        act = activation[int(rows[0])]
-        prefix = act.shape[0] - g.side**2
-        return act[prefix:].reshape(g.side, g.side, *act.shape[1:])
+        """A tower activation ``[rows, N, ...]`` -> the ``[side, side, ...]`` patch grid of one crop (or frame)."""
+        row, idx = self.vision_rows(image, video, frame=frame, crop=crop)
+        side = self.geometry.side
+        return activation[row, idx].reshape(side, side, *activation.shape[2:])
 
     def summary(self) -> str:
         lines = [super().summary()]
@@ -415,7 +454,7 @@ def build_llava_layout(model: "HookedLlava", inputs: dict[str, Any]) -> LlavaLay
         )
     video_specs: list[dict[str, Any]] = []
     if pvv is not None:
-        if vid_id is None or not geom.video_pool and model.cfg.hf_config.get("model_type") == "llava_next":
+        if vid_id is None or not geom.video_pool:
             raise InputError(f"{type(model).__name__} ({model.cfg.architecture}) takes no videos; pass pixel_values only")
         if pvv.dim() != 5:
             raise InputError(f"pixel_values_videos must be [n_videos, frames, 3, {geom.image_size}, {geom.image_size}]; got {tuple(pvv.shape)}")
@@ -484,15 +523,15 @@ def _image_specs(model: "HookedLlava", geom: LlavaGeometry, inputs: dict[str, An
         if inputs.get("image_sizes") is not None:
             raise InputError("image_sizes is for any-resolution models (LLaVA-NeXT / OneVision); LLaVA-1.5 images are single crops")
         return [dict(kind="image", rows=1, size=None, anyres=False, tokens=geom.tokens_per_crop) for _ in range(pv.shape[0])]
-    if pv.dim() == 4:
+    concatenated = pv.dim() == 4  # transformers also takes every image's crops concatenated: [total_crops, 3, S, S]
+    if concatenated and inputs.get("image_sizes") is None:
         raise InputError(
-            f"pixel_values must be [n_images, max_crops, 3, {geom.image_size}, {geom.image_size}] for any-resolution "
-            f"models (the processor's output); got a 4-D {tuple(pv.shape)}; add the crop axis with pixel_values[:, None] "
-            "for single-crop images"
+            f"pixel_values is 4-D {tuple(pv.shape)} (crops of all images concatenated), which needs image_sizes to split "
+            f"it; pass image_sizes or the processor's 5-D [n_images, max_crops, 3, {geom.image_size}, {geom.image_size}]"
         )
-    if pv.dim() != 5:
-        raise InputError(f"pixel_values must be 5-D [n_images, max_crops, 3, H, W]; got {tuple(pv.shape)}")
-    n = pv.shape[0]
+    if pv.dim() not in (4, 5):
+        raise InputError(f"pixel_values must be 5-D [n_images, max_crops, 3, H, W] (or 4-D concatenated crops); got {tuple(pv.shape)}")
+    n = len(torch.as_tensor(inputs["image_sizes"]).reshape(-1, 2)) if concatenated else pv.shape[0]
     patching = [True] * n
     bni = inputs.get("batch_num_images")
     if bni is not None:
@@ -510,7 +549,7 @@ def _image_specs(model: "HookedLlava", geom: LlavaGeometry, inputs: dict[str, An
     specs = []
     for i, (size, anyres) in enumerate(zip(sizes, patching)):
         rows = geom.n_crops(size) if anyres else 1
-        if anyres and rows > pv.shape[1]:
+        if anyres and not concatenated and rows > pv.shape[1]:
             raise InputError(
                 f"image {i} of original size {size} needs {rows} crops (best resolution {geom.best_resolution(size)} + base) "
                 f"but pixel_values has only {pv.shape[1]} per image; image_sizes and pixel_values come from different images"
@@ -521,6 +560,11 @@ def _image_specs(model: "HookedLlava", geom: LlavaGeometry, inputs: dict[str, An
                 f"keeps {geom.tokens_per_crop} (CLS); transformers cannot pack this either; use 'default' with a CLS tower"
             )
         specs.append(dict(kind="image", rows=rows, size=size, anyres=anyres, tokens=image_tokens(geom, size, anyres)))
+    if concatenated and sum(sp["rows"] for sp in specs) != pv.shape[0]:
+        raise InputError(
+            f"pixel_values holds {pv.shape[0]} concatenated crops but image_sizes implies "
+            f"{sum(sp['rows'] for sp in specs)} ({', '.join(str(sp['rows']) for sp in specs)} per image, base crop included)"
+        )
     return specs
 
 
@@ -559,10 +603,11 @@ def _fill_item(geom: LlavaGeometry, s: dict[str, Any], label: str, idx: int, bi:
                pos: Tensor, frame: Tensor, row: Tensor, col: Tensor, part: Tensor, crop: Tensor) -> LlavaItem:
     n = s["tokens"]
     side = geom.side
+    dev = pos.device
     if label == "video":
         gh, gw = geom.video_grid()
         f = s["frames"]
-        k = torch.arange(f * gh * gw)
+        k = torch.arange(f * gh * gw, device=dev)
         body = pos[: f * gh * gw]
         frame[bi, body] = k // (gh * gw)
         row[bi, body] = (k % (gh * gw)) // gw
@@ -571,13 +616,13 @@ def _fill_item(geom: LlavaGeometry, s: dict[str, Any], label: str, idx: int, bi:
         if n > f * gh * gw:  # OneVision's trailing newline
             part[bi, pos[-1]] = NEWLINE
         return LlavaItem("video", idx, bi, start, (f, gh, gw), 1, geom.patch_size, 1, 0, row_offset, None,
-                         n_rows=f, row_offset=row_offset, total_tokens=n)
+                         n_rows=f, row_offset=row_offset, total_tokens=n, tower_size=geom.image_size)
     base = geom.tokens_per_crop
     bpos = pos[:base]
     if base > side * side:  # CLS kept ("full" with CLIP)
         part[bi, bpos[0]] = CLS
         bpos = bpos[1:]
-    k = torch.arange(side * side)[side * side - bpos.numel() :]  # SigLIP + "default" drops the first patch
+    k = torch.arange(side * side, device=dev)[side * side - bpos.numel() :]  # SigLIP + "default" drops the first patch
     part[bi, bpos] = BASE
     crop[bi, bpos] = 0
     row[bi, bpos] = k // side
@@ -595,8 +640,8 @@ def _fill_item(geom: LlavaGeometry, s: dict[str, Any], label: str, idx: int, bi:
         target = geom.interpolated(rows, cols)
         grid = target if target is not None else (rows, cols)
         gr, gc = grid
-        rr = torch.arange(gr)[:, None].expand(gr, gc + 1).reshape(-1)
-        cc = torch.arange(gc + 1)[None].expand(gr, gc + 1).reshape(-1)
+        rr = torch.arange(gr, device=dev)[:, None].expand(gr, gc + 1).reshape(-1)
+        cc = torch.arange(gc + 1, device=dev)[None].expand(gr, gc + 1).reshape(-1)
         is_nl = cc == gc
         row[bi, rest] = rr
         col[bi, rest] = torch.where(is_nl, -1, cc)
@@ -609,7 +654,119 @@ def _fill_item(geom: LlavaGeometry, s: dict[str, Any], label: str, idx: int, bi:
         part[bi, rest] = NEWLINE
     return LlavaItem("image", idx, bi, start, (1, side, side), 1, geom.patch_size, 1, 0, row_offset, None,
                      n_rows=s["rows"], row_offset=row_offset, image_size=s.get("size"), crop_grid=cg, unpad=unpad,
-                     grid_size=grid, base_tokens=base, total_tokens=n)
+                     grid_size=grid, base_tokens=base, total_tokens=n, tower_size=geom.image_size)
+
+
+def _image_processor(d: dict[str, Any], checkpoint: Any = None) -> Any:
+    """The variant's ``*Pil`` image processor (no torchvision): from the checkpoint's preprocessor_config.json
+    when there is one, else sized from the config."""
+    from transformers import LlavaImageProcessorPil, LlavaNextImageProcessorPil, LlavaOnevisionImageProcessorPil
+
+    variant, s = d["model_type"], int(d["vision_config"]["image_size"])
+    cls = {"llava": LlavaImageProcessorPil, "llava_onevision": LlavaOnevisionImageProcessorPil}.get(variant, LlavaNextImageProcessorPil)
+    if checkpoint is not None and (checkpoint / "preprocessor_config.json").is_file():
+        return cls.from_pretrained(checkpoint)
+    kw: dict[str, Any] = {}
+    if variant != "llava":
+        kw["image_grid_pinpoints"] = [list(p) for p in d["image_grid_pinpoints"]]
+    if variant == "llava_onevision":
+        return cls(size={"height": s, "width": s}, **kw)
+    return cls(size={"shortest_edge": s}, crop_size={"height": s, "width": s}, **kw)
+
+
+def _video_pixels(frames: Any, size: int, mean: Any, std: Any) -> Float[Tensor, "frames 3 size size"]:
+    """Frames -> ``[F, 3, S, S]``: shortest edge to S (PIL bicubic), centre crop, ``(x/255 - mean) / std``.
+
+    The LLaVA video processors need torchvision; this follows their resize / crop / normalise steps (resized
+    frames can differ from torchvision's antialiased resize by a few uint8 levels)."""
+    import numpy as np
+    from PIL import Image
+
+    from hooked_vlm.inputs import load_video
+
+    arr = load_video(frames)  # T H W 3 uint8
+    out = []
+    for f in arr:
+        img = Image.fromarray(f)
+        w, h = img.size
+        scale = size / min(h, w)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        out.append(np.asarray(img.crop((left, top, left + size, top + size))))
+    x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0
+    m, sd = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    return ((x - m) / sd).float()
+
+
+def build_llava_inputs(tokenizer: Any, prompt: str, images: list[Any] | None, videos: list[Any] | None,
+                       hf_config: Any, checkpoint: Any = None) -> dict[str, Tensor]:
+    """Keyword tensors for one prompt of any LLaVA variant, without torchvision.
+
+    Images go through the variant's ``*Pil`` image processor (``pixel_values``, ``image_sizes``); each ``<image>``
+    (``<video>``) marker in ``prompt`` becomes the image (video) token repeated by :func:`image_tokens` /
+    :meth:`LlavaGeometry.video_tokens` (identical to the HF processors' expansion); a prompt without markers gets
+    every image, then every video, in front. Videos: frames resized and normalised as the LLaVA video processors.
+    """
+    from hooked_vlm.inputs import load_image
+
+    d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    geom = geometry_from_config(d)
+    images, videos = list(images or []), list(videos or [])
+    img_tok = getattr(tokenizer, "image_token", None) or "<image>"
+    vid_tok = getattr(tokenizer, "video_token", None) or "<video>"
+    if "<image>" not in prompt and "<video>" not in prompt:
+        prompt = "<image> " * len(images) + "<video> " * len(videos) + prompt
+    n_img, n_vid = prompt.count("<image>"), prompt.count("<video>")
+    if n_img != len(images) or n_vid != len(videos):
+        raise InputError(f"the prompt has {n_img} <image> and {n_vid} <video> markers for {len(images)} image(s) and {len(videos)} video(s)")
+    out: dict[str, Tensor] = {}
+    counts: list[int] = []
+    if images:
+        ip = _image_processor(d, checkpoint)
+        pil = [load_image(im) for im in images]
+        arg = [pil] if d["model_type"] == "llava_onevision" and len(pil) > 1 else pil
+        res = ip(images=arg, return_tensors="pt")
+        out["pixel_values"] = res["pixel_values"]
+        if "image_sizes" in res:
+            out["image_sizes"] = res["image_sizes"]
+        if d["model_type"] == "llava_onevision":
+            out["batch_num_images"] = torch.tensor([len(pil)])
+        sizes = res["image_sizes"].tolist() if "image_sizes" in res else [None] * len(pil)
+        counts = [image_tokens(geom, tuple(sz) if sz else None, anyres=len(pil) == 1 or d["model_type"] != "llava_onevision")
+                  for sz in sizes]
+    if videos:
+        if not geom.video_pool:
+            raise InputError(f"{d['model_type']} takes no videos")
+        ip = _image_processor(d, checkpoint)
+        pix = [_video_pixels(v, geom.image_size, ip.image_mean, ip.image_std) for v in videos]
+        if len({p.shape[0] for p in pix}) != 1:
+            raise InputError("all videos of one call need the same number of frames (sample them with num_frames)")
+        out["pixel_values_videos"] = torch.stack(pix)
+    pieces = prompt.split("<image>")
+    text = pieces[0] + "".join(img_tok * c + rest for c, rest in zip(counts, pieces[1:]))
+    if videos:
+        text = text.replace("<video>", vid_tok * geom.video_tokens(out["pixel_values_videos"].shape[1]))
+    enc = tokenizer([text], return_tensors="pt")
+    out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+    return out
+
+
+def cli_input_builder(request: Any, family: str = "llava") -> dict[str, Tensor]:
+    """``hooked-vlm inspect`` inputs for a LLaVA variant (``family`` = ``cfg.family``): :func:`build_llava_inputs`
+    with the checkpoint's config (or the tiny model's); the CLI prompt's ``<image>`` / ``<video>`` markers are
+    expanded here."""
+    import json
+
+    from hooked_vlm import tiny
+
+    if request.checkpoint is not None:
+        cfg = json.loads((request.checkpoint / "config.json").read_text())
+    else:
+        factories = {"llava": tiny.llava_config, "llava_next": tiny.llava_next_config,
+                     "llava_onevision": tiny.llava_onevision_config, "llava_next_video": tiny.llava_next_video_config}
+        cfg = factories[family]().to_dict()
+    return build_llava_inputs(request.tokenizer, request.prompt, request.images, request.videos, cfg, request.checkpoint)
 
 
 def expand_placeholders(input_ids: Int[Tensor, "batch pos"], counts: list[int], placeholder: int, pad_id: int = 0,
@@ -653,6 +810,9 @@ __all__ = [
     "derive_image_sizes",
     "image_tokens",
     "expand_placeholders",
+    "build_llava_inputs",
+    "cli_input_builder",
+    "geometry_from_config",
     "parse_anyres_max",
     "BASE",
     "GRID",
