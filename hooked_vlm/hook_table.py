@@ -27,7 +27,7 @@ _SHAPES: list[tuple[str, str]] = [
     (r"\.hook_normalized$", "B L d"),
     (r"merger\.hook_in$", "B M (merge^2 d_vision)"),
     (r"vision\.hook_out$", "B M d_model"),
-    (r"projector\.hook_out$", "B M d_model"),
+    (r"projector\.hook_out$", "I T d_model"),  # one row per image / crop / frame (I), T tokens each
     (r"projector\.hook_pooled$", "B M d_vision"),
     (r"hook_(embed|resid_pre|resid_mid|resid_post|attn_out|mlp_out|patch_embed)$", "B L d"),
 ]

@@ -22,6 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_vlm.errors import InputError
+from hooked_vlm.input_checks import check_float_pixels, check_token_inputs
 from hooked_vlm.layout import IMAGE, PAD, TEXT, VIDEO, TokenLayout, VisualItem
 
 if TYPE_CHECKING:
@@ -336,31 +337,9 @@ class LlavaLayout(TokenLayout):
 # ----------------------------------------------------------------------------------------------------------
 def check_common_inputs(model: "HookedLlava", inputs: dict[str, Any], past: int = 0) -> None:
     """Types, devices and shapes shared by prefill and decode."""
-    ids = inputs.get("input_ids")
-    if ids is None:
-        raise InputError("input_ids is required (the LLaVA processor's input_ids, with the image token repeated per feature)")
-    if not isinstance(ids, Tensor) or ids.dim() != 2:
-        raise InputError(f"input_ids must be a [batch, seq] integer tensor; got {type(ids).__name__} {tuple(getattr(ids, 'shape', ()))}")
-    if ids.dtype.is_floating_point:
-        raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}; pass input_ids.long()")
-    device = model.embed.weight.device
-    for name, t in inputs.items():
-        if isinstance(t, Tensor) and t.device != device:
-            raise InputError(
-                f"{name} is on {t.device} but the model is on {device}; move the inputs with "
-                f"{{k: v.to('{device}') for k, v in inputs.items()}} or the model with model.to('{t.device}')"
-            )
-    am = inputs.get("attention_mask")
-    if am is not None and tuple(am.shape) != (ids.shape[0], ids.shape[1] + past):
-        raise InputError(
-            f"attention_mask has shape {tuple(am.shape)} but input_ids has {tuple(ids.shape)}"
-            + (f" after {past} cached positions" if past else "")
-            + f"; expected {(ids.shape[0], ids.shape[1] + past)}"
-        )
-    for name in ("pixel_values", "pixel_values_videos"):
-        t = inputs.get(name)
-        if t is not None and not t.dtype.is_floating_point:
-            raise InputError(f"{name} must be a floating tensor of normalised pixels, got {t.dtype}; preprocess with the LLaVA image processor")
+    check_token_inputs(model, inputs, past,
+                       how_to_build="the LLaVA processor's input_ids, with the image token repeated per feature")
+    check_float_pixels(inputs, ("pixel_values", "pixel_values_videos"))
 
 
 def _as_sizes(image_sizes: Any, n: int) -> list[tuple[int, int]]:
