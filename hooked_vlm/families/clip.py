@@ -21,9 +21,7 @@ embeddings under ``hook_image_embeds`` / ``hook_text_embeds`` (before L2 normali
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens.ActivationCache import ActivationCache
-from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from hooked_vlm.components.attention import Attention
@@ -40,6 +36,7 @@ from hooked_vlm.components.block import TransformerBlock
 from hooked_vlm.components.mlp import MLP
 from hooked_vlm.components.norms import LayerNorm
 from hooked_vlm.errors import InputError
+from hooked_vlm.hook_management import CheckedHooksMixin
 from hooked_vlm.families.vit import HookedViT, ViTSpec, _config_dict, _convert_vit_key, convert_vit_state_dict, normalize_layer, run_blocks
 from kernels.mask import MaskSpec
 
@@ -230,7 +227,7 @@ def _wanted(feature_layers: int | Sequence[int] | None, depth: int) -> set[int]:
 
 
 # ----- the root model -------------------------------------------------------------------------------------------
-class HookedCLIP(HookedRootModule):
+class HookedCLIP(CheckedHooksMixin):
     """CLIP / SigLIP (two towers, or one of them) with a named hook on every site of both towers.
 
     Build with :meth:`from_hf` (an in-memory ``CLIPModel``, ``SiglipModel``, ``CLIPVisionModel``,
@@ -492,35 +489,6 @@ class HookedCLIP(HookedRootModule):
         return base
 
     # ----- hooks and caching (TransformerLens, with helpful errors) --------------------------------------------
-    def check_hook_names(self, names: str | Sequence[str]) -> None:
-        """Raise a KeyError for unknown hook names, listing the closest valid ones."""
-        for name in [names] if isinstance(names, str) else names:
-            if name not in self.hook_dict:
-                close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
-                hint = f" Closest valid names: {close}." if close else ""
-                raise KeyError(f"Unknown hook name {name!r}.{hint} See model.hook_dict or model.hook_table() for every hook point.")
-
-    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:  # type: ignore[override]
-        if isinstance(name, str):
-            self.check_hook_names(name)
-        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
-
-    @contextmanager
-    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False):  # type: ignore[override]
-        """Temporary hooks, removed on exit even when the forward raises."""
-        self.check_hook_names([n for n, _ in list(fwd_hooks) + list(bwd_hooks) if isinstance(n, str)])
-        with super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts) as m:
-            yield m
-
-    def run_with_cache(self, *model_args: Any, names_filter=None, device=None, remove_batch_dim=False, **kwargs: Any):  # type: ignore[override]
-        """Forward with caching; returns ``(output, ActivationCache)``. Only requested hooks are attached."""
-        if isinstance(names_filter, (str, list, tuple)):
-            self.check_hook_names([names_filter] if isinstance(names_filter, str) else list(names_filter))
-            if isinstance(names_filter, tuple):
-                names_filter = list(names_filter)
-        out, cache_dict = super().run_with_cache(*model_args, names_filter=names_filter, device=device, remove_batch_dim=remove_batch_dim, **kwargs)
-        return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
-
     def hidden_state_hook_name(self, tower: str, index: int) -> str:
         """Full hook name whose (edited) value is transformers' ``{tower}_model_output.hidden_states[index]``
         (``output_hidden_states=True`` reads it from there, after every hook attached to it)."""

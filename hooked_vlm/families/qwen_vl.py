@@ -27,7 +27,8 @@ from hooked_vlm.components.norms import LayerNorm, RMSNorm
 from hooked_vlm.components.rotary import inverse_frequencies, mrope_cos_sin, vision_2d_cos_sin
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import InputError
-from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, VIDEO, TokenLayout, VisualItem, mrope_position_ids
+from hooked_vlm.families.decoder import convert_decoder_key
+from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, VIDEO, TokenLayout, VisualItem
 from hooked_vlm.model import HookedVLM, LMInput
 from kernels.mask import MaskSpec
 
@@ -304,32 +305,12 @@ class HookedQwenVL(HookedVLM):
             if k.startswith("model.visual."):
                 out.update(cls._convert_vision_key(k[len("model.visual.") :], v))
             elif k.startswith("model.language_model."):
-                out.update(cls._convert_lm_key(k[len("model.language_model.") :], v))
+                out.update(convert_decoder_key(k[len("model.language_model.") :], v))
             elif k == "lm_head.weight":
                 out["unembed.weight"] = v
         if "unembed.weight" not in out:
             out["unembed.weight"] = out["embed.weight"]
         return out
-
-    @staticmethod
-    def _convert_lm_key(k: str, v: Tensor) -> dict[str, Tensor]:
-        if k == "embed_tokens.weight":
-            return {"embed.weight": v}
-        if k == "norm.weight":
-            return {"ln_final.w": v}
-        parts = k.split(".")
-        i, rest = parts[1], ".".join(parts[2:])
-        table = {
-            "input_layernorm.weight": "ln1.w",
-            "post_attention_layernorm.weight": "ln2.w",
-        }
-        if rest in table:
-            return {f"blocks.{i}.{table[rest]}": v}
-        if rest.startswith("self_attn."):
-            return {f"blocks.{i}.attn.{rest[len('self_attn.'):]}": v}
-        if rest.startswith("mlp."):
-            return {f"blocks.{i}.{rest}": v}
-        raise KeyError(f"unexpected language-model weight {k!r}")
 
     @staticmethod
     def _convert_vision_key(k: str, v: Tensor) -> dict[str, Tensor]:
