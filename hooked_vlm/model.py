@@ -178,6 +178,13 @@ class HookedVLM(CheckedHooksMixin):
             )
 
     # ----- hooks and caching: see CheckedHooksMixin ---------------------------------------------------
+    def to_nnsight(self, **kwargs: Any) -> Any:
+        """This model as an nnsight model (every hook point addressable by its module path; several
+        invokes per trace; ``remote=True`` on an NDIF server). See :mod:`hooked_vlm.nnsight_ext`."""
+        from hooked_vlm.nnsight_ext import to_nnsight
+
+        return to_nnsight(self, **kwargs)
+
     def hook_table(self) -> list[tuple[str, str]]:
         """(name, documented shape) of every hook point, in module order."""
         from hooked_vlm.hook_table import describe_hook

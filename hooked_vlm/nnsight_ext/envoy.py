@@ -188,6 +188,8 @@ class PatternHookEnvoy(Envoy):
         super().__setattr__(name, value)
 
     def _hvlm_want_pattern(self) -> None:
+        if not getattr(self.interleaver, "interleaving", False):
+            return  # not inside a running trace: nothing to switch on (and nothing would switch it off)
         parent = self.parent
         attention = getattr(parent, "_module", None) if parent is not None else None
         if attention is not None and getattr(attention, "force_pattern", None) is False:
@@ -407,7 +409,7 @@ def batch_inputs(
                 raise ValueError("explicit position_ids cannot be padded: give invokes of equal length")
             merged[key] = torch.cat(values, dim=1 if values[0].dim() == 3 else 0)
         elif isinstance(present[0], Tensor):
-            merged[key] = torch.cat(present, dim=0)
+            merged[key] = _cat_rows(key, present, crops_padded="image_sizes" in keys)
         elif isinstance(present[0], (list, tuple)):
             merged[key] = [item for value in present for item in value]
         else:
@@ -415,6 +417,23 @@ def batch_inputs(
                 raise ValueError(f"invokes disagree on the non-tensor input {key!r}: {present}")
             merged[key] = present[0]
     return merged
+
+
+def _cat_rows(key: str, values: list[Tensor], crops_padded: bool) -> Tensor:
+    """Concatenate on dim 0; LLaVA-NeXT-style ``pixel_values [n, crops, C, H, W]`` (with
+    ``image_sizes``) are zero-padded to the larger crop count first, as the processor does for one
+    batch (the model reads each image's true crop count from ``image_sizes``)."""
+    trailing = {tuple(v.shape[1:]) for v in values}
+    if len(trailing) > 1:
+        if key == "pixel_values" and crops_padded and len({(v.dim(), *v.shape[2:]) for v in values}) == 1:
+            crops = max(v.shape[1] for v in values)
+            values = [torch.cat([v, v.new_zeros(v.shape[0], crops - v.shape[1], *v.shape[2:])], dim=1) for v in values]
+        else:
+            raise ValueError(
+                f"cannot batch {key!r} across invokes: per-row shapes {sorted(trailing)} differ; give invokes "
+                "inputs made by the same processor settings (same image size / frame count)"
+            )
+    return torch.cat(values, dim=0)
 
 
 def _pad_seq(value: Tensor, length: int, fill: int | float, side: str) -> Tensor:

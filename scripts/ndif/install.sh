@@ -16,7 +16,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="${NDIF_VENV:-$ROOT/.venv-ndif}"
-PY="${NDIF_PYTHON:-python3.11}"
+PY="${NDIF_PYTHON:-$(command -v python3.11 || command -v python3)}"
 t0=$(date +%s)
 LOG="$(mktemp)"
 # pip, with the noise of the machine's unreachable extra file:// indexes filtered out; keeps pip's

@@ -1,0 +1,46 @@
+# Shared settings for the hooked_vlm NDIF scripts (sourced, not run).
+#
+# Every endpoint is on 127.0.0.1. The scripts refuse to start unless they run inside a network
+# namespace whose only interface is `lo` (see start.sh), so no traffic can reach another address.
+
+NDIF_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export NDIF_VENV="${NDIF_VENV:-$NDIF_ROOT/.venv-ndif}"
+# Short path: Ray puts unix sockets under its temp dir (107-byte limit).
+export HOOKED_VLM_NDIF_STATE="${HOOKED_VLM_NDIF_STATE:-/tmp/hvlm-ndif}"
+
+export NDIF_API_PORT="${NDIF_API_PORT:-8001}"
+export NDIF_API_URL="http://127.0.0.1:${NDIF_API_PORT}"
+export NDIF_REDIS_PORT="${NDIF_REDIS_PORT:-6379}"
+export NDIF_REDIS_URL="redis://127.0.0.1:${NDIF_REDIS_PORT}"
+export NDIF_S3_PORT="${NDIF_S3_PORT:-9000}"
+export NDIF_OBJECT_STORE_URL="http://127.0.0.1:${NDIF_S3_PORT}"
+export NDIF_OBJECT_STORE_ACCESS_KEY="${NDIF_OBJECT_STORE_ACCESS_KEY:-testing}"
+export NDIF_OBJECT_STORE_SECRET_KEY="${NDIF_OBJECT_STORE_SECRET_KEY:-testing}"
+export NDIF_RAY_HEAD_PORT="${NDIF_RAY_HEAD_PORT:-6385}"
+export NDIF_RAY_CLIENT_PORT="${NDIF_RAY_CLIENT_PORT:-10001}"
+export NDIF_RAY_DASHBOARD_PORT="${NDIF_RAY_DASHBOARD_PORT:-8265}"
+export NDIF_RAY_ADDRESS="ray://127.0.0.1:${NDIF_RAY_CLIENT_PORT}"
+export NDIF_RAY_TEMP_DIR="$HOOKED_VLM_NDIF_STATE/ray"
+
+# Extension points: our controller (nnsight 0.8.1 keyword fix) and CPU model actor.
+export NDIF_CONTROLLER_IMPORT_PATH="hooked_vlm.nnsight_ext.ndif_server.CPUControllerActor"
+export NDIF_MODEL_IMPORT_PATH="hooked_vlm.nnsight_ext.ndif_server.CPUModelActor"
+export NDIF_DEFAULT_MODEL_ACTOR_CLASS="$NDIF_MODEL_IMPORT_PATH"
+# fp32 so remote values equal local ones; no padding of the (fake) GPU budget; deployments may be
+# evicted at once; no hub.
+export NDIF_DEFAULT_DTYPE="${NDIF_DEFAULT_DTYPE:-float32}"
+export NDIF_DEFAULT_PADDING_BIAS="${NDIF_DEFAULT_PADDING_BIAS:-0}"
+export NDIF_MINIMUM_DEPLOYMENT_TIME_SECONDS="${NDIF_MINIMUM_DEPLOYMENT_TIME_SECONDS:-0}"
+export GRPC_ENABLE_FORK_SUPPORT=0
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export RAY_USAGE_STATS_ENABLED=0
+export HOOKED_VLM_NDIF_THREADS="${HOOKED_VLM_NDIF_THREADS:-1}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+# True when this process's network namespace has no interface but `lo`.
+ndif_loopback_only() {
+  local ifaces
+  ifaces="$(awk -F: 'NR>2 {gsub(/ /, "", $1); print $1}' /proc/self/net/dev | sort -u | tr '\n' ' ')"
+  [ "$ifaces" = "lo " ]
+}
