@@ -190,7 +190,7 @@ def attn_fwd(
 
         r = chunked_pass(
             q, k, v, rm, sc,
-            kg_onehot=_onehot(kg, _num_groups(kg)) if kg is not None else None, q_w=w,
+            kg_onehot=_onehot(kg, _num_groups(kg)) if kg is not None else None, region_w=w,
             want_out=True, want_row_mass=kg is not None and return_row_mass, want_region=kg is not None,
         )
         out, lse = r["out"], r["lse"]
@@ -238,7 +238,7 @@ def attn_colsum(
     elif be == "torch":
         from .torch_chunked import chunked_pass
 
-        cs = chunked_pass(q, k, None, rm, sc, lse_in=lse, q_w=w, want_colsum=True)["colsum"]
+        cs = chunked_pass(q, k, None, rm, sc, lse_in=lse, colsum_w=w, want_colsum=True)["colsum"]
     else:
         from .reference import naive_probs
 
@@ -357,22 +357,13 @@ def attn_stats(
     w_region = _query_weights(q_group_ids, None, b, lq, q.device) if kg is not None else None
     w_col = _query_weights(colsum_q_group_ids, colsum_q_weights, b, lq, q.device) if want_colsum else None
     kg_oh = _onehot(kg, _num_groups(kg)) if kg is not None else None
-    # one sweep: region weights and column weights share the query-weight slot when both are asked for
-    if w_region is not None and w_col is not None:
-        w_all = torch.cat([w_region, w_col], dim=-1)
-    else:
-        w_all = w_region if w_region is not None else w_col
     r = chunked_pass(
-        q, k, v, rm, sc, kg_onehot=kg_oh, q_w=w_all,
+        q, k, v, rm, sc, kg_onehot=kg_oh, region_w=w_region, colsum_w=w_col,
         want_out=True, want_row_mass=kg is not None and return_row_mass,
         want_region=kg is not None, want_colsum=want_colsum,
     )
     st = AttnStats(out=r["out"], lse=_tag_lse(r["lse"], mask, sc, lq, lk), row_mass=r.get("row_mass"))
-    nreg = w_region.shape[-1] if w_region is not None else 0
-    if kg is not None:
-        st.region = r["region"][:, :, :nreg]
-    if want_colsum:
-        st.colsum = r["colsum"][:, :, nreg:]
+    st.region, st.colsum = r.get("region"), r.get("colsum")
     if rows is not None:
         st.rows, st.rows_group_mass = attn_rows(q, k, rows, mask, st.lse, key_group_ids, scale=sc, backend="torch")
     return st

@@ -86,7 +86,8 @@ class MaskSpec:
     doc_ids: Int[Tensor, "batch k"] | None = None
     knockout: Knockout | None = None
     q_offset: int | None = None
-    _fp: list = field(default_factory=list, repr=False, compare=False)
+    # cached fingerprint; init=False so dataclasses.replace() starts a fresh cache for the new spec
+    _fp: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def offset(self, lq: int, lk: int) -> int:
         return lk - lq if self.q_offset is None else self.q_offset

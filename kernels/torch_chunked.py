@@ -22,9 +22,13 @@ from .mask import ResolvedMask
 NEG_INF = float("-inf")
 
 
-def default_tile_elems(h: int, lq: int, dv: int) -> int:
-    """Tile budget in fp32 elements: 1/8 of the output size, clamped to [64 Ki, 4 Mi] (256 KB .. 16 MB)."""
-    return int(min(2**22, max(2**16, h * lq * dv // 8)))
+def default_tile_elems(h: int, g: int, lq: int, lk: int, dv: int) -> int:
+    """Tile budget in fp32 elements: room for 64 query rows of a head group against all keys (so K and V are
+    streamed once per 64 rows, not per handful), at least 1 Mi, and never more than 1/4 of the output size.
+
+    Measured on one CPU thread (H=7 group, L=16k): 8 rows per tile ran ~2x slower than 64 (K/V streaming).
+    """
+    return int(min(max(2**20, g * 64 * lk), max(2**16, h * lq * dv // 4)))
 
 
 def _mask_tile(s: Tensor, rm: ResolvedMask, b: int, qpos: Tensor, lo: int, hi: int, pmin: int, pmax: int) -> None:
@@ -71,7 +75,8 @@ def chunked_pass(
     rows: Int[Tensor, "b s"] | None = None,
     lse_in: Float[Tensor, "b h lq"] | None = None,
     kg_onehot: Float[Tensor, "b lk kg"] | None = None,
-    q_w: Float[Tensor, "b lq qg"] | None = None,
+    region_w: Float[Tensor, "b lq qg"] | None = None,
+    colsum_w: Float[Tensor, "b lq cg"] | None = None,
     want_out: bool = False,
     want_row_mass: bool = False,
     want_region: bool = False,
@@ -83,7 +88,9 @@ def chunked_pass(
 
     ``rows`` selects query indices (``[B, S]``) instead of all ``Lq`` queries; then the per-row outputs
     (``lse``, ``row_mass``, ``probs``) are ``[B, H, S, ...]``. With ``lse_in`` the rows are normalised by the
-    given LSE (indexed by query index) instead of their own.
+    given LSE (indexed by query index) instead of their own. ``region_w`` / ``colsum_w`` are dense query
+    weights for the region (``W^T P onehot``) and column (``W^T P``) statistics; tiles whose queries all
+    have zero weight skip that work.
     """
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -92,7 +99,7 @@ def chunked_pass(
     dv = v.shape[-1] if v is not None else d
     n_rows = lq if rows is None else rows.shape[1]
     if tile_elems is None:
-        tile_elems = default_tile_elems(h, lq, dv)
+        tile_elems = default_tile_elems(h, g, n_rows, lk, dv)
     cq = max(1, min(n_rows, tile_elems // max(1, g * lk)))
     f32 = torch.float32
     res: dict[str, Tensor] = {}
@@ -101,23 +108,29 @@ def chunked_pass(
     if want_out:
         res["out"] = torch.zeros(b, h, n_rows, dv, dtype=q.dtype, device=dev)
     kgn = kg_onehot.shape[-1] if kg_onehot is not None else 0
-    qgn = q_w.shape[-1] if q_w is not None else 0
+    qgn = region_w.shape[-1] if region_w is not None else 0
+    cgn = colsum_w.shape[-1] if colsum_w is not None else 0
     if want_row_mass:
         res["row_mass"] = torch.zeros(b, h, n_rows, kgn, dtype=f32, device=dev)
     if want_region:
         res["region"] = torch.zeros(b, h, qgn, kgn, dtype=f32, device=dev)
     if want_colsum:
-        res["colsum"] = torch.zeros(b, h, qgn, lk, dtype=f32, device=dev)
+        res["colsum"] = torch.zeros(b, h, cgn, lk, dtype=f32, device=dev)
     if want_probs:
         res["probs"] = torch.zeros(b, h, n_rows, lk, dtype=f32, device=dev)
-    need_kg = want_row_mass or want_region
     row_lo, row_hi = rm.row_key_ranges()
+    # one score workspace for the whole sweep: the tile is the only L-sized temporary, and reusing it avoids
+    # allocator churn (tiles of growing width would otherwise fragment the heap and raise peak RSS)
+    work = torch.empty(g * cq * lk, dtype=f32, device=dev)
     for bi in range(b):
         qidx = torch.arange(lq, device=dev) if rows is None else rows[bi].long()
         blocks = _blocks(row_lo[bi, qidx], row_hi[bi, qidx], cq)
-        if q_w is not None:
-            wq = q_w[bi, qidx].to(f32)  # n qg
-            w_live = (wq != 0).any(1)
+        if want_region:
+            wr = region_w[bi, qidx].to(f32)  # n qg
+            wr_live = (wr != 0).any(1).tolist()
+        if want_colsum:
+            wc = colsum_w[bi, qidx].to(f32)  # n cg
+            wc_live = (wc != 0).any(1).tolist()
         for hk in range(hkv):
             hs = slice(hk * g, (hk + 1) * g)
             kf = k[bi, hk].to(f32)
@@ -129,38 +142,47 @@ def chunked_pass(
                 qi = qidx[i0:i1]
                 qpos = qi + rm.offset
                 qb = q[bi, hs, i0:i1] if rows is None else q[bi, hs][:, qi]
-                s = torch.matmul(qb.reshape(g * n, d).to(f32), kf[lo:hi].T).view(g, n, m)
-                s.mul_(scale)
+                s = work[: g * n * m].view(g * n, m)
+                torch.matmul(qb.reshape(g * n, d).to(f32) * scale, kf[lo:hi].T, out=s)
+                s = s.view(g, n, m)
                 if rows is None:
                     pmin, pmax = i0 + rm.offset, i1 - 1 + rm.offset
                 else:
                     pmin, pmax = int(qpos.min()), int(qpos.max())
                 _mask_tile(s, rm, bi, qpos, lo, hi, pmin, pmax)
+                # p holds unnormalised weights; ``inv`` [g, n, 1] normalises every product of p afterwards
+                # (outputs are n x dv, not n x m: cheaper than a pass over the tile)
                 if lse_in is None:
                     mx = s.amax(-1, keepdim=True)
                     mx = torch.where(torch.isinf(mx), torch.zeros((), dtype=f32, device=dev), mx)
                     p = s.sub_(mx).exp_()
                     den = p.sum(-1, keepdim=True)
                     lse[bi, hs, i0:i1] = (mx + den.log()).squeeze(-1)
-                    p.div_(torch.where(den == 0, torch.ones((), dtype=f32, device=dev), den))
+                    inv = torch.where(den == 0, torch.zeros((), dtype=f32, device=dev), 1.0 / den)
                 else:
                     lrow = lse_in[bi, hs][:, qi].to(f32)
                     lse[bi, hs, i0:i1] = lrow
                     lrow = torch.where(torch.isinf(lrow), torch.full((), float("inf"), device=dev), lrow)
                     p = s.sub_(lrow[..., None]).exp_()
+                    inv = None
                 if want_out:
-                    res["out"][bi, hs, i0:i1] = torch.matmul(p, vf[lo:hi]).to(q.dtype)
+                    o = torch.matmul(p, vf[lo:hi])
+                    res["out"][bi, hs, i0:i1] = (o if inv is None else o.mul_(inv)).to(q.dtype)
                 if want_probs:
-                    res["probs"][bi, hs, i0:i1, lo:hi] = p
-                if need_kg:
+                    res["probs"][bi, hs, i0:i1, lo:hi] = p if inv is None else p * inv
+                region_here = want_region and any(wr_live[i0:i1])
+                if want_row_mass or region_here:
                     rmass = torch.matmul(p, kg_onehot[bi, lo:hi].to(f32))  # g n kg
+                    if inv is not None:
+                        rmass.mul_(inv)
                     if want_row_mass:
                         res["row_mass"][bi, hs, i0:i1] = rmass
-                if (want_region or want_colsum) and bool(w_live[i0:i1].any()):
-                    wt = wq[i0:i1].T  # qg n
-                    if want_region:
-                        res["region"][bi, hs] += torch.matmul(wt, rmass)
-                    if want_colsum:
-                        res["colsum"][bi, hs, :, lo:hi] += torch.matmul(wt, p)
+                    if region_here:
+                        res["region"][bi, hs] += torch.matmul(wr[i0:i1].T, rmass)
+                if want_colsum and any(wc_live[i0:i1]):
+                    wt = wc[i0:i1].T  # cg n
+                    for j in range(g):  # per head: a plain mm, no hidden copy of the tile
+                        wj = wt if inv is None else wt * inv[j, :, 0][None, :]
+                        res["colsum"][bi, hk * g + j, :, lo:hi] += wj.contiguous() @ p[j]
     return res
 

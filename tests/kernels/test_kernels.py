@@ -45,7 +45,7 @@ def _check(got, ref, tol_out=2e-5, tol_p=2e-5):
         assert torch.allclose(got[name].double(), ref[name], atol=tol_p * 10, rtol=1e-5), name
 
 
-def _ids(g, b, n, ngroups, seed):
+def _ids(b, n, ngroups, seed):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(-1, ngroups, (b, n), generator=gen)
 
@@ -93,8 +93,8 @@ def test_matches_fp64_reference(case, backend, triton_ok):
     b, h, hkv, lq, lk, d, mk = CASES[case]
     q, k, v = _inputs(b, h, hkv, lq, lk, d)
     mask = mk(b, lq, lk)
-    kg = _ids(None, b, lk, 5, 1)
-    qg = _ids(None, b, lq, 3, 2)
+    kg = _ids(b, lk, 5, 1)
+    qg = _ids(b, lq, 3, 2)
     rows = torch.tensor(sorted({0, lq // 2, lq - 1}))
     ref = naive_stats(q, k, v, mask, key_group_ids=kg, q_group_ids=qg, rows=rows[None].expand(b, -1))
     got = _stats(backend, q, k, v, mask, kg, qg, rows)
@@ -108,7 +108,7 @@ def test_half_inputs_fp32_statistics(dtype, backend, triton_ok):
         pytest.skip("interpreter unavailable")
     q, k, v = _inputs(1, 4, 2, 130, 130, 32, dtype=dtype)
     mask = MaskSpec(causal=True)
-    kg = _ids(None, 1, 130, 4, 3)
+    kg = _ids(1, 130, 4, 3)
     out, lse, ex = attn_fwd(q, k, v, mask, kg, return_row_mass=True, backend=backend)
     ref = naive_stats(q, k, v, mask, key_group_ids=kg)  # fp64 from the same (rounded) inputs
     assert out.dtype == dtype and lse.dtype == torch.float32 and ex["row_mass"].dtype == torch.float32
@@ -137,8 +137,8 @@ def test_properties_rows_sum_to_one_and_colsum_mass(backend, triton_ok):
     probs, _ = attn_rows(q, k, torch.arange(lq), mask, lse=lse, backend=backend)
     assert torch.allclose(probs.sum(-1), live.float(), atol=1e-5)
     # region from the forward equals the column sums summed by key group
-    kg = _ids(None, b, lk, 6, 7)
-    qg = _ids(None, b, lq, 3, 8)
+    kg = _ids(b, lk, 6, 7)
+    qg = _ids(b, lq, 3, 8)
     _, lse2, ex = attn_fwd(q, k, v, mask, kg, qg, backend=backend)
     cs_g = attn_colsum(q, k, lse2, mask, qg, backend=backend)
     assert torch.allclose(ex["region"], region_mass(cs_g, kg), atol=1e-4)
@@ -196,8 +196,8 @@ def test_chunked_tile_budget_bounds_block_and_keeps_results():
     mask = MaskSpec(causal=True, window=20)
     rm = mask.resolve(1, 70, 70, "cpu")
     w = torch.ones(1, 70, 1)
-    big = chunked_pass(q, k, v, rm, 0.25, q_w=w, want_out=True, want_colsum=True)
-    small = chunked_pass(q, k, v, rm, 0.25, q_w=w, want_out=True, want_colsum=True, tile_elems=1)
+    big = chunked_pass(q, k, v, rm, 0.25, colsum_w=w, want_out=True, want_colsum=True)
+    small = chunked_pass(q, k, v, rm, 0.25, colsum_w=w, want_out=True, want_colsum=True, tile_elems=1)
     for n in ("out", "lse", "colsum"):
         assert torch.allclose(big[n], small[n], atol=1e-6), n
 
@@ -205,8 +205,8 @@ def test_chunked_tile_budget_bounds_block_and_keeps_results():
 def test_attn_stats_one_sweep_matches_separate_calls():
     q, k, v = _inputs(1, 4, 2, 100, 100, 16)
     mask = MaskSpec(causal=True)
-    kg = _ids(None, 1, 100, 4, 5)
-    qg = _ids(None, 1, 100, 2, 6)
+    kg = _ids(1, 100, 4, 5)
+    qg = _ids(1, 100, 2, 6)
     st = attn_stats(q, k, v, mask, key_group_ids=kg, q_group_ids=qg, colsum_q_group_ids=qg,
                     rows=torch.tensor([99]), backend="torch")
     ref = naive_stats(q, k, v, mask, key_group_ids=kg, q_group_ids=qg, rows=torch.tensor([[99]]))

@@ -3,6 +3,8 @@ fingerprints behave."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -87,3 +89,6 @@ def test_fingerprint_tracks_content():
     assert a.fingerprint() != MaskSpec(causal=False, doc_ids=torch.tensor([[0, 1, 1, 1]])).fingerprint()
     assert a.fingerprint() != MaskSpec(causal=True, doc_ids=ids).fingerprint()
     assert MaskSpec().fingerprint() != MaskSpec(window=4).fingerprint()
+    base = MaskSpec(causal=True)
+    base.fingerprint()  # cache it, then derive a different spec from it
+    assert dataclasses.replace(base, window=4).fingerprint() == MaskSpec(window=4).fingerprint()
