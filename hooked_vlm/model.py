@@ -178,6 +178,25 @@ class HookedVLM(CheckedHooksMixin):
             )
 
     # ----- hooks and caching: see CheckedHooksMixin ---------------------------------------------------
+    def run_with_cache(self, *model_args: Any, attn_stats: Any = None, vision_attn_stats: Any = None, **kwargs: Any):  # type: ignore[override]
+        """Forward with caching; returns ``(logits, ActivationCache)`` (TransformerLens semantics).
+
+        ``attn_stats`` / ``vision_attn_stats``: an :class:`~hooked_vlm.components.attention.AttnStatsRequest`
+        for the language model / the vision tower. The attention layers then run the ``kernels`` path and
+        fire ``attn.hook_lse``, ``hook_region``, ``hook_row_mass``, ``hook_colsum`` and ``hook_rows`` (cache
+        them with ``names_filter``), and apply the request's exact knockout, without an L x L matrix.
+        """
+        from contextlib import ExitStack
+
+        from hooked_vlm.components.attention import attn_stats_request
+
+        with ExitStack() as stack:
+            if attn_stats is not None:
+                stack.enter_context(attn_stats_request(self, attn_stats, tower="lm"))
+            if vision_attn_stats is not None:
+                stack.enter_context(attn_stats_request(self, vision_attn_stats, tower="vision"))
+            return super().run_with_cache(*model_args, **kwargs)
+
     def to_nnsight(self, **kwargs: Any) -> Any:
         """This model as an nnsight model (every hook point addressable by its module path; several
         invokes per trace; ``remote=True`` on an NDIF server). See :mod:`hooked_vlm.nnsight_ext`."""

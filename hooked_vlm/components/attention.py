@@ -288,7 +288,12 @@ class Attention(nn.Module):
             if req is not None and self.stats_enabled:
                 self._stats_path(q, k, v, mask, req)  # statistics beside the materialised pattern
         elif req is not None:
-            z = self._stats_path(q, k, v, mask, req)
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                with torch.no_grad():  # statistics are read-outs; the output keeps its autograd graph
+                    self._stats_path(q, k, v, mask, req)
+                z = self._fast_path(q, k, v, mask)  # the same MaskSpec, knockout included
+            else:
+                z = self._stats_path(q, k, v, mask, req)
         else:
             z = self._fast_path(q, k, v, mask)
         z = self.hook_z(z)

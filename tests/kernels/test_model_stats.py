@@ -141,3 +141,31 @@ def test_request_with_wrong_positions_names_the_problem(model):
         model(**inputs)
     with pytest.raises(ValueError, match="do not exist"), attn_stats_request(model, AttnStatsRequest(layers=[99])):
         pass
+
+
+def test_run_with_cache_keyword_and_autograd(model):
+    """``run_with_cache(attn_stats=...)`` equals the context-manager form, works with gradients enabled,
+    and a knockout under autograd still zeroes the blocked edges."""
+    from hooked_vlm import AttnStatsRequest as Exported
+
+    inputs = case("image", FAMILY)
+    lay = model.layout(**inputs)
+    req = Exported(key_group_ids=lay.group_ids("frame"), q_group_ids=lay.group_ids("last"), rows=lay.last_token()[:, None])
+    names = ["blocks.1.attn.hook_region", "blocks.1.attn.hook_rows"]
+    with torch.no_grad():
+        with attn_stats_request(model, req):
+            _, ref = model.run_with_cache(**inputs, names_filter=names)
+        _, kw = model.run_with_cache(**inputs, names_filter=names, attn_stats=req)
+    for n in names:
+        assert torch.allclose(ref[n], kw[n], atol=1e-6)
+    # gradients enabled: the statistics still come out and the logits still have a graph
+    logits, cache = model.run_with_cache(**inputs, names_filter=names, attn_stats=req)
+    assert logits.requires_grad
+    assert torch.allclose(cache["blocks.1.attn.hook_region"], ref["blocks.1.attn.hook_region"], atol=1e-5)
+    vis = lay.group_ids("visual")
+    ko = Knockout(q_region=torch.where(lay.group_ids("last") >= 0, 0, -1), k_region=vis, table=torch.ones(1, 1, dtype=torch.bool))
+    ko_req = AttnStatsRequest(rows=lay.last_token()[:, None], knockout=ko)
+    _, cache = model.run_with_cache(**inputs, names_filter=["blocks.0.attn.hook_rows", "blocks.0.attn.hook_pattern"], attn_stats=ko_req)
+    row = cache["blocks.0.attn.hook_rows"][0, :, 0]
+    assert torch.equal(row[:, vis[0] >= 0], torch.zeros_like(row[:, vis[0] >= 0]))
+    assert torch.allclose(row.sum(-1), torch.ones(row.shape[0]), atol=1e-5)
