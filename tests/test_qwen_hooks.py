@@ -200,3 +200,14 @@ def test_residual_decomposition_is_exact(qwen_pair, family):
     assert (final - logits).abs().max() < 1e-5
     attrs = cache.logit_attrs(stack, tokens=torch.tensor([5]), incorrect_tokens=torch.tensor([6]))
     assert attrs.shape == (1 + 2 * n, 1, inputs["input_ids"].shape[1])
+
+
+def test_run_with_cache_device_and_remove_batch_dim(qwen_pair):
+    _, model = qwen_pair("tiny-qwen2-vl")
+    inputs = case("image", "tiny-qwen2-vl")
+    logits, cache = model.run_with_cache(**inputs, names_filter=["blocks.0.hook_resid_post", "vision.hook_out"],
+                                         remove_batch_dim=True, device="cpu")
+    assert cache["blocks.0.hook_resid_post"].shape == (inputs["input_ids"].shape[1], model.cfg.d_model)
+    assert cache["vision.hook_out"].dim() == 2 and not cache.has_batch_dim
+    _, batched = model.run_with_cache(**inputs, names_filter="blocks.0.hook_resid_post")
+    assert torch.equal(batched["blocks.0.hook_resid_post"][0], cache["blocks.0.hook_resid_post"])
