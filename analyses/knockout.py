@@ -1,10 +1,18 @@
 """Attention-knockout sweeps: remove attention edges between token groups over windows of layers.
 
-A knockout removes the edges "query group Q may attend to key group K" by setting those pre-softmax
-scores to ``-inf`` (``blocks.{l}.attn.hook_attn_scores``), so the post-softmax weight on every blocked
-edge is exactly 0 and the remaining weights renormalise -- the correct way, unlike writing ``False``
-into an additive float mask (which means "attend"). A sweep evaluates every (edge set, layer window)
-cell, batched, and reports the metric and its change from the unablated run.
+A knockout removes the edges "query group Q may attend to key group K" before the softmax, so the
+weight on every blocked edge is exactly 0 and the remaining weights renormalise -- the correct way,
+unlike writing ``False`` into an additive float mask (which means "attend"). Two exact methods:
+
+* ``"mask"`` (default on hooked_vlm models): a :class:`kernels.mask.Knockout` added to the layers'
+  ``MaskSpec`` through ``hooked_vlm.components.attention.attn_stats_request``; no ``L x L`` matrix is
+  materialised, so it scales to long videos. Each row of a batched forward gets its own edge set
+  (per-row region ids), so many cells still share one forward.
+* ``"scores"``: edit ``blocks.{l}.attn.hook_attn_scores`` to ``-inf`` on the blocked edges (any model
+  whose score hook takes effect; materialises the scores).
+
+A sweep evaluates every (edge set, layer window) cell, batched, and reports the metric and its change
+from the unablated run.
 
 Example: does the answer read the image directly, and where? ::
 
@@ -16,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -47,6 +55,19 @@ def _as_index(x: Any) -> Tensor:
     return t.reshape(-1)
 
 
+def _checked_mask(q: Tensor, k: Tensor, length: int) -> Tensor:
+    """The ``[L, L]`` blocked-edge mask; raises if some query would lose every key it can see."""
+    mask = knockout_mask(q, k, length)
+    causal_visible = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    left = causal_visible & ~mask
+    empty = (~left.any(-1)) & mask.any(-1)
+    if empty.any():
+        raise ValueError(
+            f"knockout would block every visible key of query positions {empty.nonzero().flatten().tolist()}"
+        )
+    return mask
+
+
 def knockout_edits(
     queries: Sequence[int] | Tensor | int,
     keys: Sequence[int] | Tensor,
@@ -60,14 +81,7 @@ def knockout_edits(
     position is never blocked implicitly, so pass it in ``keys`` only if you mean it.
     """
     q, k = _as_index(queries) % length, _as_index(keys) % length
-    mask = knockout_mask(q, k, length)
-    causal_visible = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    left = causal_visible & ~mask
-    empty = (~left.any(-1)) & mask.any(-1)
-    if empty.any():
-        raise ValueError(
-            f"knockout would block every visible key of query positions {empty.nonzero().flatten().tolist()}"
-        )
+    mask = _checked_mask(q, k, length)
     site = get_site("attn_scores")
     h = None if heads is None else torch.as_tensor(list(heads), dtype=torch.long)
     return [Edit(site.hook_name(l), mask, heads=h, head_axis=1, mode="block") for l in layers]
@@ -86,6 +100,8 @@ def knockout_sweep(
     store: str | os.PathLike | CellStore | None = None,
     progress: bool = True,
     plan: Callable[[Mapping[str, Any], int], ForwardPlan] | None | str = "auto",
+    prefix_reuse: bool | str = "auto",
+    method: Literal["auto", "mask", "scores"] = "auto",
 ) -> pd.DataFrame:
     """Block each named edge set over each layer window and record the metric.
 
@@ -94,7 +110,9 @@ def knockout_sweep(
             (``(layout.last_token(), layout.positions(image=0))``). Positions are shared by the batch.
         window / windows: sliding windows of ``window`` layers (every ``stride``), or explicit
             ``(first, last)`` inclusive windows. Default: each layer alone.
-        heads: restrict the knockout to these heads (default all).
+        heads: restrict the knockout to these heads (default all; needs ``method="scores"``).
+        method: ``"mask"`` (MaskSpec knockout, no L x L), ``"scores"`` (score-hook edit) or ``"auto"``
+            (mask when the model supports it and no ``heads`` are given).
 
     Returns a DataFrame with ``edges, first_layer, last_layer, value, base_value, effect`` (``effect =
     value - base_value``).
@@ -110,11 +128,11 @@ def knockout_sweep(
     if windows is None:
         windows = layer_windows(n_layers, window or 1, stride)
     length = _seq_len(inputs)
-    with torch.no_grad():
-        base_value = float(metric(model(**inputs)).float().mean())
     edge_idx = {name: (_as_index(q) % length, _as_index(k) % length) for name, (q, k) in edges.items()}
+    for qi, ki in edge_idx.values():
+        _checked_mask(qi, ki, length)
     cells = [{"edges": name, "first_layer": int(a), "last_layer": int(b)} for name in edges for a, b in windows]
-    config = {
+    config = lambda: {  # noqa: E731 -- hashing inputs/model only when a store is used
         "analysis": "attention_knockout",
         "edges": {n: [q.tolist(), k.tolist()] for n, (q, k) in edge_idx.items()},
         "windows": [list(w) for w in windows],
@@ -124,14 +142,23 @@ def knockout_sweep(
         "model": fingerprint_model(model),
     }
     cell_store = open_store(store, config, KNOCKOUT_KEYS)
-    runner = VariantRunner(model, inputs, batch_size, plan=default_plan(model) if plan == "auto" else plan)
+    runner = VariantRunner(model, inputs, batch_size, plan=default_plan(model) if plan == "auto" else plan,
+                           prefix_reuse=prefix_reuse)
+    base_value = float(metric(runner.base_logits()).float().mean())
+
+    use_mask = method == "mask" or (method == "auto" and heads is None and _mask_knockout_available(model))
+    if use_mask and heads is not None:
+        raise ValueError("a MaskSpec knockout blocks all heads; use method='scores' to restrict it to heads")
 
     def evaluate(batch: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        variants = [
-            knockout_edits(*edge_idx[c["edges"]], range(c["first_layer"], c["last_layer"] + 1), length, heads)
-            for c in batch
-        ]
-        values, _ = runner.run(variants, metric)
+        if use_mask:
+            values = _evaluate_with_mask(model, runner, metric, batch, edge_idx, length)
+        else:
+            variants = [
+                knockout_edits(*edge_idx[c["edges"]], range(c["first_layer"], c["last_layer"] + 1), length, heads)
+                for c in batch
+            ]
+            values, _ = runner.run(variants, metric)
         assert values is not None
         return [
             dict(c, value=float(v.mean()), base_value=base_value, effect=float(v.mean()) - base_value)
@@ -139,6 +166,54 @@ def knockout_sweep(
         ]
 
     return run_cells(cells, evaluate, cell_store, batch_size, progress, desc="attention knockout")
+
+
+def _mask_knockout_available(model: Any) -> bool:
+    try:
+        from hooked_vlm.components.attention import attn_stats_request  # noqa: F401
+    except ImportError:
+        return False
+    blocks = getattr(model, "blocks", None)
+    return blocks is not None and all(hasattr(b.attn, "stats_request") for b in blocks)
+
+
+def _evaluate_with_mask(
+    model: Any,
+    runner: VariantRunner,
+    metric: Callable[[Tensor], Tensor],
+    batch: Sequence[dict[str, Any]],
+    edge_idx: Mapping[str, tuple[Tensor, Tensor]],
+    length: int,
+) -> Tensor:
+    """Cells sharing a layer window run together; each batch row carries its own edge set."""
+    from hooked_vlm.components.attention import AttnStatsRequest, attn_stats_request
+    from kernels.mask import Knockout
+
+    b = runner.base_batch
+    out = torch.empty(len(batch), b)
+    by_window: dict[tuple[int, int], list[int]] = {}
+    for i, c in enumerate(batch):
+        by_window.setdefault((c["first_layer"], c["last_layer"]), []).append(i)
+    for (first, last), idx in by_window.items():
+        names = [batch[i]["edges"] for i in idx]
+
+        def context(start: int, count: int, names: list[str] = names, first: int = first, last: int = last):
+            device = runner.inputs["input_ids"].device
+            q = torch.full((count * b, length), -1, dtype=torch.long, device=device)
+            k = torch.full((count * b, length), -1, dtype=torch.long, device=device)
+            for r in range(count):
+                qi, ki = edge_idx[names[start + r]]
+                rows = slice(r * b, (r + 1) * b)
+                q[rows, qi] = r
+                k[rows, ki] = r
+            ko = Knockout(q, k, torch.eye(count, dtype=torch.bool, device=device))
+            request = AttnStatsRequest(layers=[], knockout=ko, knockout_layers=list(range(first, last + 1)))
+            return attn_stats_request(model, request)
+
+        values, _ = runner.run([[] for _ in idx], metric, context=context)
+        assert values is not None
+        out[idx] = values
+    return out
 
 
 def _seq_len(inputs: Mapping[str, Any]) -> int:

@@ -47,10 +47,16 @@ PosLike = int | Sequence[int] | Int[Tensor, "batch"]
 
 @dataclass(frozen=True)
 class NamedMetric:
-    """A metric callable with a stable name (recorded in sweep manifests)."""
+    """A metric callable with a stable name (recorded in sweep manifests).
+
+    ``reads="last"`` declares that only the last position's logits are read; sweeps then compute the
+    unembedding at that position only (exact, and it saves a ``[batch, pos, vocab]`` tensor per forward
+    -- gigabytes at a 150k vocabulary). Custom callables default to ``"all"``.
+    """
 
     fn: Metric
     name: str
+    reads: str = "all"
 
     def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, "batch"]:
         return _as_batch(self.fn(logits), logits.shape[0])
@@ -69,11 +75,20 @@ def metric_name(metric: Callable) -> str:
     return f"{mod}.{qual}" if mod else qual
 
 
-def as_metric(metric: Callable, name: str | None = None) -> NamedMetric:
-    """Wrap a custom callable ``logits -> [B] (or scalar)`` as a :class:`NamedMetric`."""
+def as_metric(metric: Callable, name: str | None = None, reads: str = "all") -> NamedMetric:
+    """Wrap a custom callable ``logits -> [B] (or scalar)`` as a :class:`NamedMetric`.
+
+    Pass ``reads="last"`` only if the callable reads nothing but ``logits[:, -1]``.
+    """
     if isinstance(metric, NamedMetric) and name is None:
         return metric
-    return NamedMetric(metric, name or metric_name(metric))
+    if reads not in ("all", "last"):
+        raise ValueError(f"reads must be 'all' or 'last', got {reads!r}")
+    return NamedMetric(metric, name or metric_name(metric), reads)
+
+
+def _reads(pos: PosLike) -> str:
+    return "last" if isinstance(pos, int) and pos == -1 else "all"
 
 
 def _as_batch(value: Tensor | float, batch: int) -> Float[Tensor, "batch"]:
@@ -113,7 +128,8 @@ def logit_diff(correct: IdLike, incorrect: IdLike, pos: PosLike = -1) -> NamedMe
         b = torch.arange(x.shape[0], device=x.device)
         return x[b, _ids(correct, x.shape[0], x.device)] - x[b, _ids(incorrect, x.shape[0], x.device)]
 
-    return NamedMetric(fn, f"logit_diff(correct={_fmt(correct)}, incorrect={_fmt(incorrect)}, pos={_fmt(pos)})")
+    return NamedMetric(fn, f"logit_diff(correct={_fmt(correct)}, incorrect={_fmt(incorrect)}, pos={_fmt(pos)})",
+                       _reads(pos))
 
 
 def answer_logprob(answer: IdLike, pos: PosLike = -1) -> NamedMetric:
@@ -124,13 +140,14 @@ def answer_logprob(answer: IdLike, pos: PosLike = -1) -> NamedMetric:
         b = torch.arange(x.shape[0], device=x.device)
         return x[b, _ids(answer, x.shape[0], x.device)]
 
-    return NamedMetric(fn, f"answer_logprob(answer={_fmt(answer)}, pos={_fmt(pos)})")
+    return NamedMetric(fn, f"answer_logprob(answer={_fmt(answer)}, pos={_fmt(pos)})", _reads(pos))
 
 
 def answer_prob(answer: IdLike, pos: PosLike = -1) -> NamedMetric:
     """p(answer) at ``pos`` (the quantity ROME's causal tracing reports)."""
     lp = answer_logprob(answer, pos)
-    return NamedMetric(lambda logits: lp(logits).exp(), f"answer_prob(answer={_fmt(answer)}, pos={_fmt(pos)})")
+    return NamedMetric(lambda logits: lp(logits).exp(), f"answer_prob(answer={_fmt(answer)}, pos={_fmt(pos)})",
+                       _reads(pos))
 
 
 def kl_divergence(
@@ -152,7 +169,7 @@ def kl_divergence(
             raise ValueError(f"reference has batch {r.shape[0]}, patched logits batch {logp.shape[0]}")
         return (r.exp() * (r - logp)).sum(-1)
 
-    return NamedMetric(fn, f"kl_divergence(pos={_fmt(pos)})")
+    return NamedMetric(fn, f"kl_divergence(pos={_fmt(pos)})", _reads(pos))
 
 
 def mc_margin(
@@ -181,7 +198,8 @@ def mc_margin(
         others = opt.scatter(1, idx[:, None], float("-inf"))
         return right - others.max(-1).values
 
-    return NamedMetric(fn, f"mc_margin(choices={_fmt(choice_ids)}, correct={_fmt(correct)}, pos={_fmt(pos)})")
+    return NamedMetric(fn, f"mc_margin(choices={_fmt(choice_ids)}, correct={_fmt(correct)}, pos={_fmt(pos)})",
+                       _reads(pos))
 
 
 def normalized_recovery(

@@ -34,7 +34,7 @@ from .metrics import as_metric, normalized_recovery
 from .results_store import CellStore
 from .sites import Site, available_layers, get_site
 from .sweep import fingerprint_inputs, fingerprint_model, open_store, run_cells
-from .variants import Edit, ForwardPlan, VariantRunner
+from .variants import Edit, ForwardPlan, VariantRunner, VisionReusePlan
 
 __all__ = [
     "activation_patching",
@@ -93,14 +93,17 @@ def check_compatible_inputs(model: Any, clean: Mapping[str, Any], corrupt: Mappi
     if callable(layout_fn):
         try:
             la, lb = layout_fn(**clean), layout_fn(**corrupt)
-        except TypeError:
+        except (TypeError, NotImplementedError):
             return
-        same = getattr(la, "same_structure", None)
-        if callable(same) and not same(lb):
-            raise LayoutMismatchError(
-                "the token layouts of the clean and corrupted inputs differ (kinds, image/frame indices or "
-                "grid cells do not match position by position)"
-            )
+        for field_name in ("kind", "item", "frame", "row", "col"):
+            a, b = getattr(la, field_name, None), getattr(lb, field_name, None)
+            if isinstance(a, Tensor) and isinstance(b, Tensor) and (a.shape != b.shape or not torch.equal(a, b)):
+                where = (a != b).nonzero()[:3].tolist() if a.shape == b.shape else "shape"
+                raise LayoutMismatchError(
+                    f"the token layouts differ in {field_name!r} (first differing [batch, position]: {where}); "
+                    "clean and corrupted inputs need the same kinds of tokens at the same positions, the same "
+                    "images/frames and the same grid cells"
+                )
 
 
 def resolve_groups(positions: PositionsArg, length: int) -> dict[str, list[int]]:
@@ -116,23 +119,34 @@ def resolve_groups(positions: PositionsArg, length: int) -> dict[str, list[int]]
         if positions == "all":
             return {"all": list(range(length))}
         raise ValueError(f"positions must be 'each', 'all', a list of positions or a mapping; got {positions!r}")
+    def norm(p: Any) -> int:
+        p = int(p)
+        if not -length <= p < length:
+            raise ValueError(f"position {p} is outside 0..{length - 1} (negative positions count from the end)")
+        return p % length
+
     if isinstance(positions, Mapping):
-        groups = {str(k): [int(p) % length for p in v] for k, v in positions.items()}
+        groups = {str(k): [norm(p) for p in torch.as_tensor(v).reshape(-1).tolist()] for k, v in positions.items()}
     else:
-        groups = {str(int(p) % length): [int(p) % length] for p in positions}
+        groups = {str(norm(p)): [norm(p)] for p in torch.as_tensor(positions).reshape(-1).tolist()}
     for name, pos in groups.items():
         if not pos:
             raise ValueError(f"position group {name!r} is empty")
-        bad = [p for p in pos if not 0 <= p < length]
-        if bad:
-            raise ValueError(f"position group {name!r} has positions {bad} outside 0..{length - 1}")
     return groups
 
 
 def default_plan(model: Any) -> Callable[[Mapping[str, Any], int], ForwardPlan] | None:
-    """The model's vision-reuse plan if it offers one (``model.vision_reuse_plan``), else None."""
+    """How to batch forwards so the vision tower runs once per input.
+
+    A model's own ``vision_reuse_plan`` wins; models with ``encode_vision`` (the hooked VLMs) get a
+    :class:`~analyses.variants.VisionReusePlan`; otherwise None (inputs are simply repeated).
+    """
     fn = getattr(model, "vision_reuse_plan", None)
-    return fn if callable(fn) else None
+    if callable(fn):
+        return fn
+    if callable(getattr(model, "encode_vision", None)):
+        return VisionReusePlan(model)
+    return None
 
 
 # ----------------------------------------------------------------------------- results
@@ -206,6 +220,8 @@ def activation_patching(
     store: str | os.PathLike | CellStore | None = None,
     progress: bool = True,
     plan: Callable[[Mapping[str, Any], int], ForwardPlan] | None | Literal["auto"] = "auto",
+    prefix_reuse: bool | Literal["auto"] = "auto",
+    layer_skip: bool | Literal["auto"] = "auto",
     check_layout: bool = True,
 ) -> PatchingResult:
     """Patch each (site, layer, head, position group) cell and record ``metric``.
@@ -226,7 +242,13 @@ def activation_patching(
         batch_size: cells per batched forward.
         store: a directory (or :class:`CellStore`) to write cells to as they finish and resume from.
         progress: show a tqdm bar.
-        plan: how to batch the forward; ``"auto"`` uses the model's vision-reuse plan if it has one.
+        plan: how to batch the forward; ``"auto"`` runs the vision tower once and reuses its output
+            (:func:`default_plan`) when only language-model sites are patched; None repeats everything.
+        prefix_reuse: compute positions before the first patched position once (key/value cache)
+            instead of once per variant; ``"auto"`` = when the model supports it exactly (causal LM).
+            Cells are then evaluated in tiles of nearby positions so batches share long prefixes.
+        layer_skip: run the blocks below a batch's lowest patched block once and expand to the
+            variants there (base batch 1; ``"auto"`` = on for hooked_vlm models). Exact.
         check_layout: verify that the two inputs share a layout (disable only if you know they do).
     """
     if direction not in ("denoise", "noise"):
@@ -258,9 +280,11 @@ def activation_patching(
         site_layers[s.name] = ls
         names.update(s.hook_name(l) for l in ls)
 
+    runner = VariantRunner(model, base_inputs, batch_size, plan=default_plan(model) if plan == "auto" else plan,
+                           prefix_reuse=prefix_reuse, layer_skip=layer_skip)
     with torch.no_grad():
         source_logits, source_cache = model.run_with_cache(**source_inputs, names_filter=lambda n: n in names)
-        base_logits = model(**base_inputs)
+    base_logits = runner.base_logits()
     clean_logits, corrupt_logits = (
         (source_logits, base_logits) if direction == "denoise" else (base_logits, source_logits)
     )
@@ -272,7 +296,14 @@ def activation_patching(
     site_groups: dict[str, dict[str, list[int]]] = {}
     for s in site_objs:
         first = source_cache[s.hook_name(site_layers[s.name][0])]
-        groups = resolve_groups(positions, first.shape[s.pos_axis])
+        try:
+            groups = resolve_groups(positions, first.shape[s.pos_axis])
+        except ValueError as e:
+            what = "vision patches" if s.vision else "sequence positions"
+            raise ValueError(
+                f"site {s.name!r} has {first.shape[s.pos_axis]} {what}: {e}. Sweep language-model and "
+                "vision-tower sites in separate calls when passing explicit positions."
+            ) from None
         site_groups[s.name] = groups
         group_order[s.name] = list(groups)
         for l in site_layers[s.name]:
@@ -286,7 +317,7 @@ def activation_patching(
                 for g in groups:
                     cells.append({"site": s.name, "layer": l, "head": h, "group": g})
 
-    config = {
+    config = lambda: {  # noqa: E731 -- hashing inputs/model only when a store is used
         "analysis": "activation_patching",
         "sites": [s.name for s in site_objs],
         "layers": {k: v for k, v in site_layers.items()},
@@ -299,7 +330,6 @@ def activation_patching(
         "model": fingerprint_model(model),
     }
     cell_store = open_store(store, config, KEY_COLUMNS)
-    runner = VariantRunner(model, base_inputs, batch_size, plan=default_plan(model) if plan == "auto" else plan)
     site_by_name = {s.name: s for s in site_objs}
 
     def evaluate(batch: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -330,9 +360,43 @@ def activation_patching(
             out.append(rec)
         return out
 
-    frame = run_cells(cells, evaluate, cell_store, batch_size, progress, desc="activation patching")
+    frame = run_cells(cells, evaluate, cell_store, batch_size, progress, desc="activation patching",
+                      order_key=_tile_order(cells, site_by_name, site_groups, batch_size)
+                      if (runner.prefix_reuse or runner.layer_skip) else None)
     frame = _tidy(frame)
     return PatchingResult(frame, clean_value, corrupt_value, site_groups[site_objs[0].name], metric.name, group_order)
+
+
+def _tile_order(
+    cells: Sequence[dict[str, Any]],
+    site_by_name: Mapping[str, Site],
+    site_groups: Mapping[str, Mapping[str, list[int]]],
+    batch_size: int,
+) -> Callable[[dict[str, Any]], tuple]:
+    """Evaluation order that makes batches cheap: tiles of a few layers x nearby positions.
+
+    A batch costs about (layers from its lowest edited layer up) x (positions from its first edited
+    position on) x rows, because layers below the lowest one run once (layer skip) and positions before
+    the first one come from the cache (prefix reuse). Tiles about a quarter of the layers tall and as
+    many positions wide as fill a batch keep both factors small. Vision-tower cells come last.
+    """
+    layers = sorted({c["layer"] for c in cells if c["layer"] is not None})
+    ranks: dict[tuple[str, str], int] = {}
+    for name, groups in site_groups.items():
+        order = sorted(groups, key=lambda g: min(groups[g]))
+        ranks.update({(name, g): i for i, g in enumerate(order)})
+    n_groups = max(1, len({(c["site"], c["group"]) for c in cells}) // max(1, len(site_groups)))
+    per_layer_group = max(1.0, len(cells) / max(1, len(layers)) / n_groups)
+    tall = max(1, round(len(layers) / 4))
+    wide = max(1, round(batch_size / (per_layer_group * tall)))
+
+    def key(c: dict[str, Any]) -> tuple:
+        vision = site_by_name[c["site"]].vision
+        rank = ranks[(c["site"], c["group"])]
+        layer = -1 if c["layer"] is None else c["layer"]
+        return (vision, rank // wide, layer // tall, rank, layer, c["site"], -1 if c["head"] is None else c["head"])
+
+    return key
 
 
 def _tidy(frame: pd.DataFrame) -> pd.DataFrame:

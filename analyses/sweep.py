@@ -52,12 +52,18 @@ def fingerprint_model(model: torch.nn.Module) -> str:
 
 
 def open_store(
-    store: str | os.PathLike | CellStore | None, config: Mapping[str, Any], key_columns: Sequence[str]
+    store: str | os.PathLike | CellStore | None,
+    config: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
+    key_columns: Sequence[str],
 ) -> CellStore | None:
-    """A :class:`CellStore` for ``store`` (a directory path), or ``store`` itself, or None."""
+    """A :class:`CellStore` for ``store`` (a directory path), or ``store`` itself, or None.
+
+    ``config`` may be a callable, evaluated only when a store is opened (fingerprinting a large
+    model's weights is then skipped for in-memory sweeps).
+    """
     if store is None or isinstance(store, CellStore):
         return store
-    return CellStore(store, config, key_columns)
+    return CellStore(store, config() if callable(config) else config, key_columns)
 
 
 def run_cells(
@@ -67,14 +73,19 @@ def run_cells(
     batch_size: int,
     progress: bool = True,
     desc: str = "cells",
+    order_key: Callable[[dict[str, Any]], Any] | None = None,
 ) -> pd.DataFrame:
     """Evaluate ``cells`` (dicts holding at least the store's key columns) in batches.
 
     ``evaluate(batch)`` returns one record per cell (the cell's fields plus results). With a store,
     finished cells are skipped and each batch is appended atomically as soon as it is done; the
-    returned frame is then the store's full content in the order of ``cells``.
+    returned frame is then the store's full content in the order of ``cells``. ``order_key`` changes
+    the evaluation order (e.g. by position, so batches share prefixes); the result order does not
+    change.
     """
     todo = [c for c in cells if store is None or not store.is_done(c)]
+    if order_key is not None:
+        todo = sorted(todo, key=order_key)
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, disable=not progress, leave=False)
     try:
@@ -89,6 +100,10 @@ def run_cells(
     finally:
         bar.close()
     if store is None:
+        if order_key is not None:
+            rank = {id(c): i for i, c in enumerate(cells)}
+            pairs = sorted(zip(todo, records), key=lambda cr: rank[id(cr[0])])
+            records = [r for _, r in pairs]
         return pd.DataFrame(records)
     frame = store.load()
     order = {store.key_of(c): i for i, c in enumerate(cells)}

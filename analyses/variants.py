@@ -15,16 +15,18 @@ with any TransformerLens ``HookedRootModule`` -- the hooked VLMs and, for tests,
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ContextManager, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-__all__ = ["Edit", "VariantRunner", "expand_inputs", "ForwardPlan"]
+__all__ = ["Edit", "VariantRunner", "expand_inputs", "ForwardPlan", "VisionReusePlan", "knockout_mask"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,6 +95,40 @@ class ForwardPlan:
     hooks: list[tuple[str, Callable]]
 
 
+class VisionReusePlan:
+    """Batched-forward plan that runs the vision tower once and feeds its output to every copy.
+
+    For models with ``encode_vision(**inputs)`` and a ``vision_features=`` forward keyword (the hooked
+    VLMs): the features are computed on first use and cached, then concatenated ``n`` times. The pixel
+    inputs stay in the batch (the model validates them against the grids) but the tower is skipped, and
+    ``vision.hook_out`` still fires on the given features. Only valid when no edit touches the tower.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._features: Tensor | None = None
+        self._key: int | None = None
+        self.n_encodes = 0
+
+    def seed(self, inputs: Mapping[str, Any], features: Tensor) -> None:
+        """Use ``features`` (``vision.hook_out`` of an unedited run on ``inputs``) instead of encoding."""
+        self._features = features
+        self._key = id(inputs.get("pixel_values", inputs.get("pixel_values_videos")))
+
+    def __call__(self, inputs: Mapping[str, Any], n: int) -> ForwardPlan:
+        if not any(isinstance(inputs.get(k), Tensor) for k in ("pixel_values", "pixel_values_videos")):
+            return ForwardPlan(expand_inputs(inputs, n), [])
+        key = id(inputs.get("pixel_values", inputs.get("pixel_values_videos")))
+        if self._features is None or self._key != key:
+            with torch.no_grad():
+                self._features = self.model.encode_vision(**inputs)
+            self._key = key
+            self.n_encodes += 1
+        out = expand_inputs(inputs, n)
+        out["vision_features"] = torch.cat([self._features] * n) if n > 1 else self._features
+        return ForwardPlan(out, [])
+
+
 class VariantRunner:
     """Evaluate edited variants of a base input, many per forward.
 
@@ -101,8 +137,18 @@ class VariantRunner:
             fwd_hooks=...)`` and returning logits ``[B, L, V]``.
         inputs: the base input's keyword tensors (batch ``B``).
         batch_size: variants per forward (the forward's batch is ``batch_size * B``).
-        plan: optional callable ``(inputs, n) -> ForwardPlan`` to build the batched forward, e.g. one
-            that reuses precomputed vision features. Default: :func:`expand_inputs`.
+        plan: optional callable ``(inputs, n) -> ForwardPlan`` to build the batched forward, e.g. a
+            :class:`VisionReusePlan`. Default: :func:`expand_inputs` (everything recomputed per copy).
+        prefix_reuse: reuse the unchanged prefix: when every edit of a chunk sits at positions ``>= p``
+            of the sequence, run the base input once with a key/value cache and compute only positions
+            ``p..L-1`` for the variants (exact for causal language models; the prefix's keys and values
+            cannot depend on later edits). ``"auto"`` enables it when the model supports it (a
+            ``past_key_values`` forward, a layout with position ids, causal masks only).
+        layer_skip: when every edit of a chunk is in blocks ``>= l`` and the base batch is 1, run the
+            layers below ``l`` once (batch 1) and expand to the ``n`` variants at
+            ``blocks.{l}.hook_resid_pre``: those layers compute the same values for every variant.
+            ``"auto"`` = on for hooked_vlm models (their blocks broadcast positions and masks over the
+            batch); exactness is covered by the tests against one-forward-per-cell loops.
     """
 
     def __init__(
@@ -111,6 +157,8 @@ class VariantRunner:
         inputs: Mapping[str, Any],
         batch_size: int = 16,
         plan: Callable[[Mapping[str, Any], int], ForwardPlan] | None = None,
+        prefix_reuse: bool | str = False,
+        layer_skip: bool | str = "auto",
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -119,11 +167,47 @@ class VariantRunner:
         self.batch_size = batch_size
         self._plan = plan
         self.n_forwards = 0
+        self.positions_computed = 0
         self.base_batch = _batch_size_of(self.inputs)
+        self._want_prefix = prefix_reuse
+        # batch expansion at the first edited layer: layers below it run once, not once per variant
+        hooked_vlm_like = callable(getattr(model, "_prepare", None))
+        self.layer_skip = bool(layer_skip) and (layer_skip is True or hooked_vlm_like) and self.base_batch == 1
+        self._base: _BaseRun | None = None
+        self._prefix: _BaseRun | None = None
+        if prefix_reuse or isinstance(plan, VisionReusePlan):
+            base = self.base_run()  # now, before any caller attaches a context (e.g. a knockout)
+            if prefix_reuse and base.prefix_supported(strict=prefix_reuse is True):
+                self._prefix = base
+
+    def base_run(self) -> "_BaseRun":
+        """The unedited base input, run once: logits, embeddings, vision features, key/value cache."""
+        if self._base is None:
+            self._base = _BaseRun(self.model, self.inputs, kv=bool(self._want_prefix))
+            if isinstance(self._plan, VisionReusePlan) and self._base.vision_features is not None:
+                self._plan.seed(self.inputs, self._base.vision_features)
+            self.n_forwards += 1
+        return self._base
+
+    def base_logits(self) -> Float[Tensor, "batch pos vocab"]:
+        """Logits of the unedited base input (computed once, shared with the reuse machinery)."""
+        return self.base_run().logits
+
+    def _can_unembed_last(self) -> bool:
+        """hooked_vlm models: ``return_type="resid"`` gives the final normalised residual, ``unembed`` maps it."""
+        names = getattr(self.model, "generic_inputs", ())
+        return "return_type" in names and isinstance(getattr(self.model, "unembed", None), torch.nn.Module)
+
+    @property
+    def prefix_reuse(self) -> bool:
+        """Whether unchanged prefixes are computed once (see the class docstring)."""
+        return self._prefix is not None
 
     def plan(self, n: int, edits_touch_vision: bool) -> ForwardPlan:
         """The batched-forward plan for ``n`` variants (vision reuse only if no edit is in the tower)."""
         if self._plan is not None and not edits_touch_vision:
+            if isinstance(self._plan, VisionReusePlan) and self._plan._features is None:
+                self.base_run()  # seeds the features from vision.hook_out: no separate encode
             return self._plan(self.inputs, n)
         return ForwardPlan(expand_inputs(self.inputs, n), [])
 
@@ -134,18 +218,22 @@ class VariantRunner:
         metric: Callable[[Tensor], Tensor] | None,
         capture: Sequence[str] = (),
         capture_fn: Callable[[str, Tensor], Tensor] | None = None,
+        context: Callable[[int, int], ContextManager] | None = None,
     ) -> tuple[Float[Tensor, "n batch"] | None, dict[str, Tensor]]:
         """Run all ``variants`` in chunks of ``batch_size``.
 
         Returns the metric per variant and base example ``[n, B]`` (None if ``metric`` is None) and,
         for each name in ``capture``, the (edited) activation per variant ``[n, B, ...]``
-        (``capture_fn(name, act)`` may reduce it first, e.g. to selected positions).
+        (``capture_fn(name, act)`` may reduce it first, e.g. to selected positions). ``context(first,
+        count)``, if given, wraps the forward of variants ``first .. first+count-1`` (e.g. to attach a
+        per-row attention knockout to the model for that forward).
         """
         values: list[Tensor] = []
         captured: dict[str, list[Tensor]] = defaultdict(list)
         for start in range(0, len(variants), self.batch_size):
             chunk = variants[start : start + self.batch_size]
-            v, c = self._run_chunk(chunk, metric, capture, capture_fn)
+            with context(start, len(chunk)) if context is not None else nullcontext():
+                v, c = self._run_chunk(chunk, metric, capture, capture_fn)
             if v is not None:
                 values.append(v)
             for k, t in c.items():
@@ -166,15 +254,42 @@ class VariantRunner:
             for e in edits:
                 by_hook[e.hook].append((row, e))
         touches_vision = any(h.startswith("vision.") for h in by_hook)
-        plan = self.plan(n, touches_vision)
+        start = 0
+        if self._prefix is not None and not capture and not touches_vision:
+            start = _first_edited_position(chunk)
+        expand_at = 0
+        if self.layer_skip and n > 1 and not capture and not touches_vision:
+            expand_at = _first_edited_layer(chunk)
+            if f"blocks.{expand_at}.hook_resid_pre" not in getattr(self.model, "hook_dict", {}):
+                expand_at = 0
+        if start > 0:
+            assert self._prefix is not None
+            plan = self._prefix.plan(start, n, expand_from=expand_at)
+            by_hook = {k: [(r, _shift(e, start)) for r, e in v] for k, v in by_hook.items()}
+        else:
+            plan = self.plan(1 if expand_at > 0 else n, touches_vision)
         hooks = list(plan.hooks)
+        if expand_at > 0:
+            hooks.append((f"blocks.{expand_at}.hook_resid_pre", _expand_hook(n)))
         for name, items in by_hook.items():
             hooks.append((name, _make_edit_hook(items, n, b)))
         store: dict[str, Tensor] = {}
         for name in capture:
             hooks.append((name, _make_capture_hook(name, store, n, b, capture_fn)))
-        logits = self.model.run_with_hooks(**plan.inputs, fwd_hooks=hooks)
+        last_only = metric is not None and getattr(metric, "reads", "all") == "last" and self._can_unembed_last()
+        if last_only:
+            # final normalised residual, unembedded at the last position only (exact, no [N, L, V])
+            resid = self.model.run_with_hooks(**plan.inputs, return_type="resid", fwd_hooks=hooks)
+            logits = self.model.unembed(resid[:, -1:])
+            computed = resid.shape[1]
+        else:
+            logits = self.model.run_with_hooks(**plan.inputs, fwd_hooks=hooks)
+            computed = logits.shape[1]
         self.n_forwards += 1
+        self.positions_computed += computed * n
+        if start > 0 and not last_only:
+            assert self._prefix is not None
+            logits = self._prefix.full_logits(logits, start, n)
         vals = None
         if metric is not None:
             if logits.shape[0] != n * b:
@@ -253,3 +368,169 @@ def knockout_mask(
     k = torch.as_tensor(keys, dtype=torch.long)
     m[q[:, None], k[None, :]] = True
     return m
+
+
+# ----------------------------------------------------------------------------- prefix reuse
+def _first_edited_position(chunk: Sequence[Sequence[Edit]]) -> int:
+    """Smallest sequence position any edit of the chunk touches (0 if some edit spans everything)."""
+    first = None
+    for edits in chunk:
+        for e in edits:
+            if e.mode == "block":
+                rows = e.value.reshape(-1, *e.value.shape[-2:]).any(-1).any(0).nonzero()
+                p = int(rows.min()) if rows.numel() else None
+            elif e.positions is None:
+                return 0
+            else:
+                p = int(torch.as_tensor(e.positions).min())
+            if p is not None:
+                first = p if first is None else min(first, p)
+    return first or 0
+
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _first_edited_layer(chunk: Sequence[Sequence[Edit]]) -> int:
+    """Smallest language-model block any edit of the chunk touches (0 if some edit is outside the blocks)."""
+    first = None
+    for edits in chunk:
+        for e in edits:
+            m = _BLOCK.match(e.hook)
+            if m is None:
+                return 0
+            layer = int(m.group(1))
+            first = layer if first is None else min(first, layer)
+    return first or 0
+
+
+def _expand_hook(n: int) -> Callable:
+    """Turn the single shared residual into ``n`` variant copies (the first hook on its hook point)."""
+
+    def hook(act: Tensor, hook: Any = None) -> Tensor:
+        return act.repeat(n, *([1] * (act.dim() - 1)))
+
+    return hook
+
+
+def _shift(e: Edit, start: int) -> Edit:
+    """The same edit on an activation that starts at sequence position ``start``."""
+    if e.mode == "block":
+        return Edit(e.hook, e.value[..., start:, :], heads=e.heads, head_axis=e.head_axis, mode="block")
+    assert e.positions is not None
+    value = e.value.narrow(e.pos_axis, start, e.value.shape[e.pos_axis] - start)
+    pos = torch.as_tensor(e.positions) - start
+    return Edit(e.hook, value, positions=pos, pos_axis=e.pos_axis, heads=e.heads, head_axis=e.head_axis,
+                mode=e.mode)
+
+
+class _BaseRun:
+    """The base input run once, unedited, recording what the reuse paths need.
+
+    * ``logits``: the base logits (the corrupted/clean baseline of a sweep);
+    * ``vision_features``: ``vision.hook_out`` (fed back as ``vision_features=`` to skip the tower);
+    * ``embed``: ``hook_embed`` (the suffix's embeddings with visual features injected);
+    * ``cache``: the language model's keys and values at every position (hooked_vlm models), sliced to
+      any prefix length for suffix-only runs.
+    """
+
+    def __init__(self, model: Any, inputs: dict[str, Any], kv: bool) -> None:
+        self.model = model
+        self.inputs = inputs
+        store: dict[str, Tensor] = {}
+
+        def grab(key: str) -> Callable:
+            def hook(act: Tensor, hook: Any = None) -> None:
+                store[key] = act.detach().clone()
+
+            return hook
+
+        hooks = [("hook_embed", grab("embed"))]
+        if "vision.hook_out" in getattr(model, "hook_dict", {}) and any(
+            isinstance(inputs.get(k), Tensor) for k in ("pixel_values", "pixel_values_videos")
+        ):
+            hooks.append(("vision.hook_out", grab("vision")))
+        extra: dict[str, Any] = {}
+        self.cache = None
+        self.position_ids = None
+        self.kv = kv and callable(getattr(model, "_prepare", None)) and callable(getattr(model, "layout", None))
+        if self.kv:
+            from hooked_vlm.components.attention import KVCache
+
+            self.layout = model.layout(**inputs)
+            pos = getattr(self.layout, "position_ids", None)
+            if pos is None:
+                ids = inputs["input_ids"]
+                am = inputs.get("attention_mask")
+                pos = (am.long().cumsum(-1) - 1).clamp(min=0) if am is not None else torch.arange(ids.shape[1]).expand_as(ids)
+            self.position_ids = pos
+            self.cache = KVCache()
+            extra = {"position_ids": pos, "past_key_values": self.cache}
+        with torch.no_grad():
+            self.logits = model.run_with_hooks(**inputs, **extra, fwd_hooks=hooks)
+        self.embed = store.get("embed")
+        self.vision_features = store.get("vision")
+
+    def prefix_supported(self, strict: bool) -> bool:
+        """Whether suffix runs against the cached prefix are exact (a causal language model)."""
+        why = None
+        if not self.kv:
+            why = "the model is not a hooked_vlm model (no key/value-cache forward)"
+        else:
+            try:
+                prep_inputs = dict(self.inputs)
+                if self.vision_features is not None:
+                    prep_inputs["vision_features"] = self.vision_features
+                prep = self.model._prepare(prep_inputs, None)
+                for spec in prep.masks.values():
+                    if not spec.causal or spec.bidir_ids is not None or spec.doc_ids is not None:
+                        why = "the language model is not purely causal (bidirectional spans)"
+            except Exception as exc:  # any missing piece disables the optimisation
+                why = f"{type(exc).__name__}: {exc}"
+        if why is not None and strict:
+            raise ValueError(f"prefix reuse is not available for this model: {why}")
+        return why is None
+
+    def plan(self, start: int, n: int, expand_from: int = 0) -> ForwardPlan:
+        """Inputs and hooks computing positions ``start..L-1`` of ``n`` copies against the cached prefix.
+
+        With ``expand_from = l > 0`` the inputs hold one copy, the cache of layers below ``l`` one copy
+        and that of layers ``>= l`` ``n`` copies (the caller expands the residual at layer ``l``).
+        """
+        from hooked_vlm.components.attention import KVCache
+
+        assert self.cache is not None and self.position_ids is not None and self.embed is not None
+        ids = self.inputs["input_ids"]
+        cat_n = (lambda t, d=0: torch.cat([t] * n, dim=d)) if n > 1 else (lambda t, d=0: t)
+        cat = cat_n if expand_from == 0 else (lambda t, d=0: t)
+
+        def per_layer(layer: int, t: Tensor) -> Tensor:
+            t = t[:, :start].contiguous()
+            return cat_n(t) if layer >= expand_from else t
+
+        cache = KVCache(
+            keys={l: per_layer(l, k) for l, k in self.cache.keys.items()},
+            values={l: per_layer(l, v) for l, v in self.cache.values.items()},
+        )
+        inputs: dict[str, Any] = {
+            "input_ids": cat(ids[:, start:]),
+            "past_key_values": cache,
+            "position_ids": cat(self.position_ids[..., start:], self.position_ids.dim() - 2),
+        }
+        if isinstance(self.inputs.get("attention_mask"), Tensor):
+            inputs["attention_mask"] = cat(self.inputs["attention_mask"])
+        if isinstance(self.inputs.get("mm_token_type_ids"), Tensor):
+            inputs["mm_token_type_ids"] = cat(self.inputs["mm_token_type_ids"][:, start:])
+        suffix_embed = cat(self.embed[:, start:])
+
+        def put_embed(act: Tensor, hook: Any = None) -> Tensor:
+            # the suffix's embeddings with visual features injected, as in the full base run
+            return suffix_embed.to(act.dtype)
+
+        return ForwardPlan(inputs, [("hook_embed", put_embed)])
+
+    def full_logits(self, suffix_logits: Tensor, start: int, n: int) -> Tensor:
+        """Prepend the base run's prefix logits (identical for every variant) to each variant's suffix."""
+        prefix = self.logits[:, :start].to(suffix_logits.dtype)
+        prefix = torch.cat([prefix] * n) if n > 1 else prefix
+        return torch.cat([prefix, suffix_logits], dim=1)

@@ -95,9 +95,10 @@ class _Vision(nn.Module):
         self.hook_out = HookPoint()
         self.calls = 0
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        self.calls += pixel_values.shape[0]
-        x = self.hook_patch_embed(self.proj(pixel_values))
+    def forward(self, pixel_values: torch.Tensor, batch: int) -> torch.Tensor:
+        """Packed ``[B*N, d_pix]`` rows (as Qwen's processor packs them) -> batch-first ``[B, N, d]``."""
+        self.calls += batch
+        x = self.hook_patch_embed(self.proj(pixel_values.reshape(batch, -1, pixel_values.shape[-1])))
         for blk in self.blocks:
             x = blk(x)
         return self.hook_out(x)
@@ -106,8 +107,8 @@ class _Vision(nn.Module):
 class TinyHookedLM(HookedRootModule):
     """``forward(input_ids, attention_mask=None, pixel_values=None, vision_features=None) -> logits``.
 
-    ``pixel_values [B, N, d_pix]`` fill the ``N`` positions holding :data:`IMG` in each row;
-    ``vision_features [B, N, d]`` skip the tower and inject given features (used by the reuse plan).
+    ``pixel_values [B*N, d_pix]`` (packed, row-major by prompt) fill the ``N`` positions holding
+    :data:`IMG` in each row; ``vision_features [B, N, d]`` (from :meth:`encode_vision`) skip the tower.
     """
 
     def __init__(self, cfg: TinyConfig | None = None, **kw: Any) -> None:
@@ -132,7 +133,7 @@ class TinyHookedLM(HookedRootModule):
     ) -> torch.Tensor:
         x = self.embed(input_ids)
         if vision_features is None and pixel_values is not None:
-            vision_features = self.vision(pixel_values)
+            vision_features = self.vision(pixel_values, input_ids.shape[0])
         if vision_features is not None:
             is_img = (input_ids == IMG)
             x = x.clone()
@@ -142,19 +143,9 @@ class TinyHookedLM(HookedRootModule):
             x = blk(x, attention_mask)
         return self.unembed(self.ln_final(x))
 
-    def vision_reuse_plan(self, inputs: dict, n: int) -> Any:
-        """Run the tower once on the base input and feed its features to all ``n`` copies."""
-        from analyses.variants import ForwardPlan, expand_inputs
-
-        inputs = dict(inputs)
-        pix = inputs.pop("pixel_values", None)
-        if pix is None:
-            return ForwardPlan(expand_inputs(inputs, n), [])
-        with torch.no_grad():
-            feats = self.vision(pix)
-        out = expand_inputs(inputs, n)
-        out["vision_features"] = torch.cat([feats] * n)
-        return ForwardPlan(out, [])
+    def encode_vision(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, **_: Any) -> torch.Tensor:
+        """Only the vision tower: features to pass back as ``vision_features=``."""
+        return self.vision(pixel_values, input_ids.shape[0])
 
 
 def make_inputs(
@@ -164,5 +155,5 @@ def make_inputs(
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, cfg.d_vocab, (batch, length), generator=g)
     ids[:, img_start : img_start + n_img] = IMG
-    pix = torch.randn(batch, n_img, cfg.d_pix, generator=g)
+    pix = torch.randn(batch * n_img, cfg.d_pix, generator=g)
     return {"input_ids": ids, "pixel_values": pix}
