@@ -193,6 +193,18 @@ class VariantRunner:
         """Logits of the unedited base input (computed once, shared with the reuse machinery)."""
         return self.base_run().logits
 
+    def _final_block_untouched(self, hooks: list) -> bool:
+        """True when the model can skip the final block's other positions and no hook would notice."""
+        if "final_positions" not in getattr(self.model, "generic_inputs", ()):
+            return False
+        last = f"blocks.{len(self.model.blocks) - 1}."
+        for name, _ in hooks:
+            if not isinstance(name, str):
+                return False
+            if name.startswith("ln_final.") or (name.startswith(last) and name != last + "hook_resid_pre"):
+                return False
+        return True
+
     def _can_unembed_last(self) -> bool:
         """hooked_vlm models: ``return_type="resid"`` gives the final normalised residual, ``unembed`` maps it."""
         names = getattr(self.model, "generic_inputs", ())
@@ -278,10 +290,12 @@ class VariantRunner:
             hooks.append((name, _make_capture_hook(name, store, n, b, capture_fn)))
         last_only = metric is not None and getattr(metric, "reads", "all") == "last" and self._can_unembed_last()
         if last_only:
-            # final normalised residual, unembedded at the last position only (exact, no [N, L, V])
-            resid = self.model.run_with_hooks(**plan.inputs, return_type="resid", fwd_hooks=hooks)
+            # final normalised residual, unembedded at the last position only (exact, no [N, L, V]); when no
+            # hook reads or edits the final block past its input, that block computes only the last position
+            extra = {"final_positions": 1} if self._final_block_untouched(hooks) else {}
+            resid = self.model.run_with_hooks(**plan.inputs, return_type="resid", fwd_hooks=hooks, **extra)
             logits = self.model.unembed(resid[:, -1:])
-            computed = resid.shape[1]
+            computed = plan.inputs["input_ids"].shape[1]  # positions run through the blocks
         else:
             logits = self.model.run_with_hooks(**plan.inputs, fwd_hooks=hooks)
             computed = logits.shape[1]

@@ -52,7 +52,9 @@ class HookedVLM(CheckedHooksMixin):
     hf_architectures: ClassVar[tuple[str, ...]] = ()
     #: Keyword inputs ``forward`` accepts (besides the generic ones below).
     input_names: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")
-    generic_inputs: ClassVar[tuple[str, ...]] = ("position_ids", "vision_features", "return_type", "stop_at_layer")
+    generic_inputs: ClassVar[tuple[str, ...]] = (
+        "position_ids", "vision_features", "return_type", "stop_at_layer", "final_positions",
+    )
 
     def __init__(self, cfg: HookedVLMConfig):
         super().__init__()
@@ -145,11 +147,15 @@ class HookedVLM(CheckedHooksMixin):
         Extra keywords: ``position_ids`` (override positions), ``vision_features`` (reuse a previous
         ``vision.hook_out`` and skip the vision tower), ``return_type`` ("logits", "resid" for the final
         normalised residual, or None), ``stop_at_layer`` (return the residual entering that block),
-        ``past_key_values`` (a :class:`KVCache`, used by :meth:`generate`).
+        ``past_key_values`` (a :class:`KVCache`, used by :meth:`generate`), ``final_positions=n`` (the final
+        block computes only the last n positions, so the output covers only them: exact and cheaper when
+        only the last token's logits matter; the final block's hooks after ``hook_resid_pre`` then see n
+        positions).
         """
         cache: KVCache | None = inputs.pop("past_key_values", None)
         return_type = inputs.pop("return_type", "logits")
         stop_at_layer = inputs.pop("stop_at_layer", None)
+        final_positions = inputs.pop("final_positions", None)
         inputs["input_ids"] = input_ids
         self._check_input_names(inputs)
         prep = self._prepare(inputs, cache)
@@ -159,7 +165,10 @@ class HookedVLM(CheckedHooksMixin):
                 return resid
             kind = self.cfg.layer_types[i]
             cos, sin = prep.rotary[kind]
-            resid = block(resid, cos, sin, prep.masks[kind], cache)
+            if final_positions is not None and i == len(self.blocks) - 1:
+                resid = block(resid, cos, sin, prep.masks[kind], cache, last_queries=final_positions)
+            else:
+                resid = block(resid, cos, sin, prep.masks[kind], cache)
         self._last_prepared = prep if cache is not None else None
         normed = self.ln_final(resid)
         if return_type == "resid":

@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--inputs", nargs="+", default=["image", "video"], choices=["image", "video"])
     ap.add_argument("--repeats", type=int, default=5,
                     help="timed repeats; methods are interleaved in each repeat, the best time is reported")
-    ap.add_argument("--batch-size", type=int, default=32, help="cells per batched forward")
+    ap.add_argument("--batch-size", type=int, default=16, help="cells per batched forward")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)

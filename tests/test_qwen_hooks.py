@@ -211,3 +211,18 @@ def test_run_with_cache_device_and_remove_batch_dim(qwen_pair):
     assert cache["vision.hook_out"].dim() == 2 and not cache.has_batch_dim
     _, batched = model.run_with_cache(**inputs, names_filter="blocks.0.hook_resid_post")
     assert torch.equal(batched["blocks.0.hook_resid_post"][0], cache["blocks.0.hook_resid_post"])
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_final_positions_is_exact(qwen_pair, family):
+    """final_positions=n computes only the last n positions of the final block: same logits there."""
+    _, model = qwen_pair(family)
+    for name in ("image", "batch_left"):
+        inputs = case(name, family)
+        with torch.no_grad():
+            full = model(**inputs)
+            last = model(**inputs, final_positions=3)
+        assert last.shape[1] == 3
+        assert (last - full[:, -3:]).abs().max() < 1e-5
+    _, cache = model.run_with_cache(**case("image", family), final_positions=1, names_filter=lambda n: n.startswith("blocks.1.hook_resid"))
+    assert cache["blocks.1.hook_resid_pre"].shape[1] > 1 and cache["blocks.1.hook_resid_post"].shape[1] == 1

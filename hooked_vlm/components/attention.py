@@ -276,10 +276,15 @@ class Attention(nn.Module):
         sin: Tensor | None,
         mask: MaskSpec,
         cache: KVCache | None = None,
+        last_queries: int | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """``last_queries=n``: keys and values from every position, queries (and the output) for the last n."""
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
+        if last_queries is not None:
+            q = q[:, -last_queries:]
+            mask = dataclasses.replace(mask, q_offset=k.shape[1] - last_queries)
         req = self.stats_request
         if req is not None and self.knockout_enabled and req.knockout is not None:
             mask = with_knockout(mask, req.knockout)

@@ -40,9 +40,18 @@ class TransformerBlock(nn.Module):
         sin: Tensor | None,
         mask: MaskSpec,
         cache: KVCache | None = None,
+        last_queries: int | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """``last_queries=n`` computes only the last n positions' outputs (keys and values still come from
+        every position): exact for whatever reads only those positions, e.g. the final block of a sweep
+        whose metric reads the last token."""
         resid = self.hook_resid_pre(resid)
-        attn_out = self.attn(self.ln1(resid), cos, sin, mask, cache)
+        normed = self.ln1(resid)
+        if last_queries is not None:
+            attn_out = self.attn(normed, cos, sin, mask, cache, last_queries=last_queries)
+            resid = resid[:, -last_queries:]
+        else:
+            attn_out = self.attn(normed, cos, sin, mask, cache)
         if self.ln1_post is not None:
             attn_out = self.ln1_post(attn_out)
         resid = self.hook_resid_mid(resid + self.hook_attn_out(attn_out))
