@@ -32,7 +32,6 @@ Never lets TransformerLens install anything: the adapter's optional-library chec
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -44,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyses.metrics import logit_diff  # noqa: E402
+from hooked_vlm.benchmarking import tl_bridge  # noqa: E402
 from analyses.patching import activation_patching  # noqa: E402
 
 # (LM overrides, vision overrides, image side in px): "tiny" is hooked_vlm.tiny's test model; "small"
@@ -88,22 +88,6 @@ def build_hf(name: str, seed: int = 0) -> Any:
     hf = Qwen2_5_VLForConditionalGeneration(cfg)
     randomize_(hf, seed)
     return hf.eval()
-
-
-def build_bridge(hf: Any) -> Any:
-    """TransformerLens bridge around a deep copy (the bridge mutates the model it wraps)."""
-    from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-
-    # The Qwen adapters demand torchvision even without a processor; skip that check (only while
-    # building) rather than let anything install it.
-    original = ArchitectureAdapter._check_required_libraries
-    ArchitectureAdapter._check_required_libraries = lambda self: None  # type: ignore[method-assign]
-    try:
-        twin = copy.deepcopy(hf)
-        return build_bridge_from_module(twin, "Qwen2_5_VLForConditionalGeneration", hf_config=twin.config)
-    finally:
-        ArchitectureAdapter._check_required_libraries = original  # type: ignore[method-assign]
 
 
 class ReinjectInputs:
@@ -156,7 +140,7 @@ def bench_one(config: str, kind: str, repeats: int, batch_size: int) -> dict[str
 
     hf = build_hf(config)
     model = HookedVLM.from_hf(hf).eval()
-    bridge = build_bridge(hf)
+    bridge = tl_bridge(hf)  # deep copy: the bridge mutates the model it wraps
     clean, corrupt = make_inputs(kind, CONFIGS[config].get("image_grid", 4))
     metric = logit_diff(5, 6)
     tokens = {k: v for k, v in corrupt.items() if k != "input_ids"}

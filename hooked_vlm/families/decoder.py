@@ -14,6 +14,7 @@ Generic helpers for any family whose language model is a pre-norm RMSNorm decode
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,8 +160,19 @@ def default_position_ids(input_ids: Tensor, past: int) -> Int[Tensor, "batch pos
     return (torch.arange(length, device=input_ids.device) + past)[None].expand(b, -1)
 
 
-def convert_decoder_key(k: str, v: Tensor) -> dict[str, Tensor]:
-    """Map one decoder weight name (relative to the decoder: ``embed_tokens.*``, ``layers.{i}.*``, ``norm.*``)."""
+#: Per-layer norm weights of a Llama / Mistral / Qwen2 layer and their hooked names.
+LLAMA_NORMS: dict[str, str] = {
+    "input_layernorm.weight": "ln1.w",
+    "post_attention_layernorm.weight": "ln2.w",
+}
+
+
+def convert_decoder_key(k: str, v: Tensor, norm_names: Mapping[str, str] = LLAMA_NORMS) -> dict[str, Tensor]:
+    """Map one decoder weight name (relative to the decoder: ``embed_tokens.*``, ``layers.{i}.*``, ``norm.*``).
+
+    ``norm_names`` maps a layer's norm weights (relative to ``layers.{i}.``) to our names; families with
+    other norms (Gemma 3's four norms and QK-norm) pass their own table.
+    """
     if k == "embed_tokens.weight":
         return {"embed.weight": v}
     if k == "norm.weight":
@@ -169,10 +181,8 @@ def convert_decoder_key(k: str, v: Tensor) -> dict[str, Tensor]:
     if parts[0] != "layers":
         raise KeyError(f"unexpected language-model weight {k!r}")
     i, rest = parts[1], ".".join(parts[2:])
-    if rest == "input_layernorm.weight":
-        return {f"blocks.{i}.ln1.w": v}
-    if rest == "post_attention_layernorm.weight":
-        return {f"blocks.{i}.ln2.w": v}
+    if rest in norm_names:
+        return {f"blocks.{i}.{norm_names[rest]}": v}
     if rest.startswith("self_attn."):
         return {f"blocks.{i}.attn.{rest[len('self_attn.'):]}": v}
     if rest.startswith("mlp."):
@@ -192,6 +202,7 @@ __all__ = [
     "decoder_masks",
     "default_position_ids",
     "convert_decoder_key",
+    "LLAMA_NORMS",
     "FULL",
     "SLIDING",
 ]

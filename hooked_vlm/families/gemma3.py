@@ -43,6 +43,7 @@ from hooked_vlm.components.rotary import inverse_frequencies, rope_cos_sin
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm import loading
 from hooked_vlm.errors import InputError
+from hooked_vlm.families.decoder import convert_decoder_key
 from hooked_vlm.families.vit import HookedViT, ViTSpec, convert_vit_state_dict
 from hooked_vlm.layout import TokenLayout
 from hooked_vlm.model import HookedVLM, LMInput
@@ -264,7 +265,7 @@ class HookedGemma3(HookedVLM):
                     rest = rest[len("model.") :]
                 if rest == "lm_head.weight":
                     continue  # tied to the embeddings
-                out.update(_convert_lm_key(rest, v))
+                out.update(convert_decoder_key(rest, v, norm_names=GEMMA3_NORMS))
             elif k == "lm_head.weight":
                 continue  # tied to the embeddings
             else:
@@ -411,31 +412,15 @@ def _rope_inverse_frequencies(t: dict[str, Any], kind: str, d_head: int) -> tupl
     return inv_freq.float().cpu(), float(scaling)
 
 
-def _convert_lm_key(k: str, v: Tensor) -> dict[str, Tensor]:
-    """One decoder weight (relative to the text model) to our name."""
-    if k == "embed_tokens.weight":
-        return {"embed.weight": v}
-    if k == "norm.weight":
-        return {"ln_final.w": v}
-    parts = k.split(".")
-    if parts[0] != "layers":
-        raise KeyError(f"unexpected Gemma3 language-model weight {k!r}")
-    i, rest = parts[1], ".".join(parts[2:])
-    norms = {
-        "input_layernorm.weight": "ln1.w",
-        "post_attention_layernorm.weight": "ln1_post.w",
-        "pre_feedforward_layernorm.weight": "ln2.w",
-        "post_feedforward_layernorm.weight": "ln2_post.w",
-        "self_attn.q_norm.weight": "attn.q_norm.w",
-        "self_attn.k_norm.weight": "attn.k_norm.w",
-    }
-    if rest in norms:
-        return {f"blocks.{i}.{norms[rest]}": v}
-    if rest.startswith("self_attn."):
-        return {f"blocks.{i}.attn.{rest[len('self_attn.'):]}": v}
-    if rest.startswith("mlp."):
-        return {f"blocks.{i}.{rest}": v}
-    raise KeyError(f"unexpected Gemma3 language-model weight {k!r}")
+#: Gemma 3's per-layer norms: four around the sublayers plus QK-norm (the rest maps as in any decoder).
+GEMMA3_NORMS: dict[str, str] = {
+    "input_layernorm.weight": "ln1.w",
+    "post_attention_layernorm.weight": "ln1_post.w",
+    "pre_feedforward_layernorm.weight": "ln2.w",
+    "post_feedforward_layernorm.weight": "ln2_post.w",
+    "self_attn.q_norm.weight": "attn.q_norm.w",
+    "self_attn.k_norm.weight": "attn.k_norm.w",
+}
 
 
 __all__ = ["HookedGemma3", "Gemma3Projector", "Gemma3SiglipTower", "Gemma3VisionSpec"]
