@@ -10,8 +10,6 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-QWEN_FAMILIES = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
-
 
 @pytest.fixture(scope="session")
 def qwen_pair():

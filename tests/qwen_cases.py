@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 IMG, VID, VS, VE, PAD = 100, 101, 102, 103, 2
+QWEN_FAMILIES = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 
 
 def patchify_frames(frames: torch.Tensor, patch: int = 14, merge: int = 2, tps: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

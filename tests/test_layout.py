@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QWEN_FAMILIES
-from qwen_cases import IMG, VE, VID, VS, case, mm_types
+from qwen_cases import QWEN_FAMILIES, IMG, VE, VID, VS, case, mm_types
 
 from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, VIDEO
 

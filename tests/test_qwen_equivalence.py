@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from conftest import QWEN_FAMILIES
-from qwen_cases import CASES, case, hf_logits, mm_types, valid
+from qwen_cases import QWEN_FAMILIES, CASES, case, hf_logits, mm_types, valid
 
 TOL = 1e-4
 

@@ -4,8 +4,7 @@ where causality allows, patterns are computed only on request, and the cache dec
 import pytest
 import torch
 
-from conftest import QWEN_FAMILIES
-from qwen_cases import case
+from qwen_cases import QWEN_FAMILIES, case
 
 from hooked_vlm.hook_table import describe_hook
 
