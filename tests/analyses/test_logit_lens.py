@@ -154,3 +154,33 @@ def test_clip_text_lens_pooled_token_equals_model_logits(two_tower):
     got = res.logits[-1, torch.arange(ids.shape[0]), pool]
     torch.testing.assert_close(got, per_text, atol=1e-5, rtol=1e-4)
     assert len(res.frame()) == res.logits.numel()
+
+
+def test_html_page_is_self_contained_and_embeds_the_lens(tmp_path):
+    import base64
+    import io
+    import json
+    import re
+
+    from PIL import Image
+
+    from analyses.lens_html import lens_html
+    from vlm_cases import tokenizer
+
+    model, inputs, img = make_inputs("qwen2.5-vl-image")
+    res = logit_lens(model, inputs, answer_ids=ANSWERS, top_k=3)
+    page = lens_html(res, img, tmp_path / "lens.html", tokenizer=tokenizer()).read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing fetched from elsewhere
+    png = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page).group(1)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB")), img)
+    data = json.loads(re.search(r"const D = (.*?);\n", page).group(1))
+    lay = res.layout
+    image_pos = lay.positions(image=0).tolist()
+    assert len(data["cells"]) == len(image_pos)
+    i, r, c = data["cells"][5]
+    p = res.positions[i]
+    assert p == image_pos[5] and (int(lay.row[0, p]), int(lay.col[0, p])) == (r, c)
+    layer = 1
+    shown = lambda s: s if s.strip() else repr(s)  # noqa: E731 -- blank tokens are shown quoted
+    assert [t for t, _ in data["top"][layer][i]] == [shown(tokenizer().decode([t])) for t in res.top_ids[layer, i].tolist()]
+    assert data["answer_probs"][layer][i] == pytest.approx(res.answer_probs[layer, i].tolist(), abs=1e-4)
