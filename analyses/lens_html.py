@@ -79,7 +79,7 @@ table{border-collapse:collapse}td,th{padding:2px 6px;border-bottom:1px solid #ee
 <div>layer <input id="layer" type="range" min="0" max="0" value="0"> <b id="lname"></b>
 &nbsp; colour: <select id="colour"></select> &nbsp; <small>lens: <span id="norm"></span>; hover a cell or token, click to pin</small></div>
 <div id="wrap"><div id="img"><img alt="input image" src="data:image/png;base64,__PNG__"></div>
-<div id="panel"><div id="what">hover a cell</div><table id="tab"></table></div></div>
+<div id="panel"><div id="scale"></div><div id="what">hover a cell</div><table id="tab"></table></div></div>
 <h4>prompt tokens</h4><div id="prompt"></div>
 <script>
 const D = __DATA__;
@@ -113,8 +113,10 @@ function pin(i, el) {
 function value(l, i) { const m = colour.value; return m === 'top' ? D.top[l][i][0][1] : D.answer_probs[l][i][+m.slice(1)]; }
 function paint() {
   const l = +layer.value; document.getElementById('lname').textContent = D.layers[l];
+  const vals = cellDivs.map(([i]) => value(l, i)), lo = Math.min(...vals), hi = Math.max(...vals), span = Math.max(hi - lo, 1e-9);
+  document.getElementById('scale').textContent = 'colour: ' + lo.toFixed(3) + ' (clear) .. ' + hi.toFixed(3) + ' (orange) at this layer';
   cellDivs.forEach(([i, d]) => {
-    const v = value(l, i); d.style.background = 'rgba(255,80,0,' + (0.75 * Math.min(1, v)).toFixed(3) + ')';
+    const v = value(l, i); d.style.background = 'rgba(255,80,0,' + (0.05 + 0.75 * (v - lo) / span).toFixed(3) + ')';
     d.firstChild.textContent = D.top[l][i][0][0];
   });
 }
@@ -131,7 +133,8 @@ function show(i) {
       b.style.width = Math.round(60 * p) + 'px'; c.appendChild(b); c.appendChild(document.createTextNode(p.toFixed(3))); });
   }
 }
-layer.oninput = paint; colour.onchange = paint; paint(); show(D.cells.length ? D.cells[0][0] : 0);
+layer.oninput = paint; colour.onchange = paint; paint();
+if (D.cells.length) { const [i0, d0] = cellDivs[Math.min(cellDivs.length - 1, Math.floor(cellDivs.length / 2))]; pin(i0, d0); }
 </script></body></html>
 """
 

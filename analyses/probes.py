@@ -97,7 +97,10 @@ def cross_val_proba(X: np.ndarray, y: np.ndarray, splits: Sequence[tuple[np.ndar
     """Out-of-fold class probabilities ``[n, n_classes]`` (classes = ``np.unique(y)``)."""
     classes = np.unique(y)
     proba = np.zeros((len(y), classes.size))
-    for tr, te in splits:
+    for k, (tr, te) in enumerate(splits):
+        if np.unique(y[tr]).size < 2:
+            raise ValueError(f"fold {k}'s training part holds one label only ({y[tr][0]!r}); use fewer splits or "
+                             "groups whose labels are better mixed")
         model = make_probe(kind, seed, **probe_kw).fit(X[tr], y[tr])
         cols = np.searchsorted(classes, model.classes_)
         proba[np.ix_(te, cols)] = model.predict_proba(X[te])

@@ -130,3 +130,11 @@ def test_features_from_activation_dataset_feed_probes(tmp_path):
     _, inputs = data[2]
     _, cache = model.run_with_cache(**inputs, names_filter=["blocks.1.hook_resid_post"])
     torch.testing.assert_close(feats["blocks.1.hook_resid_post"][2], cache["blocks.1.hook_resid_post"][0, -1])
+
+
+def test_a_fold_with_one_label_raises_a_clear_error():
+    X = np.random.default_rng(0).normal(size=(12, 3))
+    y = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    groups = np.arange(12) // 4  # the last group holds every positive
+    with pytest.raises(ValueError, match="holds one label only"):
+        pr.probe_layers({0: X}, y, groups, n_splits=3, control=None, ci=False)
