@@ -149,3 +149,24 @@ def test_mean_ablation_sweep_equals_a_hand_written_hook():
     with torch.no_grad():
         clean = float(metric(model(**inputs)).mean())
     assert res.clean_value.iloc[0] == pytest.approx(clean, abs=1e-5)
+
+
+def test_means_are_token_weighted_when_group_sizes_differ():
+    """Prompts of different lengths: text1 has 1 to 6 tokens; the mean is over all tokens, not of per-example means."""
+    prompts = ["red", "what is it", "what is the red circle here"]
+    data = [(f"p{i}", make_inputs("qwen2-vl-image", seed=i, prompt=p)[1]) for i, p in enumerate(prompts)]
+    model, _, _ = make_inputs("qwen2-vl-image")
+    hook = "blocks.1.hook_resid_post"
+    mv = mean_vectors(model, data, [hook], by=("text",), progress=False)
+
+    def last_text_run(lay):
+        kinds = lay.kind[0].tolist()
+        stop = len(kinds)
+        start = stop - 1
+        while start > 0 and kinds[start - 1] == 0:
+            start -= 1
+        return torch.arange(start, stop)
+
+    ref = _reference_stack(model, data, hook, last_text_run)
+    assert mv.counts[(hook, "text1")] == ref.shape[0]
+    torch.testing.assert_close(mv.mean(hook, "text1"), ref.mean(0), atol=1e-12, rtol=1e-12)
