@@ -38,7 +38,7 @@ from analyses.positions import layout_groups
 from analyses.results_store import ConfigMismatchError
 
 __all__ = [
-    "collect_activations", "ActivationDataset", "MeanVectors", "mean_vectors", "reduce_by_groups",
+    "collect_activations", "ActivationDataset", "MeanVectors", "mean_vectors",
     "example_groups", "mean_ablation_sweep",
 ]
 
@@ -53,26 +53,27 @@ def example_groups(layout: Any, by: Sequence[str], batch: int = 0) -> dict[str, 
     return layout_groups(layout, [b for b in by if b != "last"], batch=batch, include_last="last" in by)
 
 
-def reduce_by_groups(act: Float[Tensor, "pos *rest"], groups: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
-    """Mean of ``act`` over each group's positions (axis 0): ``{group: [*rest]}``."""
-    return {g: act[torch.as_tensor(list(p), dtype=torch.long, device=act.device)].mean(0) for g, p in groups.items()}
-
-
-def _vision_groups(layout: Any, batch: int, by: Sequence[str]) -> dict[str, list[int]]:
-    """Vision-tower rows per image / video (``by`` item) or per temporal patch slice (``frame``)."""
-    out: dict[str, list[int]] = {}
+def _vision_groups(layout: Any, batch: int, by: Sequence[str]) -> dict[str, tuple[list[int], list[int]]]:
+    """Vision-tower (rows, patch indices) per image / video (``by`` item: every tower row of the item, e.g.
+    all LLaVA-NeXT crops) or per temporal patch slice / video frame (``frame``), from ``layout.vision_rows``."""
+    out: dict[str, tuple[list[int], list[int]]] = {}
     for it in layout.items:
         if it.batch != batch:
             continue
         kw = {it.kind: it.index}
         name = f"{it.kind}{it.index}"
+        n_rows = int(getattr(it, "n_rows", 1) or 1)  # LLaVA: one tower row per crop / frame
+        if n_rows > 1:
+            parts = [(layout.vision_rows(**kw, frame=k) if it.kind == "video" else layout.vision_rows(**kw, crop=k)) for k in range(n_rows)]
+        elif it.kind == "video":
+            parts = [layout.vision_rows(**kw, frame=f) for f in range(it.grid_thw[0])]
+        else:
+            parts = [layout.vision_rows(**kw)]
         if "frame" in by and it.kind == "video":
-            for f in range(it.grid_thw[0]):
-                _, rows = layout.vision_rows(frame=f, **kw)
-                out[f"{name}/patchframe{f}"] = rows.tolist()
+            for f, (row, idx) in enumerate(parts):
+                out[f"{name}/patchframe{f}"] = ([int(row)] * len(idx), idx.tolist())
         elif "item" in by or "frame" in by:
-            _, rows = layout.vision_rows(**kw)
-            out[name] = rows.tolist()
+            out[name] = ([int(r) for r, idx in parts for _ in idx], [int(i) for _, idx in parts for i in idx])
     if not out:
         raise ValueError("vision-tower hooks are reduced per item ('item') or temporal patch slice ('frame'); "
                          f"got by={list(by)}, or the prompt has no images/videos")
@@ -116,13 +117,17 @@ def _stream(
                 continue
             out: dict[str, dict[str, tuple[Tensor, Tensor, int]]] = {}
             for h in hooks:
-                groups = _vision_groups(lay, b, by) if h.startswith("vision.") else example_groups(lay, by, b)
-                act = cache[h][b]
+                act = cache[h]
+                if h.startswith("vision."):
+                    sel_of = {g: act[torch.as_tensor(r, device=act.device), torch.as_tensor(i, device=act.device)]
+                              for g, (r, i) in _vision_groups(lay, b, by).items()}
+                else:
+                    sel_of = {g: act[b, torch.as_tensor(pos, dtype=torch.long, device=act.device)]
+                              for g, pos in example_groups(lay, by, b).items()}
                 out[h] = {}
-                for g, pos in groups.items():
-                    sel = act[torch.as_tensor(pos, dtype=torch.long, device=act.device)]
+                for g, sel in sel_of.items():
                     s = sel.double().sum(0).cpu()
-                    out[h][g] = ((s / len(pos)), s, len(pos))
+                    out[h][g] = ((s / sel.shape[0]), s, int(sel.shape[0]))
             yield ex, out
 
 
@@ -298,7 +303,8 @@ def collect_activations(
 
     Args:
         by: layout groupings, each activation reduced per group (:data:`GROUPINGS`). Vision-tower hooks
-            (``vision.*``) are reduced per image / video (``"item"``) or temporal patch slice (``"frame"``).
+            (``vision.*``) are reduced per image / video (``"item"``: every tower row of it, e.g. all
+            LLaVA-NeXT crops) or per temporal patch slice / video frame (``"frame"``).
         shard_size: examples per shard: the most activations held in memory at once.
         dtype: storage dtype of the reduced activations (the mean-vector sums are always float64).
         total: number of examples, for the progress bar.

@@ -36,10 +36,14 @@ def _token_text(tokenizer: Any, i: int) -> str:
     return text if text.strip() else repr(text)
 
 
-def lens_data(result: LensResult, tokenizer: Any = None, image: int = 0, part: str = "auto") -> dict[str, Any]:
-    """The JSON the page embeds: layers, per-position top-k and answer probabilities, the image's cells."""
+def lens_data(result: LensResult, tokenizer: Any = None, image: int | None = 0, part: str = "auto",
+              video: int | None = None, frame: int = 0) -> dict[str, Any]:
+    """The JSON the page embeds: layers, per-position top-k and answer probabilities, the cells of one
+    image (or of one frame of a video: ``video=``, ``frame=``)."""
     lay, b = result.layout, result.batch
-    cells, rows, cols = result._cells(image, None, 0, part)
+    if video is not None:
+        image = None
+    cells, rows, cols = result._cells(image, video, frame, part)
     ids = lay.input_ids[b, result.positions].tolist()
     vocab = {int(i) for i in np.unique(result.top_ids.numpy())} | {int(i) for i in ids} | set(result.answer_ids)
     words = {i: _token_text(tokenizer, i) for i in vocab}
@@ -141,11 +145,11 @@ if (D.cells.length) { const [i0, d0] = cellDivs[Math.min(cellDivs.length - 1, Ma
 
 def lens_html(
     result: LensResult, image: np.ndarray, path: str | Path, tokenizer: Any = None, image_index: int = 0,
-    part: str = "auto", title: str = "Logit lens", width: int = 448,
+    part: str = "auto", title: str = "Logit lens", width: int = 448, video: int | None = None, frame: int = 0,
 ) -> Path:
-    """Write the page for image ``image_index`` of ``result`` (``image``: the resized HWC uint8 pixels,
-    e.g. ``synthetic_grid_image``'s array or the processor's resize) to ``path``."""
-    data = lens_data(result, tokenizer, image_index, part)
+    """Write the page for image ``image_index`` of ``result`` (or frame ``frame`` of video ``video``) to
+    ``path``; ``image``: the HWC uint8 pixels shown under the grid (the image, or that video frame)."""
+    data = lens_data(result, tokenizer, image_index, part, video=video, frame=frame)
     h, w = np.asarray(image).shape[:2]
     height = int(round(width * h / w))
     page = (_PAGE.replace("__TITLE__", html.escape(title)).replace("__W__", str(width)).replace("__H__", str(height))

@@ -32,7 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 __all__ = [
-    "LensResult", "logit_lens", "lens_logits", "lens_hook_names", "plot_cell_view",
+    "LensResult", "logit_lens", "lens_logits", "lens_hook_names", "plot_cell_view", "plot_frame_view",
     "ClipLensResult", "clip_patch_lens", "clip_text_lens",
 ]
 
@@ -256,6 +256,31 @@ def plot_cell_view(
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
     if title:
         fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_frame_view(view: Float[np.ndarray, "layer frames"], path: str | Path, layers: Sequence[int] | None = None,
+                    title: str = "") -> Path:
+    """PNG heatmap of a :meth:`LensResult.frame_view` (lens layer x video frame), matplotlib Agg."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(range(view.shape[0])) if layers is None else list(layers)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * view.shape[1], 1.0 + 0.3 * view.shape[0]))
+    im = ax.imshow(view, aspect="auto", origin="lower", cmap="magma")
+    ax.set_xlabel("frame (temporal slice)")
+    ax.set_ylabel("lens layer")
+    ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=7)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)

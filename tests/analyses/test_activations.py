@@ -170,3 +170,28 @@ def test_means_are_token_weighted_when_group_sizes_differ():
     ref = _reference_stack(model, data, hook, last_text_run)
     assert mv.counts[(hook, "text1")] == ref.shape[0]
     torch.testing.assert_close(mv.mean(hook, "text1"), ref.mean(0), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("case,kind", [("llava-next-image", "image"), ("llava-next-video", "video"), ("qwen2.5-vl-video", "video")])
+def test_vision_hook_groups_cover_every_tower_row_of_the_item(case, kind):
+    """LLaVA-NeXT: every crop's tower row; videos: one group per frame / temporal patch slice."""
+    model, inputs, _ = make_inputs(case)
+    hook = "vision.blocks.0.hook_resid_post"
+    _, cache = model.run_with_cache(**inputs, names_filter=[hook])
+    act = cache[hook]
+    lay = model.layout(**inputs)
+    _, it = lay.find_item(**{kind: 0})
+    n_rows = getattr(it, "n_rows", 1)
+    if kind == "image":
+        parts = [lay.vision_rows(image=0, crop=k) for k in range(n_rows)]
+    else:
+        n = n_rows if n_rows > 1 else it.grid_thw[0]
+        parts = [lay.vision_rows(video=0, frame=f) for f in range(n)]
+    assert len(parts) > 1
+    stacked = torch.cat([act[row, idx] for row, idx in parts]).double()
+    mv = mean_vectors(model, [("x", inputs)], [hook], by=("item",), progress=False)
+    torch.testing.assert_close(mv.mean(hook, f"{kind}0"), stacked.mean(0), atol=1e-12, rtol=1e-12)
+    if kind == "video":
+        per_frame = mean_vectors(model, [("x", inputs)], [hook], by=("frame",), progress=False)
+        row, idx = parts[1]
+        torch.testing.assert_close(per_frame.mean(hook, "video0/patchframe1"), act[row, idx].double().mean(0), atol=1e-12, rtol=1e-12)

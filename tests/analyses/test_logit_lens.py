@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.logit_lens import clip_patch_lens, clip_text_lens, lens_hook_names, logit_lens, plot_cell_view
+from analyses.logit_lens import clip_patch_lens, clip_text_lens, lens_hook_names, logit_lens, plot_cell_view, plot_frame_view
 from vlm_cases import CASES, make_inputs
 
 ANSWERS = [5, 6, 40]
@@ -77,8 +77,8 @@ def test_cell_view_places_each_visual_token_at_its_layout_cell(case):
         assert grid.shape == view.shape and (grid >= 0).all()
 
 
-def test_frame_view_averages_each_temporal_slice():
-    model, inputs, _ = make_inputs("qwen2.5-vl-video")
+def test_frame_view_averages_each_temporal_slice(tmp_path):
+    model, inputs, frames = make_inputs("qwen2.5-vl-video")
     res = logit_lens(model, inputs, answer_ids=ANSWERS)
     lay = res.layout
     fv = res.frame_view(video=0, answer=0)
@@ -88,6 +88,17 @@ def test_frame_view_averages_each_temporal_slice():
     for f in range(it.merged_grid[0]):
         idx = [pos_index[p] for p in lay.positions(video=0, frame=f).tolist()]
         np.testing.assert_allclose(fv[:, f], res.answer_probs[:, idx, 0].mean(1).numpy(), rtol=1e-5)
+    assert plot_frame_view(fv, tmp_path / "frames.png", layers=res.layers).read_bytes()[:4] == b"\x89PNG"
+    # the HTML page of one video frame lays out that frame's cells
+    import json
+    import re
+
+    from analyses.lens_html import lens_html
+
+    page = lens_html(res, frames[2], tmp_path / "v.html", video=0, frame=1).read_text()
+    data = json.loads(re.search(r"const D = (.*?);\n", page).group(1))
+    frame1 = lay.positions(video=0, frame=1).tolist()
+    assert sorted(res.positions[i] for i, _, _ in data["cells"]) == frame1
 
 
 def test_tidy_frames_and_png(tmp_path):

@@ -9,11 +9,14 @@ import numpy as np
 #: case name -> (tiny model name, visual kind)
 CASES = {
     "qwen2-vl-image": ("tiny-qwen2-vl", "image"),
+    "qwen2-vl-video": ("tiny-qwen2-vl", "video"),
     "qwen2.5-vl-image": ("tiny-qwen2.5-vl", "image"),
     "qwen2.5-vl-video": ("tiny-qwen2.5-vl", "video"),
     "llava-image": ("tiny-llava", "image"),
     "llava-next-image": ("tiny-llava-next", "image"),
     "llava-next-video": ("tiny-llava-next-video", "video"),
+    "llava-onevision-image": ("tiny-llava-onevision", "image"),
+    "llava-dinov2-image": ("tiny-llava-dinov2", "image"),
     "gemma3-image": ("tiny-gemma3", "image"),
 }
 
