@@ -264,12 +264,20 @@ def direction_hook(
     return hook
 
 
-def direction_edit(hook: str, direction: Float[Tensor, "d"], like: Tensor, positions: Sequence[int] | None = None, alpha: float = 1.0) -> Any:
-    """An :class:`~analyses.variants.Edit` (mode ``"add"``) steering ``hook`` by ``alpha * u`` at ``positions``
-    (``like``: the base run's activation ``[B, L, d]``) for the patching engine's batched variants."""
+def direction_edit(
+    hook: str, direction: Float[Tensor, "d"], like: Tensor, positions: Sequence[int] | None = None, alpha: float = 1.0,
+    mode: Literal["steer", "ablate"] = "steer", center: Float[Tensor, "d"] | None = None,
+) -> Any:
+    """An :class:`~analyses.variants.Edit` for the patching engine's batched variants (``like``: the base run's
+    activation ``[B, L, d]`` at ``hook``). ``"steer"``: mode ``"add"`` of ``alpha * u`` at ``positions``.
+    ``"ablate"``: mode ``"replace"`` by ``like`` with its component along ``u`` removed, exact when no earlier
+    edit of the same variant changes ``hook``'s input (the usual single-site sweep)."""
     from analyses.variants import Edit
 
     u = (direction / direction.norm()).to(like.dtype).to(like.device)
-    value = (alpha * u).expand_as(like)
     pos = None if positions is None else torch.as_tensor(list(positions), dtype=torch.long)
-    return Edit(hook, value, positions=pos, mode="add")
+    if mode == "steer":
+        return Edit(hook, (alpha * u).expand_as(like), positions=pos, mode="add")
+    if mode == "ablate":
+        return Edit(hook, direction_hook(direction, None, "ablate", center=center)(like), positions=pos, mode="replace")
+    raise ValueError(f"mode must be 'steer' or 'ablate', got {mode!r}")

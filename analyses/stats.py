@@ -226,15 +226,31 @@ def compare_groups(
     return add_qvalues(pd.DataFrame(rows), methods=correction)
 
 
+def _paired_rb_axis(d: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Vectorised matched-pairs rank-biserial of differences ``d`` (zeros dropped), for the bootstrap."""
+    d = np.moveaxis(d, axis, -1)
+    r = sps.rankdata(np.where(d == 0, np.nan, np.abs(d)), axis=-1, nan_policy="omit")
+    pos = np.nansum(np.where(d > 0, r, 0.0), axis=-1)
+    neg = np.nansum(np.where(d < 0, r, 0.0), axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pos + neg > 0, (pos - neg) / (pos + neg), 0.0)
+
+
+def _dz_axis(d: np.ndarray, axis: int = -1) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return d.mean(axis=axis) / d.std(axis=axis, ddof=1)
+
+
 def compare_paired(
     frame: pd.DataFrame, value: str, condition: str, first: Any, second: Any, pair: str, units: Sequence[str] = (),
     tests: Sequence[PairedTest] = ("wilcoxon", "paired_t"), correction: Sequence[str] = ("fdr_bh", "fdr_by", "holm"),
+    ci: bool = True, n_resamples: int = 999, seed: int = 0,
 ) -> pd.DataFrame:
     """Paired tests per unit (e.g. with vs without the target, matched by ``pair`` = image id).
 
     One row per unit and test: ``statistic``, ``p_value``, ``n_pairs``, ``mean_diff`` (first - second),
     ``rank_biserial`` (matched pairs, positive = first larger), ``cohens_dz`` (mean diff / sd of diffs),
-    then q-values.
+    each with a BCa bootstrap CI over pairs when ``ci`` (``_low`` / ``_high``), then q-values.
     """
     rows = []
     for key, sub in _units(frame, units):
@@ -245,12 +261,20 @@ def compare_paired(
         wide = wide[[first, second]].dropna()
         x, y = wide[first].to_numpy(float), wide[second].to_numpy(float)
         d = x - y
-        sd = d.std(ddof=1) if d.size > 1 else float("nan")
+        eff = {"rank_biserial": paired_rank_biserial(x, y), "cohens_dz": float(_dz_axis(d)) if d.size > 1 else float("nan")}
+        if ci:
+            for name, fn in (("rank_biserial", _paired_rb_axis), ("cohens_dz", _dz_axis)):
+                lo = hi = float("nan")
+                if d.size > 2 and np.ptp(d) > 0:
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        r = sps.bootstrap((d,), fn, vectorized=True, method="BCa", n_resamples=n_resamples,
+                                          rng=np.random.default_rng(seed)).confidence_interval
+                    lo, hi = float(r.low), float(r.high)
+                eff[f"{name}_low"], eff[f"{name}_high"] = lo, hi
         for t in tests:
             stat, p = paired_test(x, y, t)
             rows.append({**dict(zip(units, key)), "test": t, "statistic": stat, "p_value": p, "n_pairs": d.size,
-                         "mean_diff": d.mean(), "rank_biserial": paired_rank_biserial(x, y),
-                         "cohens_dz": d.mean() / sd if sd and sd > 0 else float("nan")})
+                         "mean_diff": d.mean(), **eff})
     return add_qvalues(pd.DataFrame(rows), methods=correction)
 
 

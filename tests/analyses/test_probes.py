@@ -116,6 +116,11 @@ def test_direction_edit_through_the_patching_engine_equals_run_with_hooks():
     with torch.no_grad():
         base = metric(model(**inputs))
     assert abs(float(vals[0, 0]) - float(base[0])) > 1e-4  # the steer changed the output
+    # ablation as a replace edit equals the projection hook
+    vals, _ = runner.run([[pr.direction_edit(name, u, cache[name], positions=[2, last], mode="ablate")]], metric)
+    with torch.no_grad():
+        ref = metric(model.run_with_hooks(**inputs, fwd_hooks=[(name, pr.direction_hook(u, [2, last], "ablate"))]))
+    assert float(vals[0, 0]) == pytest.approx(float(ref[0]), abs=1e-5)
 
 
 def test_features_from_activation_dataset_feed_probes(tmp_path):

@@ -116,6 +116,12 @@ def test_compare_paired_matches_scipy():
     w = out[out.test == "wilcoxon"].iloc[0]
     assert w.p_value == pytest.approx(sps.wilcoxon(with_t, without).pvalue)
     assert w.mean_diff == pytest.approx((with_t - without).mean()) and w.rank_biserial > 0
+    assert w.rank_biserial == pytest.approx(st.paired_rank_biserial(with_t, without))
+    assert w.rank_biserial == pytest.approx(st._paired_rb_axis(with_t - without))  # vectorised bootstrap statistic
+    d = with_t - without
+    assert w.cohens_dz == pytest.approx(d.mean() / d.std(ddof=1))
+    assert w.rank_biserial_low < w.rank_biserial < w.rank_biserial_high
+    assert w.cohens_dz_low < w.cohens_dz < w.cohens_dz_high
 
 
 def test_bootstrap_iid_matches_scipy_and_covers_the_mean():
