@@ -38,7 +38,7 @@ def test_grouped_splits_never_leak_and_cover_every_sample_once():
 def test_probe_finds_planted_direction_and_is_at_chance_on_shuffled_labels():
     X, y, groups, w = _planted()
     feats = {0: np.random.default_rng(1).normal(size=X.shape), 1: X}  # layer 0: no signal; layer 1: planted
-    out = pr.probe_layers(feats, y, groups, n_splits=5, control="global", n_resamples=199).set_index("layer")
+    out = pr.probe_layers(feats, y, groups, n_splits=5, control="global", n_resamples=99).set_index("layer")
     assert out.loc[1, "auroc"] > 0.9 and out.loc[1, "accuracy"] > 0.8
     assert out.loc[1, "auroc_low"] < out.loc[1, "auroc"] < out.loc[1, "auroc_high"]
     assert abs(out.loc[1, "control_auroc"] - 0.5) < 0.12 and out.loc[1, "selectivity"] > 0.25
