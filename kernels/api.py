@@ -367,3 +367,52 @@ def attn_stats(
     if rows is not None:
         st.rows, st.rows_group_mass = attn_rows(q, k, rows, mask, st.lse, key_group_ids, scale=sc, backend="torch")
     return st
+
+
+def _sdpa_colsum_applies(q: Tensor, k: Tensor, mask: MaskSpec, n_cols: int) -> bool:
+    """Whether torch's fused SDPA backward can give ``W^T P`` exactly (plain causal or unmasked, one-hot width fits)."""
+    lq, lk, d = q.shape[2], k.shape[2], q.shape[-1]
+    return mask.is_plain_causal() and (not mask.causal or (lq == lk and mask.offset(lq, lk) == 0)) and n_cols <= d and q.dtype == k.dtype
+
+
+def weighted_colsum(
+    q: Float[Tensor, "b h lq d"],
+    k: Float[Tensor, "b hkv lk d"],
+    mask: MaskSpec,
+    q_weights: Float[Tensor, "b lq qg"],
+    *,
+    heads: str = "per_head",
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Float[Tensor, "b h qg lk"]:
+    """``colsum[b, h, c, j] = sum_i W[b, i, c] P[b, h, i, j]`` without a precomputed LSE: one rollout step.
+
+    Plain causal (``Lq == Lk``) and unmasked attention use torch's fused SDPA backward (``backend="sdpa"``, the
+    default there): with values ``V`` and output gradient ``dO[:, :, i, c] = W[i, c]``, ``dV = P^T dO`` is the
+    weighted column sum, computed tile by tile in O(L) memory. Any other mask (padding, windows, bidirectional
+    spans, segments, knockouts) computes the LSE with :func:`attn_fwd` and then runs :func:`attn_colsum`.
+    """
+    _check_qk(q, k)
+    b, h, lq, d = q.shape
+    w = _query_weights(None, q_weights, b, lq, q.device)
+    sc = d**-0.5 if scale is None else float(scale)
+    if backend not in (None, "sdpa") or not _sdpa_colsum_applies(q, k, mask, w.shape[-1]):
+        if backend == "sdpa":
+            raise ValueError(
+                "backend='sdpa' needs a plain causal (Lq == Lk) or unmasked MaskSpec and at most head_dim query "
+                "groups; use backend=None to fall back to the LSE + column pass"
+            )
+        _, lse, _ = attn_fwd(q, k, k, mask, scale=sc, backend=backend)
+        return attn_colsum(q, k, lse, mask, q_weights=w, heads=heads, scale=sc, backend=backend)
+    rep = h // k.shape[1]
+    kk = k.detach().repeat_interleave(rep, dim=1) if rep > 1 else k.detach()
+    with torch.enable_grad():
+        v = torch.zeros_like(kk, dtype=torch.float32 if kk.dtype == torch.float64 else kk.dtype, requires_grad=True)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.detach().to(v.dtype), kk.to(v.dtype), v, is_causal=mask.causal and lq > 1, scale=sc
+        )
+        d_out = torch.zeros_like(out)
+        d_out[..., : w.shape[-1]] = w[:, None].to(out.dtype)
+        (dv,) = torch.autograd.grad(out, v, d_out)
+    cs = dv[..., : w.shape[-1]].transpose(2, 3).float()
+    return _reduce_heads(cs, heads, k.shape[1])
