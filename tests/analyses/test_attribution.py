@@ -235,3 +235,25 @@ def test_methods_that_do_not_apply_raise():
 
 class _NoVision(torch.nn.Module):
     vision = None
+
+
+def test_ig_equals_captum_on_the_transformers_model():
+    """Our IG on the hooked twin == Captum's IntegratedGradients on the transformers model (same inputs, rule)."""
+    from captum.attr import IntegratedGradients
+
+    from hooked_vlm.tiny import tiny_hf_model
+
+    model, inputs = case("qwen2-vl-image")
+    hf = tiny_hf_model("tiny-qwen2-vl")  # the same weights as case(): seed 0
+    base = pixel_baseline(model, inputs, "black")
+
+    def forward(pv, ids, am, thw, mm):
+        return answer_logprob(hf(input_ids=ids, attention_mask=am, pixel_values=pv, image_grid_thw=thw, mm_token_type_ids=mm).logits)
+
+    extra = tuple(inputs[k] for k in ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids"))
+    # Captum counts dim 0 (Qwen's packed patch rows) as examples, so it steps one whole path point per batch
+    n_rows = inputs["pixel_values"].shape[0]
+    ref = IntegratedGradients(forward).attribute(inputs["pixel_values"], baselines=base, additional_forward_args=extra,
+                                                 n_steps=16, method="riemann_middle", internal_batch_size=n_rows)
+    ours = integrated_gradients(model, inputs, answer_logprob, baseline=base, steps=16, batch_size=8)
+    np.testing.assert_allclose(ours.values.numpy(), ref.detach().numpy(), atol=2e-6, rtol=1e-3)
