@@ -237,7 +237,7 @@ def attention_map(
         nonlocal names
         b, _, lq, _ = s.q.shape
         w, names = query_weights(query, layout if tower == "lm" else None, lq, b)
-        found[s.layer] = weighted_colsum(s.q, s.k, s.mask, w.to(s.q.device), heads=heads, scale=s.scale, backend=backend).cpu()
+        found[s.layer] = weighted_attention(s, w, heads=heads, backend=backend).cpu()
 
     chosen = _resolve_layers(layers, len(attention_modules(model, tower)), tower)
     with eval_mode(model), torch.no_grad(), capture_qk(model, on_layer, tower, chosen):
@@ -246,6 +246,25 @@ def attention_map(
     if missing:
         raise MethodNotApplicableError(f"attention layers {missing} of the {tower} tower did not run in this forward")
     return AttentionMap(torch.stack([found[i] for i in chosen]), chosen, names, tower, layout)
+
+
+ROWS_LIMIT = 64
+
+
+def weighted_attention(s: LayerQK, w: Float[Tensor, "b lq qg"], heads: str = "per_head", backend: str | None = None,
+                       rows_limit: int = ROWS_LIMIT) -> Float[Tensor, "b h qg lk"]:
+    """``W^T P`` for one layer: from exact rows (:func:`kernels.attn_rows`, cost ``S x L``) when the groups use at
+    most ``rows_limit`` query positions, else the column pass (:func:`kernels.weighted_colsum`, cost ``L x L``)."""
+    used = (w != 0).any(-1).any(0).nonzero().flatten()
+    if used.numel() <= rows_limit:
+        probs, _ = attn_rows(s.q, s.k, used.to(s.q.device), s.mask, scale=s.scale, backend=backend)  # B H S Lk
+        out = torch.einsum("bsc,bhsk->bhck", w[:, used].to(probs), probs)
+        if heads == "mean":
+            return out.mean(1, keepdim=True)
+        if heads == "per_head":
+            return out
+        raise ValueError(f"heads must be 'per_head' or 'mean', got {heads!r}")
+    return weighted_colsum(s.q, s.k, s.mask, w.to(s.q.device), heads=heads, scale=s.scale, backend=backend)
 
 
 # --------------------------------------------------------------------------------------------- grid views

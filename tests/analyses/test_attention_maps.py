@@ -186,3 +186,25 @@ def test_errors_are_explicit():
         attention_map(model, inputs, "last", layers=[5])
     with pytest.raises(ValueError, match="unknown query"):
         attention_map(model, inputs, "first")
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl-image", "gemma3"])
+def test_rows_route_equals_column_route(family):
+    """Few query rows use exact rows; many use the column pass; both equal the pattern (plain causal / windowed)."""
+    from analyses.attention_maps import capture_qk, query_weights, weighted_attention
+
+    model, inputs = case(family)
+    got = {}
+
+    def on_layer(s):
+        w, _ = query_weights({"a": [1, 4, 6], "b": [-1]}, None, s.q.shape[2], 1)
+        got[s.layer] = (weighted_attention(s, w, rows_limit=64), weighted_attention(s, w, rows_limit=0))
+
+    with torch.no_grad(), capture_qk(model, on_layer):
+        model(**inputs)
+    pats = patterns(model, inputs)
+    for layer, (rows, cols) in got.items():
+        p = pats[layer][0]
+        want = torch.stack([p[:, [1, 4, 6]].mean(1), p[:, -1]], dim=1)  # H QG L
+        np.testing.assert_allclose(rows[0].numpy(), want.numpy(), atol=2e-5)
+        np.testing.assert_allclose(cols[0].numpy(), want.numpy(), atol=2e-5)
