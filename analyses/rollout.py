@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from analyses.attention_maps import (
+    AttentionMap,
     LayerQK,
     MethodNotApplicableError,
     QuerySpec,
@@ -30,6 +31,7 @@ from analyses.attention_maps import (
     capture_qk,
     eval_mode,
     query_weights,
+    weighted_attention,
 )
 from kernels import weighted_colsum
 
@@ -93,6 +95,7 @@ class Rollout:
     tower: str
     layers: list[int]
     layout: Any = None
+    attention: Any = None  # the query groups' AttentionMap from the same forward (``with_map=True``)
 
     def grid(self, image: int | None = None, video: int | None = None, part: int | None = None) -> Tensor:
         """One item's cells ``[QG, frames, rows, cols]`` (see :func:`analyses.attention_maps.grid_view`)."""
@@ -113,12 +116,15 @@ def rollout(
     residual: float = 0.5,
     method: str = "rows",
     backend: str | None = None,
+    with_map: bool = False,
 ) -> Rollout:
     """Rollout rows from a query set, for the language model or a vision / text tower.
 
     ``method="rows"`` (default): the row-vector propagation on the kernels (any length; head mean only).
     ``method="materialize"``: caches every ``hook_pattern`` (O(H L^2) per layer; small L), and supports
     ``head_fusion="max"|"min"`` and ``discard_ratio``. ``layers`` are the layers rolled through (default all).
+    ``with_map=True`` (rows method) also returns the query groups' per-layer, per-head attention map from the same
+    forward as ``Rollout.attention`` (an :class:`~analyses.attention_maps.AttentionMap`).
     """
     attns = attention_modules(model, tower)
     chosen = sorted(_resolve_layers(layers, len(attns), tower))
@@ -139,11 +145,15 @@ def rollout(
     b, _, lq, _ = top.q.shape
     w, names = query_weights(query, layout if tower == "lm" else None, lq, b)
     v = w.to(top.q.device).float()  # B L QG
+    maps: dict[int, Tensor] = {}
     for i in reversed(chosen):
         s = captured.pop(i)
+        if with_map:
+            maps[i] = weighted_attention(s, w.to(s.q.device), backend=backend).cpu()
         va = weighted_colsum(s.q, s.k, s.mask, v, heads="mean", scale=s.scale, backend=backend)[:, 0]  # B QG L
         v = residual * v + (1 - residual) * va.transpose(1, 2)
-    return Rollout(v.transpose(1, 2).cpu(), names, tower, chosen, layout)
+    amap = AttentionMap(torch.stack([maps[i] for i in chosen]), chosen, names, tower, layout) if with_map else None
+    return Rollout(v.transpose(1, 2).cpu(), names, tower, chosen, layout, amap)
 
 
 def _patterns(model: nn.Module, inputs: Mapping[str, Any], tower: str, chosen: list[int],

@@ -105,3 +105,20 @@ def test_row_rollout_refuses_what_it_cannot_do():
         rollout(model, inputs, "last", head_fusion="max")
     with pytest.raises(ValueError, match="rollout needs at least one layer"):
         rollout_matrix([])
+
+
+def test_rollout_with_map_returns_the_same_forwards_attention_map():
+    from analyses.attention_maps import attention_map
+
+    model, inputs = case("qwen2.5-vl-video")
+    ro = rollout(model, inputs, "last", with_map=True)
+    amap = attention_map(model, inputs, "last")
+    np.testing.assert_allclose(ro.attention.values.numpy(), amap.values.numpy(), atol=1e-6)
+    pats = patterns(model, inputs)
+    brute = _brute_rollout([pats[i][0].numpy() for i in sorted(pats)])
+    np.testing.assert_allclose(ro.values[0, 0].numpy(), brute[-1], atol=2e-5)
+    grid = ro.grid(video=0)  # [QG, slices, rows, cols]
+    lay = model.layout(**inputs)
+    t, h, w = lay.items[0].merged_grid
+    assert grid.shape == (1, t, h, w)
+    assert float(grid[0, 1, 0, 2]) == pytest.approx(float(ro.values[0, 0, lay.cell(0, 2, video=0, frame=1)]))
