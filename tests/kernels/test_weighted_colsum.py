@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels import Knockout, MaskSpec, weighted_colsum
+from kernels.api import sdpa_colsum
 from kernels.reference import naive_stats
 
 
@@ -30,6 +31,10 @@ def test_sdpa_route_equals_reference(causal):
     torch.testing.assert_close(got.double(), _ref(q, k, mask, w), atol=1e-5, rtol=1e-5)
     mean = weighted_colsum(q, k, mask, w, heads="mean")
     torch.testing.assert_close(mean.double(), _ref(q, k, mask, w).mean(1, keepdim=True), atol=1e-5, rtol=1e-5)
+    kk = k.repeat_interleave(2, dim=1)
+    for method in ("lse", "dv"):  # both fused-kernel tricks, whichever the device picks
+        got = sdpa_colsum(q, kk, w, causal, 32**-0.5, method=method)
+        torch.testing.assert_close(got.double(), _ref(q, k, mask, w), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", [None, "torch", "triton"])
