@@ -401,6 +401,10 @@ def attribution_grid(model: nn.Module, inputs: Mapping[str, Any], attr: Attribut
             per_pos[it.batch, 0, 0, p] = v[rows].sum()
         return grid_view(per_pos, layout, image=image, video=video, part=part)[0, 0]
     img = pixel_map(model, inputs, attr, image=image or 0, absolute=absolute)
+    if v.ndim == 5 and part is None:  # any-res crops: pixel_map shows the base crop, so use the base-crop grid
+        from hooked_vlm.families.llava_inputs import BASE
+
+        part = BASE
     ones = torch.ones(layout.batch_size, 1, 1, layout.seq_len)
     shape = grid_view(ones, layout, image=image, video=video, part=part).shape[-2:]
     return pool_grid(img, tuple(shape), mode="mass")

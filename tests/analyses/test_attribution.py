@@ -257,3 +257,16 @@ def test_ig_equals_captum_on_the_transformers_model():
                                                  n_steps=16, method="riemann_middle", internal_batch_size=n_rows)
     ours = integrated_gradients(model, inputs, answer_logprob, baseline=base, steps=16, batch_size=8)
     np.testing.assert_allclose(ours.values.numpy(), ref.detach().numpy(), atol=2e-6, rtol=1e-3)
+
+
+def test_pixel_attribution_grid_sums_each_cells_pixels():
+    """LLaVA-NeXT (5-D any-res crops): the base crop's |gradient|, summed over each base-grid cell's pixel box."""
+    model, inputs = case("llava-next")
+    sal = gradient_saliency(model, inputs, answer_logprob)
+    grid = attribution_grid(model, inputs, sal, image=0)[0]
+    crop = sal.values[0, 0].abs().sum(0)  # [H, W] of the base crop
+    rows, cols = grid.shape
+    ch, cw = crop.shape[0] // rows, crop.shape[1] // cols
+    for r in range(rows):
+        for c in range(cols):
+            assert float(grid[r, c]) == pytest.approx(float(crop[r * ch : (r + 1) * ch, c * cw : (c + 1) * cw].sum()), rel=1e-5)

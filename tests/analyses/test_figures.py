@@ -23,6 +23,7 @@ def test_overlay_uses_shared_scale_and_saves(tmp_path):
     assert (sym.vmin, sym.vmax) == (-2.0, 2.0)
 
 
+@pytest.mark.slow
 def test_video_grid_bars_panel_and_curves(tmp_path):
     frames = np.zeros((4, 28, 28, 3), np.uint8)
     maps = torch.rand(2, 2, 2, generator=torch.Generator().manual_seed(0))
