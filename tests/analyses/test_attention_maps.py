@@ -208,3 +208,21 @@ def test_rows_route_equals_column_route(family):
         want = torch.stack([p[:, [1, 4, 6]].mean(1), p[:, -1]], dim=1)  # H QG L
         np.testing.assert_allclose(rows[0].numpy(), want.numpy(), atol=2e-5)
         np.testing.assert_allclose(cols[0].numpy(), want.numpy(), atol=2e-5)
+
+
+def test_qwen25_windowed_vision_tower_map_and_rollout():
+    """Qwen2.5-VL's vision tower mixes window and full-attention layers (segment masks): map and rollout vs patterns."""
+    from analyses.rollout import rollout
+
+    model, inputs = case("qwen2.5-vl-video")
+    amap = attention_map(model, inputs, {"rows": [0, 5, 17]}, tower="vision")
+    pats = patterns(model, inputs, prefix="vision.")
+    for li, layer in enumerate(amap.layers):
+        want = pats[layer][0, :, [0, 5, 17], :].mean(1).numpy()
+        np.testing.assert_allclose(amap.values[li, 0, :, 0].numpy(), want, atol=2e-5)
+    ro = rollout(model, inputs, [3], tower="vision")
+    r = np.eye(pats[0].shape[-1])
+    for i in sorted(pats):
+        a = 0.5 * np.eye(r.shape[0]) + 0.5 * pats[i][0].mean(0).numpy()
+        r = (a / a.sum(-1, keepdims=True)) @ r
+    np.testing.assert_allclose(ro.values[0, 0].numpy(), r[3], atol=2e-5)
