@@ -229,7 +229,7 @@ def attention_map(
     ``query`` for ``tower="vision"`` / ``"text"`` are rows of that tower (``layout.vision_rows``; ``[0]`` is
     CLIP's ``[CLS]``). ``heads="mean"`` averages the heads inside the kernel.
     """
-    layout = _layout_or_none(model, inputs) if tower == "lm" else (_layout_or_none(model, inputs) if hasattr(model, "layout") else None)
+    layout = _layout_or_none(model, inputs)  # None for CLIP / SigLIP
     found: dict[int, Tensor] = {}
     names: list[str] = []
 

@@ -128,7 +128,7 @@ def rollout(
     """
     attns = attention_modules(model, tower)
     chosen = sorted(_resolve_layers(layers, len(attns), tower))
-    layout = _layout_or_none(model, inputs) if tower == "lm" else _layout_or_none(model, inputs)
+    layout = _layout_or_none(model, inputs)
     if method == "materialize":
         return _rollout_materialized(model, inputs, query, tower, chosen, head_fusion, discard_ratio, residual, layout)
     if method != "rows":
