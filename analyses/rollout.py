@@ -6,7 +6,8 @@ sum to 1 (``keepdim`` sums: the axis vit-explain got wrong, its issue #16); roll
 
 At long lengths only rows are needed: from the query rows ``v`` (one-hot, or a group mean) the rollout is
 propagated downward, ``v_l = v_{l+1} A~_l = r v_{l+1} + (1 - r) v_{l+1} A_l``, and ``v A_l`` with ``A_l`` the
-head mean is a weighted column sum of the layer's attention (:func:`kernels.weighted_colsum`). Nothing
+head mean is a weighted column sum of the layer's attention (:func:`kernels.weighted_colsum`; exact rows while
+``v`` is still supported on a few query positions, i.e. at the top layer). Nothing
 ``L x L`` is formed; memory is the captured q and k of every layer plus O(H L) per step.
 """
 
@@ -33,7 +34,6 @@ from analyses.attention_maps import (
     query_weights,
     weighted_attention,
 )
-from kernels import weighted_colsum
 
 
 def fuse_attention(attn: Float[Tensor, "h q k"], head_fusion: str = "mean", discard_ratio: float = 0.0) -> Tensor:
@@ -150,7 +150,8 @@ def rollout(
         s = captured.pop(i)
         if with_map:
             maps[i] = weighted_attention(s, w.to(s.q.device), backend=backend).cpu()
-        va = weighted_colsum(s.q, s.k, s.mask, v, heads="mean", scale=s.scale, backend=backend)[:, 0]  # B QG L
+        # the top step starts from the query rows (exact rows, S x L); below, v is dense (one column pass)
+        va = weighted_attention(s, v, heads="mean", backend=backend)[:, 0]  # B QG L
         v = residual * v + (1 - residual) * va.transpose(1, 2)
     amap = AttentionMap(torch.stack([maps[i] for i in chosen]), chosen, names, tower, layout) if with_map else None
     return Rollout(v.transpose(1, 2).cpu(), names, tower, chosen, layout, amap)
