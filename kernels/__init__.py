@@ -18,6 +18,7 @@ from .api import (
     attn_stats,
     region_mass,
     resolve_backend,
+    weighted_colsum,
 )
 from .mask import Knockout, MaskMismatchError, MaskSpec, ResolvedMask
 
@@ -34,4 +35,5 @@ __all__ = [
     "attn_stats",
     "region_mass",
     "resolve_backend",
+    "weighted_colsum",
 ]

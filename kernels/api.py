@@ -367,3 +367,89 @@ def attn_stats(
     if rows is not None:
         st.rows, st.rows_group_mass = attn_rows(q, k, rows, mask, st.lse, key_group_ids, scale=sc, backend="torch")
     return st
+
+
+def _sdpa_colsum_applies(q: Tensor, k: Tensor, mask: MaskSpec, n_cols: int) -> bool:
+    """Whether torch's fused SDPA backward can give ``W^T P`` exactly (plain causal or unmasked, one-hot width fits)."""
+    lq, lk, d = q.shape[2], k.shape[2], q.shape[-1]
+    return mask.is_plain_causal() and (not mask.causal or (lq == lk and mask.offset(lq, lk) == 0)) and n_cols <= d and q.dtype == k.dtype
+
+
+def weighted_colsum(
+    q: Float[Tensor, "b h lq d"],
+    k: Float[Tensor, "b hkv lk d"],
+    mask: MaskSpec,
+    q_weights: Float[Tensor, "b lq qg"],
+    *,
+    heads: str = "per_head",
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Float[Tensor, "b h qg lk"]:
+    """``colsum[b, h, c, j] = sum_i W[b, i, c] P[b, h, i, j]`` without a precomputed LSE: one rollout step.
+
+    Plain causal (``Lq == Lk``) and unmasked attention use torch's fused SDPA kernels (``backend="sdpa"``, the
+    default there; see :func:`sdpa_colsum`: two flash forwards on CPU, the value gradient elsewhere), in O(L)
+    memory. Any other mask (padding, windows, bidirectional spans, segments, knockouts) computes the LSE with
+    :func:`attn_fwd` and then runs :func:`attn_colsum`.
+    """
+    _check_qk(q, k)
+    b, h, lq, d = q.shape
+    w = _query_weights(None, q_weights, b, lq, q.device)
+    sc = d**-0.5 if scale is None else float(scale)
+    if backend not in (None, "sdpa") or not _sdpa_colsum_applies(q, k, mask, w.shape[-1]):
+        if backend == "sdpa":
+            raise ValueError(
+                "backend='sdpa' needs a plain causal (Lq == Lk) or unmasked MaskSpec and at most head_dim query "
+                "groups; use backend=None to fall back to the LSE + column pass"
+            )
+        _, lse, _ = attn_fwd(q, k, k, mask, scale=sc, backend=backend)
+        return attn_colsum(q, k, lse, mask, q_weights=w, heads=heads, scale=sc, backend=backend)
+    rep = h // k.shape[1]
+    kk = k.detach().repeat_interleave(rep, dim=1) if rep > 1 else k.detach()
+    cs = sdpa_colsum(q.detach(), kk, w, mask.causal and lq > 1, sc)
+    return _reduce_heads(cs, heads, k.shape[1])
+
+
+_FLASH_CPU = "_scaled_dot_product_flash_attention_for_cpu"
+
+
+def sdpa_colsum(
+    q: Float[Tensor, "b h l d"], k: Float[Tensor, "b h l d"], w: Float[Tensor, "b l qg"], causal: bool, scale: float,
+    method: str = "auto",
+) -> Float[Tensor, "b h qg l"]:
+    """``W^T P`` for plain causal / unmasked attention with torch's fused kernels (k already expanded to H heads).
+
+    ``method="lse"`` (CPU default): two flash forwards. The first gives every row's LSE; the second swaps roles (keys
+    attend to queries, sequence reversed so that causality is again lower-triangular) with the bias
+    ``log w_i - lse_i`` folded into an extra head dimension, and its LSE is ``log sum_i w_i P_ij``. It needs
+    aten's ``_scaled_dot_product_flash_attention_for_cpu`` (private: it returns the LSE). ``method="dv"`` (other
+    devices, or when that op is missing): the value gradient of one SDPA call, ``dV = P^T dO`` with ``dO = W``.
+    """
+    have_lse = q.device.type == "cpu" and hasattr(torch.ops.aten, _FLASH_CPU)
+    if method == "auto":
+        method = "lse" if have_lse else "dv"
+    if method == "lse":
+        op = getattr(torch.ops.aten, _FLASH_CPU)
+        _, lse = op(q, k, torch.zeros_like(q[..., :1]).expand_as(q).contiguous(), 0.0, causal, scale=scale)[:2]
+        ones = torch.ones_like(k[..., :1])
+        keys_as_q = torch.cat([k, ones], -1)
+        outs = []
+        for c in range(w.shape[-1]):
+            bias = torch.log(w[..., c].to(lse.dtype).clamp_min(1e-30))[:, None, :] - lse  # B H L
+            q_as_k = torch.cat([q * scale, bias[..., None].to(q.dtype)], -1)
+            if causal:
+                kq, qk = keys_as_q.flip(2).contiguous(), q_as_k.flip(2).contiguous()
+            else:
+                kq, qk = keys_as_q.contiguous(), q_as_k.contiguous()
+            _, lse2 = op(kq, qk, torch.zeros_like(kq), 0.0, causal, scale=1.0)[:2]
+            outs.append((lse2.flip(2) if causal else lse2).float().exp())
+        return torch.stack(outs, 2)
+    if method != "dv":
+        raise ValueError(f"method must be 'auto', 'lse' or 'dv', got {method!r}")
+    with torch.enable_grad():
+        v = torch.zeros_like(k, dtype=torch.float32 if k.dtype == torch.float64 else k.dtype, requires_grad=True)
+        out = torch.nn.functional.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, is_causal=causal, scale=scale)
+        d_out = torch.zeros_like(out)
+        d_out[..., : w.shape[-1]] = w[:, None].to(out.dtype)
+        (dv,) = torch.autograd.grad(out, v, d_out)
+    return dv[..., : w.shape[-1]].transpose(2, 3).float()
