@@ -31,7 +31,9 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 from scipy import stats as sps
-from scipy.spatial.distance import jensenshannon
+import torch
+
+from analyses.map_metrics import js_divergence
 
 __all__ = [
     "rank_biserial", "cliffs_delta", "cohens_d", "hedges_g", "paired_rank_biserial",
@@ -429,7 +431,7 @@ def map_consistency(
 
     ``maps``: per item (image), the maps of its prompts (paraphrases) as rows; each is flattened and
     normalised to a distribution (non-negative, not all zero). JS divergence (base 2, in [0, 1]) =
-    ``scipy.spatial.distance.jensenshannon(p, q, base)**2`` (scipy returns its square root, the distance).
+    :func:`analyses.map_metrics.js_divergence` (equal to scipy's ``jensenshannon(p, q, base)**2``).
     One row per item: ``n_maps``, ``mean_js``, ``max_js`` over all pairs.
     """
     items = maps if isinstance(maps, Mapping) else {0: maps}
@@ -442,6 +444,7 @@ def map_consistency(
         if (arr < 0).any() or (arr.sum(axis=1) <= 0).any():
             raise ValueError(f"item {key!r}: maps must be non-negative with positive mass to be distributions")
         p = arr / arr.sum(axis=1, keepdims=True)
-        js = [jensenshannon(p[i], p[j], base=base) ** 2 for i, j in combinations(range(p.shape[0]), 2)]
+        rows_t = torch.from_numpy(p)
+        js = [float(js_divergence(rows_t[i], rows_t[j], base=base)) for i, j in combinations(range(p.shape[0]), 2)]
         rows.append({"item": key, "n_maps": p.shape[0], "mean_js": float(np.mean(js)), "max_js": float(np.max(js))})
     return pd.DataFrame(rows)
