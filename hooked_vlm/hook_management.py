@@ -115,7 +115,33 @@ class CheckedHooksMixin(HookedRootModule):
                 "incl_bwd=True backpropagates from the output, which must be a scalar: pass return_type='loss' "
                 "(or use run_with_hooks with bwd_hooks and your own metric)"
             )
+        pos_slice = kwargs.pop("pos_slice", None)
         out, cache_dict = super().run_with_cache(
-            *model_args, names_filter=names_filter, device=device, remove_batch_dim=remove_batch_dim, **kwargs
+            *model_args, names_filter=names_filter, device=device, remove_batch_dim=False, **kwargs
         )
+        if pos_slice is not None:
+            cache_dict = {name: slice_positions(name, t, pos_slice) for name, t in cache_dict.items()}
+        if remove_batch_dim:
+            cache_dict = {name: t[0] if t.dim() and t.shape[0] == 1 else t for name, t in cache_dict.items()}
         return out, HookedActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+
+#: hook leaf -> dimension of its (query) positions in a batch-first activation; None: no position axis
+_POSITION_DIM = {"hook_attn_scores": 2, "hook_pattern": 2, "hook_lse": 2, "hook_row_mass": 2,
+                 "hook_region": None, "hook_colsum": None, "hook_rows": None}
+
+
+def slice_positions(name: str, tensor: Any, pos_slice: Any) -> Any:
+    """``run_with_cache(pos_slice=...)`` for one activation: language-model positions only.
+
+    The slice selects sequence positions (``[B, L, ...]`` hooks on dim 1, patterns / scores / row statistics
+    on their query dim 2). Vision-tower hooks (their axis is image patches, not sequence positions) and
+    group statistics are cached whole. TransformerLens's own rule (the second- or third-from-last dim) would
+    cut heads of ``hook_rot_q`` and patches of vision hooks.
+    """
+    from transformer_lens.utilities import Slice
+
+    dim = _POSITION_DIM.get(name.rsplit(".", 1)[-1], 1)
+    if name.startswith("vision.") or dim is None or tensor.dim() <= dim:
+        return tensor
+    return Slice.unwrap(pos_slice).apply(tensor, dim=dim)

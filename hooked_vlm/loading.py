@@ -62,6 +62,7 @@ def _load_tiny(name: str) -> Callable[..., Any]:
         if dtype is not None or device is not None:
             model = model.to(device=device, dtype=dtype)
         model.tokenizer = build_tiny_tokenizer()
+        model._hooked_vlm_spec = {"family": "tiny", "config": {"name": name}, "seed": seed}  # to_nnsight(): remote identity
         return model
 
     return load

@@ -128,12 +128,13 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+        cls, path_or_id: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None, seed: int = 0
     ) -> "HookedVLM":
-        """Load a local checkpoint folder (config.json + safetensors, sharded or not) or a hub id."""
+        """A built-in model by name (``hooked-vlm models``; ``seed`` picks its random weights), a local checkpoint
+        folder (config.json + safetensors, sharded or not) or a hub id; the tokenizer is attached when known."""
         from hooked_vlm.loading import from_pretrained
 
-        return from_pretrained(path_or_id, dtype=dtype, device=device)
+        return from_pretrained(path_or_id, dtype=dtype, device=device, seed=seed)
 
     # ----- TransformerLens-style weights ------------------------------------------------------------------
     @property
