@@ -405,7 +405,12 @@ def write_activations(out: Path, tensors: dict[str, Tensor], manifest: dict[str,
     """Save tensors (safetensors, manifest also in its metadata) and the JSON manifest beside it."""
     from safetensors.torch import save_file
 
-    contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    contiguous, storages = {}, set()
+    for name, t in tensors.items():  # hooks that pass a tensor through (resid_post -> next resid_pre) share storage
+        t = t.detach().to("cpu").contiguous()
+        key = t.untyped_storage().data_ptr()
+        contiguous[name] = t.clone() if key in storages else t
+        storages.add(key)
     text = json.dumps(manifest, indent=1, default=_json_default)
     _atomic_write(out, lambda tmp: save_file(contiguous, tmp, metadata={"format": "pt", "hooked_vlm_manifest": text}))
     target = manifest_path(out)

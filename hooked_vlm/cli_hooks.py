@@ -103,7 +103,7 @@ def enable_opt_in(model: Any, names: Sequence[str]) -> None:
 
 
 # ----- memory estimate ---------------------------------------------------------------------------------
-_DIM = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:\(kv\))?|\d+")
+_DIM = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:\(kv\))?|\d+")
 
 
 def estimate_cache_bytes(names: Sequence[str], model: Any, batch: int, seq_len: int, visual_tokens: int, element_bytes: int) -> tuple[int, list[str]]:

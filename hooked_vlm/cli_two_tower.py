@@ -1,9 +1,8 @@
 """``hooked-vlm inspect`` for CLIP / SigLIP: image and text embeddings and their similarities.
 
 Texts come from ``--text`` (repeatable; ``--prompt`` counts as one), else one caption per shape of the
-synthetic image. Pixels: the checkpoint's processor when it could be built, else a resize to the tower's
-image size and the family's normalisation (CLIP's mean / std, SigLIP's 0.5), read from the checkpoint's
-``preprocessor_config.json`` when it has one. Texts: CLIP pads to the longest text with an attention mask;
+synthetic image. Pixels: transformers' PIL image processor of the family at the tower's image size, with
+the checkpoint's ``preprocessor_config.json`` settings when it has one. Texts: CLIP pads to the longest text with an attention mask;
 SigLIP pads to its position count without one (as its processor does).
 """
 
@@ -14,10 +13,6 @@ import json
 import time
 from pathlib import Path
 from typing import Any, TextIO
-
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
-
 
 def default_texts(descriptions: list[dict[str, Any]]) -> list[str]:
     """One caption per annotated shape of the first synthetic image (at most 4), else two generic ones."""
@@ -33,26 +28,27 @@ def default_texts(descriptions: list[dict[str, Any]]) -> list[str]:
 
 
 def pixel_inputs(images: list[Any], model: Any, checkpoint: Path | None) -> Any:
-    """``pixel_values [n, 3, S, S]``: bicubic resize to the tower's size, rescale, normalise."""
-    import numpy as np
-    import torch
+    """``pixel_values [n, 3, S, S]`` from transformers' PIL image processor of the family (CLIP: resize the short
+    side + centre crop; SigLIP: resize), at the tower's image size; the checkpoint's settings when it has them."""
     from PIL import Image
+    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
 
     from hooked_vlm.inputs import load_image
 
-    family = model.cfg.family
-    mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
     config = checkpoint / "preprocessor_config.json" if checkpoint is not None else None
-    if config is not None and config.is_file():
-        raw = json.loads(config.read_text())
-        mean, std = raw.get("image_mean", mean), raw.get("image_std", std)
-    size = int(model.cfg.hf_config["vision_config"]["image_size"]) if "vision_config" in model.cfg.hf_config else int(model.cfg.hf_config["image_size"])
-    rows = []
-    for image in images:
-        pil = Image.fromarray(load_image(image)).convert("RGB").resize((size, size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        rows.append((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
-    return torch.stack(rows)
+    settings = json.loads(config.read_text()) if config is not None and config.is_file() else {}
+    settings.pop("image_processor_type", None)
+    hf = model.cfg.hf_config
+    size = int(hf["vision_config"]["image_size"] if "vision_config" in hf else hf["image_size"])
+    if model.cfg.family == "clip":
+        settings.setdefault("size", {"shortest_edge": size})
+        settings.setdefault("crop_size", {"height": size, "width": size})
+        processor = CLIPImageProcessorPil(**settings)
+    else:
+        settings.setdefault("size", {"height": size, "width": size})
+        processor = SiglipImageProcessorPil(**settings)
+    pil = [Image.fromarray(load_image(image)).convert("RGB") for image in images]
+    return processor(images=pil, return_tensors="pt")["pixel_values"]
 
 
 def text_inputs(texts: list[str], tokenizer: Any, model: Any) -> dict[str, Any]:
