@@ -283,11 +283,16 @@ def test_cached_values_do_not_depend_on_caching_patterns(built, name):
     fast path's bit for bit (fp32), so every other cached value and the logits are identical."""
     model, inputs, _ = built(name)
     resid = [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)] + ["blocks.0.attn.hook_z"]
+
+    def halve_in_place(pattern, hook):
+        pattern.mul_(0.5)  # returns nothing: TransformerLens keeps the (edited) tensor
     with torch.no_grad():
         plain_logits, plain = model.run_with_cache(**inputs, names_filter=resid)
         pattern_logits, with_pattern = model.run_with_cache(**inputs, names_filter=resid + ["blocks.*.attn.hook_pattern", "vision.blocks.*.attn.hook_pattern"])
-        zeroed = model.run_with_hooks(**inputs, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: p * 0.5)])
+        halved = model.run_with_hooks(**inputs, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: p * 0.5)])
+        in_place = model.run_with_hooks(**inputs, fwd_hooks=[("blocks.0.attn.hook_pattern", halve_in_place)])
     assert torch.equal(plain_logits, pattern_logits)
     for n in resid:
         assert torch.equal(plain[n], with_pattern[n]), n
-    assert not torch.allclose(zeroed, plain_logits, atol=1e-4)  # an edit still takes effect
+    assert not torch.allclose(halved, plain_logits, atol=1e-4)  # an edit still takes effect ...
+    torch.testing.assert_close(in_place, halved, atol=1e-6, rtol=0)  # ... also when made in place
