@@ -514,8 +514,9 @@ def cmd_inspect(args: argparse.Namespace, stdout: TextIO) -> int:
         stats = _stats_request(args, layout) if selection.wants_stats or args.attn_stats else None
         with torch.no_grad():
             logits, cache = model.run_with_cache(**inputs, names_filter=hooks, attn_stats=stats)
-        activations = {name: cache[name] for name in hooks}
+        activations = {name: cache[name] for name in hooks if name in cache.cache_dict}
         bar.update()
+    _note_silent_hooks(hooks, activations)
 
     tops = top_tokens(logits, inputs.get("attention_mask"), loaded.tokenizer, args.top_k)
     shapes = {name: tuple(t.shape) for name, t in activations.items()}
@@ -526,6 +527,14 @@ def cmd_inspect(args: argparse.Namespace, stdout: TextIO) -> int:
         print(f"\nwrote {len(activations)} activation(s) to {args.out} and the manifest to {target}", file=stdout)
     print(f"done in {time.perf_counter() - started:.2f} s", file=stdout)
     return 0
+
+
+def _note_silent_hooks(hooks: Sequence[str], activations: dict[str, Any]) -> None:
+    """Say which selected hooks did not fire (e.g. video pooling on an image-only input): nothing was saved for them."""
+    silent = [name for name in hooks if name not in activations]
+    if silent:
+        _note(f"note: {len(silent)} selected hook(s) did not fire for these inputs and are not saved: "
+              f"{', '.join(silent[:4])}{' ...' if len(silent) > 4 else ''}")
 
 
 def _layout_or_none(model: Any, inputs: dict[str, Any]) -> Any:

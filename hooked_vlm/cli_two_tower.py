@@ -92,7 +92,8 @@ def run_two_tower(args: argparse.Namespace, loaded: Any, sources: Any, hooks: li
         raise ValueError(f"{model.cfg.architecture} needs an image (--image) for its vision tower")
     with torch.no_grad():
         out, cache = model.run_with_cache(**inputs, names_filter=hooks)
-    activations = {name: cache[name] for name in hooks}
+    activations = {name: cache[name] for name in hooks if name in cache.cache_dict}
+    cli._note_silent_hooks(hooks, activations)
     image_embeds = getattr(out, "image_embeds", None)
     text_embeds = getattr(out, "text_embeds", None)
     per_image = getattr(out, "logits_per_image", None)

@@ -411,3 +411,12 @@ def test_inspect_two_tower_models_reports_similarities(tmp_path, name):
     expected = cos * model.logit_scale.exp() + (model.logit_bias if model.logit_bias is not None else 0)
     torch.testing.assert_close(torch.tensor(manifest["similarity"]["logits_per_image"]), expected.detach(), atol=1e-5, rtol=0)
     assert manifest["similarity"]["texts"] == ["a red circle", "a blue square"]
+
+
+def test_hooks_that_do_not_fire_for_the_input_are_named_not_fatal(tmp_path, capsys):
+    """LLaVA-NeXT-Video's video pooling hooks stay silent on an image: the run saves what fired and says so."""
+    out = tmp_path / "nv.safetensors"
+    code, _, err = run_cli_err(capsys, "--model", "tiny-llava-next-video", "--hooks", "video_pool.*", "--hooks", "vision.hook_out",
+                               "--hook-table", "none", "--out", str(out))
+    assert code == 0 and "2 selected hook(s) did not fire for these inputs and are not saved: video_pool.hook_in, video_pool.hook_out" in err
+    assert sorted(load_file(out)) == ["vision.hook_out"]
