@@ -4,7 +4,6 @@ contract: real tensors, meaningless values, see ``HookedScanTracer``)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from hooked_vlm import HookedVLM
@@ -20,7 +19,6 @@ def _inputs(model):
     return build_qwen_inputs(model.tokenizer, "<image> what color is the circle", images=[image])
 
 
-@pytest.mark.slow
 def test_remote_local_trace_matches_hooks_and_builtins_carry_a_remote_identity():
     model = HookedVLM.from_pretrained("tiny-qwen2-vl")
     inputs = _inputs(model)
@@ -43,7 +41,6 @@ def test_remote_local_trace_matches_hooks_and_builtins_carry_a_remote_identity()
     torch.testing.assert_close(logits, patched, atol=1e-6, rtol=0)
 
 
-@pytest.mark.slow
 def test_scan_gives_exact_shapes_without_loading_weights():
     model = HookedVLM.from_pretrained("tiny-qwen2-vl")
     inputs = _inputs(model)
