@@ -710,12 +710,9 @@ def cmd_models(args: argparse.Namespace, stdout: TextIO) -> int:
     return 0
 
 
-#: families whose input builder registers itself when the family module is imported (on first use)
-_FAMILY_BUILDER_MODULES = {
-    "llava": "hooked_vlm.families.llava", "llava_next": "hooked_vlm.families.llava",
-    "llava_onevision": "hooked_vlm.families.llava", "llava_next_video": "hooked_vlm.families.llava",
-    "gemma3": "hooked_vlm.families.gemma3", "clip": "hooked_vlm.cli_two_tower", "siglip": "hooked_vlm.cli_two_tower",
-}
+#: families whose inputs inspect builds without importing them here: LLaVA / Gemma 3 register their builders when
+#: their family module loads; CLIP / SigLIP go through hooked_vlm.cli_two_tower
+_FAMILY_BUILDER_MODULES = ("llava", "llava_next", "llava_onevision", "llava_next_video", "gemma3", "clip", "siglip")
 
 
 # --------------------------------------------------------------------------------------------
