@@ -3,22 +3,42 @@
 Quick start::
 
     from hooked_vlm import HookedVLM
-    model = HookedVLM.from_pretrained("path/to/Qwen2-VL-2B-Instruct")
-    logits, cache = model.run_with_cache(**inputs, names_filter=lambda n: n.endswith("hook_resid_post"))
+    model = HookedVLM.from_pretrained("tiny-qwen2.5-vl")      # a built-in model, tokenizer attached
+    logits, cache = model.run_with_cache(**inputs, names_filter="blocks.*.hook_resid_post")
+
+The names below are imported on first use, so ``import hooked_vlm`` (and the ``hooked-vlm`` command's
+``--help``) does not pay for torch.
 """
 
-from hooked_vlm.components.attention import AttnStatsRequest, attn_stats_request
-from hooked_vlm.errors import CheckpointError, InputError, UnsupportedModelError
-from hooked_vlm.layout import TokenLayout
-from hooked_vlm.model import HookedVLM
+from __future__ import annotations
 
-__all__ = [
-    "HookedVLM",
-    "TokenLayout",
-    "AttnStatsRequest",
-    "attn_stats_request",
-    "InputError",
-    "CheckpointError",
-    "UnsupportedModelError",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+#: public name -> module that defines it (imported lazily by ``__getattr__``)
+_EXPORTS = {
+    "HookedVLM": "hooked_vlm.model",
+    "TokenLayout": "hooked_vlm.layout",
+    "AttnStatsRequest": "hooked_vlm.components.attention",
+    "attn_stats_request": "hooked_vlm.components.attention",
+    "InputError": "hooked_vlm.errors",
+    "CheckpointError": "hooked_vlm.errors",
+    "UnsupportedModelError": "hooked_vlm.errors",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hooked_vlm.components.attention import AttnStatsRequest, attn_stats_request
+    from hooked_vlm.errors import CheckpointError, InputError, UnsupportedModelError
+    from hooked_vlm.layout import TokenLayout
+    from hooked_vlm.model import HookedVLM
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hooked_vlm' has no attribute {name!r}")

@@ -7,6 +7,8 @@ import re
 # (suffix pattern, shape) in priority order; B batch, L positions (N patches in the vision tower),
 # H heads, Hkv key/value heads, dh head dim, d width, m MLP width, M merged visual tokens.
 _SHAPES: list[tuple[str, str]] = [
+    (r"^unembed\.hook_in$", "B L d"),
+    (r"^unembed\.hook_out$", "B L V"),
     (r"attn\.hook_(q|rot_q)$", "B L H dh"),
     (r"attn\.hook_(k|v|rot_k)$", "B L Hkv dh"),
     (r"attn\.(q_norm|k_norm)\.hook_scale$", "B L H(kv) 1"),

@@ -6,18 +6,81 @@ code ever runs. Architectures are looked up in a registry that each family modul
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from hooked_vlm.errors import CheckpointError, UnsupportedModelError
-from hooked_vlm.model import HookedVLM
+
+if TYPE_CHECKING:  # torch and the model classes load when a model is built, not when names are listed
+    import torch
+    from torch import Tensor, nn
+
+    from hooked_vlm.model import HookedVLM
 
 _REGISTRY: dict[str, type[HookedVLM]] = {}
+
+#: Hugging Face architecture -> the family module that reimplements it (and registers it on import).
+#: Listing architectures reads this table without importing torch; a test checks it against the registry.
+ARCHITECTURE_MODULES: dict[str, str] = {
+    "Qwen2VLForConditionalGeneration": "hooked_vlm.families.qwen_vl",
+    "Qwen2_5_VLForConditionalGeneration": "hooked_vlm.families.qwen_vl",
+    "LlavaForConditionalGeneration": "hooked_vlm.families.llava",
+    "LlavaNextForConditionalGeneration": "hooked_vlm.families.llava",
+    "LlavaOnevisionForConditionalGeneration": "hooked_vlm.families.llava",
+    "LlavaNextVideoForConditionalGeneration": "hooked_vlm.families.llava",
+    "LlavaLlamaForCausalLM": "hooked_vlm.families.llava",
+    "LlavaMistralForCausalLM": "hooked_vlm.families.llava",
+    "Gemma3ForConditionalGeneration": "hooked_vlm.families.gemma3",
+    **{arch: "hooked_vlm.families.clip" for arch in (
+        "CLIPModel", "CLIPVisionModel", "CLIPTextModel", "CLIPVisionModelWithProjection",
+        "CLIPTextModelWithProjection", "SiglipModel", "SiglipVisionModel", "SiglipTextModel",
+    )},
+}
+
+
+# ----- built-in models -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model known by name (no download): what it is, and how to build it with its tokenizer attached."""
+
+    name: str
+    description: str
+    load: Callable[..., Any]  # (seed, dtype, device) -> model with .tokenizer set
+
+
+def _load_tiny(name: str) -> Callable[..., Any]:
+    def load(seed: int = 0, dtype: Any = None, device: Any = None) -> Any:
+        from hooked_vlm import tiny
+        from hooked_vlm.tiny_tokenizer import build_tiny_tokenizer
+
+        model = tiny.tiny_model(name, seed=seed)
+        if dtype is not None or device is not None:
+            model = model.to(device=device, dtype=dtype)
+        model.tokenizer = build_tiny_tokenizer()
+        model._hooked_vlm_spec = {"family": "tiny", "config": {"name": name}, "seed": seed}  # to_nnsight(): remote identity
+        return model
+
+    return load
+
+
+def builtin_models() -> dict[str, BuiltinModel]:
+    """Every built-in model name -> :class:`BuiltinModel`: the one resolver of built-in names.
+
+    ``HookedVLM.from_pretrained(name)``, ``hooked-vlm inspect --model name`` and ``hooked-vlm models``
+    all read this table; it imports no torch (listing stays instant). Today: the random-weight tiny
+    models of ``hooked_vlm.tiny`` with the tiny word-level tokenizer.
+    """
+    from hooked_vlm import tiny
+
+    return {
+        name: BuiltinModel(name, f"random-weight tiny {name.removeprefix('tiny-')} model (tests and examples)", _load_tiny(name))
+        for name in sorted(tiny.TINY_MODELS)
+    }
 
 
 def register(cls: type[HookedVLM]) -> type[HookedVLM]:
@@ -28,24 +91,26 @@ def register(cls: type[HookedVLM]) -> type[HookedVLM]:
 
 
 def supported_architectures() -> list[str]:
-    _ensure_families()
-    return sorted(_REGISTRY)
+    """Architecture names checkpoints may have (read from :data:`ARCHITECTURE_MODULES`; no torch import)."""
+    return sorted(ARCHITECTURE_MODULES)
 
 
 def _ensure_families() -> None:
     import hooked_vlm.families.qwen_vl as qwen
 
     register(qwen.HookedQwenVL)
-    for mod in ("llava", "gemma3", "clip"):
-        try:
-            __import__(f"hooked_vlm.families.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"hooked_vlm.families.{mod}":
-                raise
+    for mod in sorted(set(ARCHITECTURE_MODULES.values())):
+        importlib.import_module(mod)
 
 
 def model_class_for(architecture: str) -> type[HookedVLM]:
-    _ensure_families()
+    if architecture in ARCHITECTURE_MODULES:
+        importlib.import_module(ARCHITECTURE_MODULES[architecture])
+        import hooked_vlm.families.qwen_vl as qwen
+
+        register(qwen.HookedQwenVL)
+    else:
+        _ensure_families()
     if architecture not in _REGISTRY:
         raise UnsupportedModelError(
             f"architecture {architecture!r} is not supported by hooked_vlm; supported: {supported_architectures()}"
@@ -55,6 +120,8 @@ def model_class_for(architecture: str) -> type[HookedVLM]:
 
 def build(architecture: str, hf_config: Any, state_dict: dict[str, Tensor], dtype: torch.dtype | None, device: Any) -> HookedVLM:
     """Instantiate the hooked class for ``architecture`` and load Hugging Face-named weights into it."""
+    import torch
+
     cls = model_class_for(architecture)
     # Classes serving several architectures whose configs look alike (CLIPVisionModel vs ...WithProjection)
     # take the architecture name too.
@@ -84,6 +151,14 @@ def build(architecture: str, hf_config: Any, state_dict: dict[str, Tensor], dtyp
 
 def from_hf(hf_model: nn.Module, dtype: torch.dtype | None = None, device: Any = None) -> HookedVLM:
     """Hooked twin of an in-memory transformers model, with the same weights."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(hf_model, PreTrainedModel):
+        raise UnsupportedModelError(
+            f"from_hf expects an in-memory transformers model (a PreTrainedModel such as "
+            f"Qwen2VLForConditionalGeneration; supported: {', '.join(supported_architectures())}), "
+            f"got {type(hf_model).__module__}.{type(hf_model).__qualname__}; for a checkpoint folder use from_pretrained"
+        )
     arch = type(hf_model).__name__
     sd = hf_model.state_dict()
     if device is None:
@@ -93,10 +168,17 @@ def from_hf(hf_model: nn.Module, dtype: torch.dtype | None = None, device: Any =
     return build(arch, hf_model.config, sd, dtype, device)
 
 
-def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype | None = None, device: Any = None) -> HookedVLM:
-    """Load a Hugging Face-layout checkpoint: a local folder, or a hub id when a hub is reachable."""
+def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype | None = None, device: Any = None, seed: int = 0) -> HookedVLM:
+    """A built-in model by name (see :func:`builtin_models`; ``seed`` picks its random weights), a local
+    Hugging Face-layout checkpoint folder, or a hub id when a hub is reachable; the tokenizer is attached
+    (``model.tokenizer``) when the built-in or the folder has one."""
+    builtin = builtin_models().get(str(path_or_id))
+    if builtin is not None and not Path(path_or_id).exists():
+        return builtin.load(seed=seed, dtype=dtype, device=device)
     path = Path(path_or_id)
     if not path.exists():
+        if str(path_or_id).startswith(("tiny-", "tiny_")):
+            raise CheckpointError(f"no built-in model {str(path_or_id)!r}; built-in: {', '.join(builtin_models())}")
         path = _download(str(path_or_id))
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; pass a checkpoint folder holding config.json and *.safetensors")
@@ -111,7 +193,20 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype | None = N
     # A family may read its own config.json dialect (e.g. original LLaVA checkpoints): cls.hf_config_from_checkpoint.
     from_checkpoint = getattr(model_class_for(arch), "hf_config_from_checkpoint", None)
     hf_config = from_checkpoint(raw, sd) if from_checkpoint is not None else _hf_config(raw)
-    return build(arch, hf_config, sd, dtype, device)
+    model = build(arch, hf_config, sd, dtype, device)
+    tokenizer = _folder_tokenizer(path)
+    if tokenizer is not None and hasattr(model, "set_tokenizer"):
+        model.set_tokenizer(tokenizer)
+    return model
+
+
+def _folder_tokenizer(path: Path) -> Any:
+    """The checkpoint folder's tokenizer, or None when it ships none (weights-only folders)."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _arch_from_model_type(model_type: str | None) -> str:
@@ -131,6 +226,7 @@ def _hf_config(raw: dict[str, Any]) -> Any:
 
 def read_weights(path: Path) -> dict[str, Tensor]:
     """All tensors of a checkpoint folder: safetensors (sharded or not), else ``.bin`` with weights_only=True."""
+    import torch
     from safetensors.torch import load_file
 
     files = sorted(path.glob("*.safetensors"))

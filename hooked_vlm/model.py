@@ -20,8 +20,13 @@ from hooked_vlm.components.attention import KVCache
 from hooked_vlm.components.block import TransformerBlock
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.hook_management import CheckedHooksMixin
+from hooked_vlm.errors import InputError
 from hooked_vlm.layout import TokenLayout
+from hooked_vlm.tl_surface import TransformerLensSurface
 from kernels.mask import MaskSpec
+
+#: What ``forward`` can return (TransformerLens's return types, plus "resid": the final normalised residual).
+RETURN_TYPES = ("logits", "loss", "both", "resid", None)
 
 
 @dataclass
@@ -40,7 +45,19 @@ class LMInput:
     extras: dict = field(default_factory=dict)
 
 
-class HookedVLM(CheckedHooksMixin):
+class Unembed(nn.Linear):
+    """The unembedding ``W_U`` with TransformerLens's ``unembed.hook_in [B, L, d]`` / ``hook_out [B, L, V]``."""
+
+    def __init__(self, d_model: int, d_vocab: int):
+        super().__init__(d_model, d_vocab, bias=False)
+        self.hook_in = HookPoint()
+        self.hook_out = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return self.hook_out(super().forward(self.hook_in(x)))
+
+
+class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
     """A vision-language model with a named hook on every residual, attention and MLP site of both towers.
 
     Build one with :meth:`from_hf` (an in-memory transformers model) or :meth:`from_pretrained` (a local
@@ -64,7 +81,8 @@ class HookedVLM(CheckedHooksMixin):
         self.vision = self._build_vision()
         self.blocks = nn.ModuleList([self._build_block(i) for i in range(cfg.n_layers)])
         self.ln_final = self._build_final_norm()
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
+        self.tokenizer: Any = None  # set by from_pretrained / set_tokenizer (to_tokens, to_str_tokens, ...)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.weight
         self._extra_hooks()
@@ -110,12 +128,13 @@ class HookedVLM(CheckedHooksMixin):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+        cls, path_or_id: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None, seed: int = 0
     ) -> "HookedVLM":
-        """Load a local checkpoint folder (config.json + safetensors, sharded or not) or a hub id."""
+        """A built-in model by name (``hooked-vlm models``; ``seed`` picks its random weights), a local checkpoint
+        folder (config.json + safetensors, sharded or not) or a hub id; the tokenizer is attached when known."""
         from hooked_vlm.loading import from_pretrained
 
-        return from_pretrained(path_or_id, dtype=dtype, device=device)
+        return from_pretrained(path_or_id, dtype=dtype, device=device, seed=seed)
 
     # ----- TransformerLens-style weights ------------------------------------------------------------------
     @property
@@ -135,18 +154,14 @@ class HookedVLM(CheckedHooksMixin):
         tokens = torch.as_tensor(tokens, device=self.unembed.weight.device)
         return self.unembed.weight[tokens]
 
-    def to_single_token(self, token: int | str) -> int:
-        if isinstance(token, int):
-            return token
-        raise TypeError("hooked_vlm models carry no tokenizer: pass token ids")
-
     # ----- forward ---------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor | None = None, **inputs: Any) -> Tensor:
         """Logits ``[batch, seq, vocab]`` for the Hugging Face keyword inputs of this family.
 
         Extra keywords: ``position_ids`` (override positions), ``vision_features`` (reuse a previous
-        ``vision.hook_out`` and skip the vision tower), ``return_type`` ("logits", "resid" for the final
-        normalised residual, or None), ``stop_at_layer`` (return the residual entering that block),
+        ``vision.hook_out`` and skip the vision tower), ``return_type`` ("logits"; "loss": the mean
+        next-token cross-entropy over text targets, see :meth:`text_loss`; "both": ``(logits, loss)``;
+        "resid": the final normalised residual; None), ``stop_at_layer`` (return the residual entering that block),
         ``past_key_values`` (a :class:`KVCache`, used by :meth:`generate`), ``final_positions=n`` (the final
         block computes only the last n positions, so the output covers only them: exact and cheaper when
         only the last token's logits matter; the final block's hooks after ``hook_resid_pre`` then see n
@@ -156,6 +171,14 @@ class HookedVLM(CheckedHooksMixin):
         return_type = inputs.pop("return_type", "logits")
         stop_at_layer = inputs.pop("stop_at_layer", None)
         final_positions = inputs.pop("final_positions", None)
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {list(RETURN_TYPES)}, got {return_type!r}")
+        _check_not_a_dict(input_ids, "forward")
+        if isinstance(input_ids, Tensor) and input_ids.dim() == 2 and 0 in input_ids.shape:
+            raise InputError(
+                f"input_ids {tuple(input_ids.shape)} holds no tokens; give at least one position per prompt "
+                "(build prompts with the family's input builder, e.g. hooked_vlm.inputs.build_qwen_inputs)"
+            )
         inputs["input_ids"] = input_ids
         self._check_input_names(inputs)
         prep = self._prepare(inputs, cache)
@@ -175,7 +198,41 @@ class HookedVLM(CheckedHooksMixin):
             return normed
         if return_type is None:
             return None
-        return self.unembed(normed)
+        logits = self.unembed(normed)
+        if return_type == "logits":
+            return logits
+        loss = self.text_loss(logits, input_ids, inputs.get("attention_mask"), prep.layout)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def text_loss(
+        self, logits: Float[Tensor, "batch pos d_vocab"], input_ids: Int[Tensor, "batch pos"],
+        attention_mask: Tensor | None = None, layout: TokenLayout | None = None,
+    ) -> Float[Tensor, ""]:
+        """Mean next-token cross-entropy over text targets: position p predicts token p+1 wherever token p+1
+        is text (per the token layout; without one: not padding and not an image / video placeholder) and
+        both positions are real (``attention_mask``). Visual and special tokens are never targets."""
+        if logits.shape[1] != input_ids.shape[1]:
+            raise ValueError("return_type='loss' needs logits at every position; drop final_positions")
+        target = self._text_targets(input_ids, attention_mask, layout)[:, 1:]
+        if attention_mask is not None:
+            target = target & attention_mask[:, :-1].bool()
+        if not bool(target.any()):
+            raise InputError("return_type='loss' needs at least one text token after the first position; this input has none")
+        logprobs = logits[:, :-1].float().log_softmax(-1)
+        nll = -logprobs.gather(-1, input_ids[:, 1:, None])[..., 0]
+        return nll[target].mean().to(logits.dtype)
+
+    def _text_targets(self, input_ids: Tensor, attention_mask: Tensor | None, layout: TokenLayout | None) -> Tensor:
+        from hooked_vlm.layout import TEXT
+
+        if layout is not None and layout.kind.shape == input_ids.shape:
+            return layout.kind == TEXT
+        text = torch.ones_like(input_ids, dtype=torch.bool)
+        hf = self.cfg.hf_config or {}
+        for key in ("image_token_id", "video_token_id", "image_token_index", "video_token_index"):
+            if hf.get(key) is not None:
+                text &= input_ids != int(hf[key])
+        return text if attention_mask is None else text & attention_mask.bool()
 
     def _check_input_names(self, inputs: dict[str, Any]) -> None:
         allowed = set(self.input_names) | set(self.generic_inputs)
@@ -228,6 +285,13 @@ class HookedVLM(CheckedHooksMixin):
         included); at each decode step only language-model hooks fire, with ``pos = 1`` (the new token), and
         attention patterns of a decode step are ``[B, H, 1, L_so_far]``.
         """
+        _check_not_a_dict(max_new_tokens, "generate")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer (tokens to generate), got {max_new_tokens!r}")
+        if "input_ids" not in inputs:
+            raise TypeError("generate needs the prompt: model.generate(**inputs, max_new_tokens=...) with input_ids among inputs")
+        if inputs.get("return_type", "logits") != "logits":
+            raise ValueError("generate decodes from logits; drop return_type")
         input_ids = inputs.pop("input_ids")
         attention_mask = inputs.pop("attention_mask", None)
         if attention_mask is None:
@@ -257,3 +321,10 @@ class HookedVLM(CheckedHooksMixin):
         """Prompt positions as HF ``generate`` computes them (padding-aware)."""
         pos = attention_mask.long().cumsum(-1) - 1
         return pos.masked_fill(attention_mask == 0, 1)
+
+
+def _check_not_a_dict(value: Any, method: str) -> None:
+    """A dict passed positionally (``model(inputs)``) instead of unpacked (``model(**inputs)``)."""
+    if isinstance(value, dict):
+        call = "model(**inputs)" if method == "forward" else f"model.{method}(**inputs)"
+        raise TypeError(f"{method} got a dict as a positional argument; unpack the keyword tensors: {call}")

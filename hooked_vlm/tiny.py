@@ -6,9 +6,10 @@ Vocabulary convention (see ``hooked_vlm.tiny_tokenizer``): 0 bos, 1 eos, 2 pad, 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is imported where weights are made, so listing the names stays cheap
+    import torch
 
 TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 SPECIAL_IDS = dict(image_token_id=100, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
@@ -59,6 +60,8 @@ def register_tiny(name: str, config_factory: Callable[..., Any], model_factory: 
 
 def randomize_(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
     """Fill every parameter from N(0, std) (norm weights around 1) so no path is trivially zero."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -74,6 +77,8 @@ def tiny_hf_model(name: str = "tiny-qwen2-vl", seed: int = 0, attn_implementatio
     """A random-weight transformers model of the named tiny family, in eval mode, fp32."""
     if name not in TINY_MODELS:
         raise KeyError(f"unknown tiny model {name!r}; available: {sorted(TINY_MODELS)}")
+    import torch
+
     config_factory, model_factory = TINY_MODELS[name]
     cfg = config_factory(**config_overrides)
     cfg._attn_implementation = attn_implementation

@@ -207,3 +207,216 @@ def test_hub_id_failure_is_one_clear_line(monkeypatch, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "Could not fetch 'someone/some-vlm'" in err and "--model tiny-qwen2-vl" in err
+
+
+# ----- front door (issue 9): lazy start, opt-in hooks, safe --out, frames, devices, two-tower models -------------
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from hooked_vlm.cli_hooks import estimate_cache_bytes  # noqa: E402
+
+
+def run_cli_err(capsys, *argv: str) -> tuple[int, str, str]:
+    code, text = run_cli(*argv)
+    return code, text, capsys.readouterr().err
+
+
+def test_help_version_and_models_import_no_torch():
+    """Timing-free: after --help, --version, `inspect --help` and `models`, neither torch nor transformers is loaded."""
+    probe = (
+        "import sys, io, contextlib\n"
+        "from hooked_vlm import cli\n"
+        "for argv in (['--help'], ['--version'], ['inspect', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            cli.main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "out = io.StringIO()\n"
+        "rc = cli.main(['models'], stdout=out)\n"
+        "print(rc, 'tiny-qwen2.5-vl' in out.getvalue(), sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.stdout.strip() == "0 True []", result.stderr
+    version = subprocess.run([sys.executable, "-m", "hooked_vlm.cli", "--version"], capture_output=True, text=True, timeout=120)
+    import hooked_vlm
+
+    assert version.stdout.strip() == f"hooked-vlm {hooked_vlm.__version__}"
+
+
+def test_every_option_has_help():
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    assert set(subparsers.choices) == set(cli.COMMANDS)
+    for name, sub in [("hooked-vlm", parser), *subparsers.choices.items()]:
+        for action in sub._actions:
+            if action.option_strings:
+                assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_models_lists_builtins_through_the_resolver_and_the_registry_table_is_complete():
+    from hooked_vlm import loading
+
+    code, text = run_cli("models")
+    assert code == 0
+    for name, entry in loading.builtin_models().items():
+        assert f"  {name:<24} {entry.description}" in text
+    loading._ensure_families()
+    assert sorted(loading._REGISTRY) == sorted(loading.ARCHITECTURE_MODULES)  # the torch-free table is the registry
+
+
+def test_a_new_subcommand_is_one_table_entry(tmp_path, monkeypatch):
+    (tmp_path / "hello_command.py").write_text(
+        "def add_arguments(parser):\n    parser.add_argument('--name', default='world', help='who')\n"
+        "def run(args, stdout):\n    print('hello', args.name, file=stdout)\n    return 0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "hello", ("hello_command", "say hello"))
+    out = io.StringIO()
+    assert cli.main(["hello", "--name", "vlm"], stdout=out) == 0 and out.getvalue() == "hello vlm\n"
+
+
+def test_star_glob_skips_opt_in_hooks_and_flags_include_them(tmp_path, capsys):
+    out = tmp_path / "all.safetensors"
+    code, _, err = run_cli_err(capsys, "--hooks", "*", "--hook-table", "none", "--out", str(out))
+    assert code == 0
+    saved = load_file(out)
+    assert not [n for n in saved if n.rsplit(".", 1)[-1] in ("hook_pattern", "hook_attn_scores", "hook_result", "hook_lse", "hook_rows")]
+    assert "blocks.1.hook_resid_post" in saved and "vision.blocks.0.attn.hook_q" in saved
+    assert "note: the hook globs skipped opt-in hooks" in err and "(--pattern)" in err and "(--attn-result)" in err and "(--attn-stats)" in err
+
+    out2 = tmp_path / "opt.safetensors"
+    code, _, _ = run_cli_err(capsys, "--hooks", "blocks.1.*", "--pattern", "--attn-result", "--attn-stats", "item",
+                             "--hook-table", "none", "--out", str(out2))
+    assert code == 0
+    t = load_file(out2)
+    # per-head results add up to the attention output; the statistics kernel's exact row equals the pattern's
+    torch.testing.assert_close(t["blocks.1.attn.hook_result"].sum(2), t["blocks.1.hook_attn_out"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(t["blocks.1.attn.hook_rows"][:, :, 0], t["blocks.1.attn.hook_pattern"][:, :, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(t["blocks.1.attn.hook_lse"].exp().log(), torch.logsumexp(t["blocks.1.attn.hook_attn_scores"], -1), atol=1e-4, rtol=0)
+    image_mass = t["blocks.1.attn.hook_pattern"][0, :, -1, 2:102].sum(-1)  # synthetic image: positions 2..101 = item 0
+    torch.testing.assert_close(t["blocks.1.attn.hook_region"][0, :, 0, 0], image_mass, atol=1e-5, rtol=0)
+
+
+def test_globs_that_reach_only_opt_in_hooks_say_which_flag(capsys):
+    code, _, err = run_cli_err(capsys, "--hooks", "blocks.0.attn.hook_res*", "--hook-table", "none")
+    assert code == 2 and "matches only opt-in hooks" in err and "--attn-result" in err
+    code, _, err = run_cli_err(capsys, "--hooks", "vision.blocks.*.attn.hook_lse", "--hook-table", "none")
+    assert code == 2 and "vision_attn_stats=AttnStatsRequest" in err
+
+
+@pytest.mark.parametrize("name, message", [
+    ("acts.json", r"the JSON manifest is written beside the tensors as FILE\.json, so this name would overwrite them; use a \.safetensors name such as .*acts\.safetensors"),
+    ("folder", r"--out .*folder is a folder; give a file name such as .*folder/acts\.safetensors"),
+])
+def test_out_refuses_names_that_would_lose_data(tmp_path, capsys, name, message):
+    target = tmp_path / name
+    if name == "folder":
+        target.mkdir()
+    else:
+        target.write_text("keep me")
+    code, text, err = run_cli_err(capsys, "--out", str(target), "--hook-table", "none")
+    assert code == 2 and re.search(message, err) and "Top next tokens" not in text  # refused before the forward
+    assert name == "folder" or target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("frames, slices", [(1, 1), (3, 2), (4, 2)])
+def test_num_frames_accepts_any_positive_count(tmp_path, frames, slices):
+    out = tmp_path / "v.safetensors"
+    code, _ = run_cli("--model", "tiny-qwen2-vl", "--video", "synthetic", "--num-frames", str(frames),
+                      "--hooks", "none", "--hook-table", "none", "--out", str(out))
+    assert code == 0
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["inputs"]["video_grid_thw"][0][0] == slices  # odd counts padded by repeating the last frame
+    assert manifest["inputs"]["sources"][0]["frames"] == frames
+
+
+def test_sample_frames_picks_hf_uniform_indices():
+    import numpy as np
+
+    video = np.arange(8)[:, None, None, None] * np.ones((8, 2, 2, 3), dtype=np.uint8)
+    assert cli.sample_frames(video, 3, "v")[:, 0, 0, 0].tolist() == [0, 2, 5]  # floor(i * 8 / 3)
+    with pytest.raises(ValueError, match=r"--num-frames 9: v has 8 frames; choose 1 to 8"):
+        cli.sample_frames(video, 9, "v")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:99", r"^hooked-vlm: error: --device cuda:99: this torch build \(.*\) cannot use it \(.*\); use --device cpu$"),
+    ("banana", r"^hooked-vlm: error: --device 'banana' is not a device name"),
+])
+def test_unavailable_device_is_one_line(capsys, device, message):
+    code, _, err = run_cli_err(capsys, "--device", device, "--hook-table", "none")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err.strip())
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="Image file not found"):
+        cli.main(["inspect", "--quiet", "--image", "missing.png", "--debug"], stdout=io.StringIO())
+
+
+def test_unexpected_errors_are_one_line_with_exit_1(monkeypatch, capsys):
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "load_model", boom)
+    code, _, err = run_cli_err(capsys, "--hook-table", "none")
+    assert code == 1 and err.strip() == "hooked-vlm: error: RuntimeError: boom (rerun with --debug for the traceback)"
+
+
+def test_text_only_run_and_the_image_default_note(tmp_path, capsys):
+    out = tmp_path / "text.safetensors"
+    code, text, err = run_cli_err(capsys, "--image", "none", "--prompt", "what color is the circle", "--hooks", "blocks.1.hook_resid_post",
+                                  "--hook-table", "none", "--out", str(out))
+    assert code == 0 and "image    none (text only)" in text
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert "pixel_values" not in manifest["inputs"]["tensors"]
+    tok = build_tiny_tokenizer()
+    ids = torch.tensor([tok("what color is the circle")["input_ids"]])
+    assert manifest["inputs"]["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        _, cache = tiny_model("tiny-qwen2-vl", seed=0).run_with_cache(input_ids=ids, names_filter=["blocks.1.hook_resid_post"])
+    assert torch.equal(load_file(out)["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_post"])
+
+    code, _, err = run_cli_err(capsys, "--prompt", "<image> what color ?", "--hooks", "none", "--hook-table", "none")
+    assert code == 0 and "the prompt has <image> but no --image was given: using the built-in synthetic grid image" in err
+
+
+def test_large_input_warning_and_its_memory_estimate(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cli, "LARGE_VISUAL_TOKENS", 50)
+    out = tmp_path / "big.safetensors"
+    hooks = ["blocks.*.hook_resid_post", "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_k", "blocks.1.ln1.hook_scale",
+             "blocks.0.mlp.hook_post", "vision.hook_out", "vision.blocks.0.hook_resid_post"]
+    argv = [a for h in hooks for a in ("--hooks", h)]
+    code, _, err = run_cli_err(capsys, *argv, "--hook-table", "none", "--out", str(out))
+    assert code == 0
+    saved = load_file(out)
+    counted = sum(t.numel() * t.element_size() for n, t in saved.items() if n != "vision.blocks.0.hook_resid_post")
+    assert f"~{counted / 2**20:,.1f} MiB (not counting 1 vision-tower / statistics hook(s))" in err
+    assert "warning: large input: 100 visual tokens (114 positions x 1 prompt(s))" in err
+    model = tiny_model("tiny-qwen2-vl")
+    assert estimate_cache_bytes(list(saved), model, 1, 114, 100, 4) == (counted, ["vision.blocks.0.hook_resid_post"])
+
+
+@pytest.mark.parametrize("name", ["tiny-clip", "tiny-siglip"])
+def test_inspect_two_tower_models_reports_similarities(tmp_path, name):
+    out = tmp_path / "clip.safetensors"
+    code, text = run_cli("--model", name, "--text", "a red circle", "--text", "a blue square", "--hook-table", "none", "--out", str(out))
+    assert code == 0 and "Image-text similarity" in text and "a blue square" in text
+    saved = load_file(out)
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    model = tiny_model(name)
+    image, text_emb = saved["hook_image_embeds"], saved["hook_text_embeds"]
+    cos = torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text_emb, dim=-1).T
+    expected = cos * model.logit_scale.exp() + (model.logit_bias if model.logit_bias is not None else 0)
+    torch.testing.assert_close(torch.tensor(manifest["similarity"]["logits_per_image"]), expected.detach(), atol=1e-5, rtol=0)
+    assert manifest["similarity"]["texts"] == ["a red circle", "a blue square"]
+
+
+def test_hooks_that_do_not_fire_for_the_input_are_named_not_fatal(tmp_path, capsys):
+    """LLaVA-NeXT-Video's video pooling hooks stay silent on an image: the run saves what fired and says so."""
+    out = tmp_path / "nv.safetensors"
+    code, _, err = run_cli_err(capsys, "--model", "tiny-llava-next-video", "--hooks", "video_pool.*", "--hooks", "vision.hook_out",
+                               "--hook-table", "none", "--out", str(out))
+    assert code == 0 and "2 selected hook(s) did not fire for these inputs and are not saved: video_pool.hook_in, video_pool.hook_out" in err
+    assert sorted(load_file(out)) == ["vision.hook_out"]

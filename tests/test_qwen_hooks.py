@@ -21,7 +21,7 @@ def _dims(model, inputs, lay, name):
         "B": b, "L": length, "N": n, "M": m, "Lq": n if vision else length, "Lk": n if vision else length,
         "H": spec.n_heads if vision else c.n_heads, "Hkv": spec.n_heads if vision else c.n_key_value_heads,
         "dh": (spec.width // spec.n_heads) if vision else c.d_head, "d": spec.width if vision else c.d_model,
-        "m": spec.d_mlp if vision else c.d_mlp, "1": 1, "d_model": c.d_model,
+        "m": spec.d_mlp if vision else c.d_mlp, "1": 1, "d_model": c.d_model, "V": c.d_vocab,
         "(merge^2": None,
     }
 

@@ -230,7 +230,42 @@ class Attention(nn.Module):
         self.stats_enabled = False
         self.knockout_enabled = False
 
-    # TransformerLens-style weight views (used by ActivationCache.stack_head_results and friends).
+    # TransformerLens-style weight views (used by ActivationCache.stack_head_results and friends). Keys and
+    # values are repeated to every query head, as TransformerLens's GroupedQueryAttention.W_K / W_V do.
+    def _in_weight(self, proj: nn.Linear, heads: int) -> Tensor:
+        w = rearrange(proj.weight, "(h dh) d -> h d dh", h=heads)
+        return w if heads == self.n_heads else w.repeat_interleave(self.n_heads // heads, dim=0)
+
+    def _in_bias(self, proj: nn.Linear, heads: int) -> Tensor:
+        if proj.bias is None:
+            return torch.zeros(self.n_heads, self.d_head, device=proj.weight.device, dtype=proj.weight.dtype)
+        b = proj.bias.view(heads, self.d_head)
+        return b if heads == self.n_heads else b.repeat_interleave(self.n_heads // heads, dim=0)
+
+    @property
+    def W_Q(self) -> Float[Tensor, "n_heads d_model d_head"]:
+        return self._in_weight(self.q_proj, self.n_heads)
+
+    @property
+    def W_K(self) -> Float[Tensor, "n_heads d_model d_head"]:
+        return self._in_weight(self.k_proj, self.n_kv_heads)
+
+    @property
+    def W_V(self) -> Float[Tensor, "n_heads d_model d_head"]:
+        return self._in_weight(self.v_proj, self.n_kv_heads)
+
+    @property
+    def b_Q(self) -> Float[Tensor, "n_heads d_head"]:
+        return self._in_bias(self.q_proj, self.n_heads)
+
+    @property
+    def b_K(self) -> Float[Tensor, "n_heads d_head"]:
+        return self._in_bias(self.k_proj, self.n_kv_heads)
+
+    @property
+    def b_V(self) -> Float[Tensor, "n_heads d_head"]:
+        return self._in_bias(self.v_proj, self.n_kv_heads)
+
     @property
     def W_O(self) -> Float[Tensor, "n_heads d_head d_model"]:
         return rearrange(self.o_proj.weight, "d (h dh) -> h dh d", h=self.n_heads)
@@ -313,16 +348,31 @@ class Attention(nn.Module):
         return t if rep == 1 else t.repeat_interleave(rep, dim=2)
 
     def _pattern_path(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> Tensor:
+        """Materialise, hook and (if a hook edited them) use the scores and pattern.
+
+        When no hook replaced or edited either tensor in place (reading and caching do not), the output is
+        the fast path's, so what is cached elsewhere does not depend on whether a pattern is cached: it is
+        bit-identical to a run without pattern hooks. Gradients reach the pattern only through an edit or
+        a backward hook on it (then the output is ``pattern @ v``, equal to SDPA to fp32 rounding).
+        """
         lq, lk = q.shape[1], k.shape[1]
-        k, v = self._expand_kv(k), self._expand_kv(v)
-        scores = einsum(q, k, "b q h d, b k h d -> b h q k") * self.scale
+        ke, ve = self._expand_kv(k), self._expand_kv(v)
+        raw_scores = einsum(q, ke, "b q h d, b k h d -> b h q k") * self.scale
         visible = mask.dense(lq, lk, q.device)[:, None]  # B|1 1 q k
-        scores = scores.masked_fill(~visible, float("-inf"))
-        scores = self.hook_attn_scores(scores)
-        pattern = torch.softmax(scores.float(), dim=-1)
-        pattern = torch.nan_to_num(pattern, nan=0.0).to(q.dtype)  # fully masked rows -> 0
-        pattern = self.hook_pattern(pattern)
-        return einsum(pattern, v, "b h q k, b k h d -> b q h d")
+        raw_scores = raw_scores.masked_fill(~visible, float("-inf"))
+        scores_version = raw_scores._version
+        scores = self.hook_attn_scores(raw_scores)
+        raw_pattern = torch.nan_to_num(torch.softmax(scores.float(), dim=-1), nan=0.0).to(q.dtype)  # masked rows -> 0
+        pattern_version = raw_pattern._version
+        pattern = self.hook_pattern(raw_pattern)
+        edited = (
+            scores is not raw_scores or raw_scores._version != scores_version
+            or pattern is not raw_pattern or raw_pattern._version != pattern_version
+        )
+        wants_grad = torch.is_grad_enabled() and bool(self.hook_pattern._backward_hooks or self.hook_attn_scores._backward_hooks)
+        if not edited and not wants_grad:
+            return self._fast_path(q, k, v, mask)
+        return einsum(pattern, ve, "b h q k, b k h d -> b q h d")
 
     def _fast_path(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> Tensor:
         lq, lk = q.shape[1], k.shape[1]

@@ -200,13 +200,21 @@ class PatternHookEnvoy(Envoy):
 class HookedScanTracer(InterleavingTracer):
     """``scan`` for hooked VLMs: shapes of every activation without loading the weights.
 
-    nnsight's own scan runs the forward under a fake-tensor mode, where input *values* are unknown.
-    A VLM's forward is data-dependent before its first layer (which positions hold image tokens,
-    M-RoPE positions, patch grids, padding), so it cannot run there. This tracer runs the real
-    forward on the real inputs instead, under ``torch.no_grad``, with the parameters of an
-    undispatched model materialised as *uninitialised* CPU memory for the duration (and put back on
-    the meta device afterwards): shapes and dtypes are exact, values are meaningless, and no weights
-    are loaded. On a dispatched model it is a no-grad forward.
+    Where it differs from nnsight's fake-tensor contract, and why:
+
+    * nnsight's ``scan`` runs the forward under ``FakeTensorMode``: every ``.output`` / ``.input`` is a
+      ``FakeTensor`` (shape, dtype and device, no data), and code that needs a value fails. A VLM's
+      forward reads input *values* before its first layer (which positions hold image tokens, M-RoPE
+      positions, patch grids, padding, crop counts), so under fake tensors it cannot run at all.
+    * Here the real forward runs on the real inputs, under ``torch.no_grad``, with the parameters of an
+      undispatched model materialised as *uninitialised* CPU memory for the duration (and put back on
+      the meta device afterwards). So ``.output`` is a real ``torch.Tensor`` whose shape, dtype and
+      (CPU) device are exact and whose *values are meaningless*; no weights are loaded or downloaded.
+    * The cost is one CPU forward at the given input size (nnsight's costs no arithmetic); on an
+      already dispatched model it is a plain no-grad forward (values then real).
+    * Attention patterns read in a scan are materialised like in a trace; gradients are unavailable.
+
+    Read only ``.shape`` / ``.dtype`` inside a scan, as with nnsight.
     """
 
     def execute(self, code: Any) -> None:
