@@ -140,11 +140,15 @@ class GuardMiddleware:
         await self.app(scope, receive, hold)
         status = next((m["status"] for m in held if m["type"] == "http.response.start"), 0)
         if status == 404:
-            raw = await self.redis.get(guard.JOB_KEY_PREFIX + job_id)
-            record = guard.JobRecord(raw.decode()) if raw is not None else None
-            why = guard.unknown_job_description(job_id, record, boot_id())
-            if why is not None:
-                return await _send_json(send, 200, guard.error_response_json(job_id, why))
+            try:
+                raw = await self.redis.get(guard.JOB_KEY_PREFIX + job_id)
+            except Exception as error:  # cannot tell: answer upstream's 404 ("not yet"); the client polls again
+                logger.warning(f"job registry unavailable ({type(error).__name__}: {error})")
+            else:
+                record = guard.JobRecord(raw.decode()) if raw is not None else None
+                why = guard.unknown_job_description(job_id, record, boot_id())
+                if why is not None:
+                    return await _send_json(send, 200, guard.error_response_json(job_id, why))
         for message in held:
             await send(message)
 
@@ -214,14 +218,25 @@ def _resilient_dispatcher_class():
         _fetch_backoff = Backoff()
 
         async def get(self):
+            """Upstream's fetch, except that a Redis error backs off and never drops requests already popped."""
+            client = RedisProvider.async_bytes_client
             try:
-                requests = await super().get()
+                result = await client.brpop(CONFIG.queue_key, timeout=CONFIG.fetch_timeout_s)
             except Exception as error:
                 delay = self._fetch_backoff.next_delay()
                 logger.warning(f"queue fetch failed ({type(error).__name__}: {error}); retrying in {delay:.1f} s")
                 await asyncio.sleep(delay)
                 raise
-            await self._reassert_connected()
+            requests = [] if result is None else [pickle.loads(result[1])]
+            try:
+                while requests and len(requests) < CONFIG.fetch_batch_max:
+                    item = await client.rpop(CONFIG.queue_key)
+                    if item is None:
+                        break
+                    requests.append(pickle.loads(item))
+                await self._reassert_connected()
+            except Exception as error:  # keep what was popped; the next fetch retries (and backs off)
+                logger.warning(f"queue batch fetch interrupted ({type(error).__name__}: {error})")
             return requests
 
         async def _reassert_connected(self) -> None:
@@ -231,11 +246,27 @@ def _resilient_dispatcher_class():
                 logger.info("Redis lost the ray:connected flag (restarted?); Ray is connected: flag set again")
 
         async def dispatch(self, request) -> None:
-            if not request.session_id:  # non-blocking: nobody is waiting on a socket, so it can be resumed
-                await RedisProvider.async_bytes_client.set(
-                    PENDING_PREFIX + request.id, pickle.dumps(request), ex=guard.JOB_TTL_S
-                )
-            await super().dispatch(request)
+            """Keep a copy of a non-blocking request until it answers; on a dispatch failure put it back in front."""
+            if not request.session_id:  # nobody waits on a socket, so it can be resumed after a restart
+                try:
+                    await RedisProvider.async_bytes_client.set(
+                        PENDING_PREFIX + request.id, pickle.dumps(request), ex=guard.JOB_TTL_S
+                    )
+                except Exception as error:
+                    logger.warning(f"could not keep a copy of {request.id} ({type(error).__name__}: {error})")
+            try:
+                await super().dispatch(request)
+            except Exception as error:
+                backoff = Backoff(start=0.5, cap=5.0)
+                for _ in range(6):  # ~20 s: long enough for a Redis restart
+                    await asyncio.sleep(backoff.next_delay())
+                    try:
+                        await RedisProvider.async_bytes_client.rpush(CONFIG.queue_key, pickle.dumps(request))
+                        logger.warning(f"dispatch of {request.id} failed ({type(error).__name__}: {error}); re-queued in front")
+                        return
+                    except Exception:
+                        continue
+                raise
 
         async def requeue_pending(self) -> int:
             """Put back every non-blocking request a previous run took but never answered."""

@@ -23,7 +23,9 @@ export NDIF_API_PORT="${NDIF_API_PORT:-8001}"
 export NDIF_API_URL="http://127.0.0.1:${NDIF_API_PORT}"
 export NDIF_REDIS_PORT="${NDIF_REDIS_PORT:-6379}"
 export NDIF_REDIS_PASSWORD="${NDIF_REDIS_PASSWORD:-$(ndif_secret redis)}"
-export NDIF_REDIS_URL="redis://:${NDIF_REDIS_PASSWORD}@127.0.0.1:${NDIF_REDIS_PORT}"
+# health_check_interval: a pooled connection idle for over 1 s is PINGed before use and replaced if
+# dead, so the first requests after a Redis restart do not fail on stale connections.
+export NDIF_REDIS_URL="redis://:${NDIF_REDIS_PASSWORD}@127.0.0.1:${NDIF_REDIS_PORT}/0?health_check_interval=1"
 export NDIF_S3_PORT="${NDIF_S3_PORT:-9000}"
 export NDIF_OBJECT_STORE_URL="http://127.0.0.1:${NDIF_S3_PORT}"
 export NDIF_OBJECT_STORE_ACCESS_KEY="${NDIF_OBJECT_STORE_ACCESS_KEY:-hvlm-$(ndif_secret s3-access | cut -c1-12)}"
