@@ -361,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def give_up() -> None:  # hard bound: whatever hangs, the suite ends by itself
         print(markdown(suite.rows), flush=True)
-        print(f"[ndif-faults] FAIL: the suite passed its hard limit ({args.budget + 180:.0f} s); stopping", flush=True)
+        print(f"[ndif-faults] FAIL: the suite passed its hard limit ({args.budget + 720:.0f} s); stopping", flush=True)
         os._exit(3)
 
-    watchdog = threading.Timer(args.budget + 180, give_up)
+    watchdog = threading.Timer(args.budget + 720, give_up)
     watchdog.daemon = True
     watchdog.start()
     suite.model, suite.ids = toy_nnsight(seed=0), toy_case()
