@@ -7,13 +7,13 @@ traffic can leave loopback. Two ways this module runs:
 * **inside such a namespace** (``bash scripts/ndif/ci.sh``, ``unshare -n``, ``ip netns exec``): the
   tests below run directly. The fixture uses the server at ``HOOKED_VLM_NDIF_URL`` if set, and
   otherwise starts one with ``scripts/ndif/start.sh`` and stops it afterwards;
-* **anywhere else** (a plain ``python -m pytest``): the module collects one test instead, which runs
-  ``scripts/ndif/ci.sh`` (install if needed, then this module inside ``unshare -n``) and passes only
-  if every remote test passed there; its output names each of them.
+* **anywhere else** (a plain ``python -m pytest``, no variables needed): the module collects one test
+  instead, which runs ``scripts/ndif/ci.sh``: it installs the stack on first use, starts it inside
+  ``unshare -n``, runs this module and the fault suite (``scripts/ndif/faults.py``) there, and stops it.
+  Its progress is shown live; the test passes only if every remote test and every fault check passed.
 
 They are skipped only when ``HOOKED_VLM_SKIP_NDIF=1`` is set. Anything else that keeps them from
-running (no NDIF install outside CI, no permission to make a namespace, a server that does not come
-up) fails them.
+running (no permission to install redis or make a namespace, a server that does not come up) fails them.
 """
 
 from __future__ import annotations
@@ -388,6 +388,10 @@ def test_execution_timeout_is_a_clear_error(toy):
 # ----- outside a loopback-only namespace: run all of the above there, as one test --------------------------
 
 _REMOTE_TESTS = [name for name in list(globals()) if name.startswith("test_")]
+# Parametrized tests count once per case.
+_REMOTE_TEST_COUNT = sum(len(getattr(globals()[n], "pytestmark", [None])[0].args[1]) if any(
+    m.name == "parametrize" for m in getattr(globals()[n], "pytestmark", [])) else 1 for n in _REMOTE_TESTS)
+_FAULT_CHECKS = [line for line in (ROOT / "scripts/ndif/faults.py").read_text().splitlines() if line.startswith("def check_")]
 
 if not _loopback_only():
     for _name in _REMOTE_TESTS:
@@ -420,5 +424,7 @@ if not _loopback_only():
             rc = process.wait()
         out = "\n".join(lines)
         assert rc == 0, f"scripts/ndif/ci.sh failed ({rc}):\n{out[-6000:]}"
-        summary = re.search(r"(\d+) passed", out)
-        assert summary and int(summary.group(1)) == len(_REMOTE_TESTS) + 2 and " failed" not in out, out[-3000:]
+        summary = re.search(r"^(\d+) passed(?!.*\d+ failed).* in [\d.]+s", out, re.MULTILINE)
+        assert summary and int(summary.group(1)) == _REMOTE_TEST_COUNT, out[-3000:]
+        faults = re.search(r"^\[ndif-faults\] (\d+)/(\d+) checks ok$", out, re.MULTILINE)
+        assert faults and faults.group(1) == faults.group(2) and int(faults.group(2)) >= len(_FAULT_CHECKS), out[-3000:]
