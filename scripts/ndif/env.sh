@@ -60,11 +60,11 @@ export GRPC_ENABLE_FORK_SUPPORT=0
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export RAY_USAGE_STATS_ENABLED=0
-# Ray 2.60 turns on token auth and keeps the token in ~/.ray/auth_token, one file shared by every Ray
-# cluster of the user: a second stack on the machine (another checkout's ci.sh) replaced it and our
-# restarted controller was refused (InvalidAuthToken). GCS listens on 127.0.0.1 inside the stack's own
-# loopback-only namespace, where every process may already submit code through the API: no token.
-export RAY_AUTH_MODE=disabled
+# Ray 2.60 turns on token auth and by default keeps the token in ~/.ray/auth_token, one file shared by
+# every Ray cluster of the user: another stack on the machine replaced it and our restarted controller
+# was refused (InvalidAuthToken). Each stack gets its own token instead, from its state folder.
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN="${RAY_AUTH_TOKEN:-$(ndif_secret ray-token)}"
 export HOOKED_VLM_NDIF_THREADS="${HOOKED_VLM_NDIF_THREADS:-1}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 

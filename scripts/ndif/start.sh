@@ -46,7 +46,7 @@ fi
 if [ "${HOOKED_VLM_NDIF_FRESH:-0}" = "1" ]; then
   echo "[ndif] HOOKED_VLM_NDIF_FRESH=1: wiping $STATE (results, pending jobs, credentials)"
   rm -rf "$STATE"
-  unset NDIF_REDIS_PASSWORD NDIF_OBJECT_STORE_ACCESS_KEY NDIF_OBJECT_STORE_SECRET_KEY
+  unset NDIF_REDIS_PASSWORD NDIF_OBJECT_STORE_ACCESS_KEY NDIF_OBJECT_STORE_SECRET_KEY RAY_AUTH_TOKEN
   source "$(dirname "${BASH_SOURCE[0]}")/env.sh"   # new credentials
 fi
 rm -rf "$NDIF_RAY_TEMP_DIR" "$STATE/logs"   # Ray's sessions and old logs are per run
