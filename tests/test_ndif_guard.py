@@ -94,7 +94,8 @@ def test_format_client_error_is_bounded():
     frames = _frames(*[(f"/home/me/f{i}.py", i, "g", "x" * 300) for i in range(40)])
     text = guard.format_client_error("ValueError", "bad", frames, ())
     assert text.startswith("ValueError: bad\n") and len(text) <= guard.MAX_CLIENT_ERROR_CHARS + 20
-    assert "(35 server-internal frames trimmed)" in text  # only the last five user frames are shown
+    assert "(35 earlier frames of your trace trimmed)" in text  # only the last five user frames are shown
+    assert "server-internal" not in text
 
 
 def test_client_error_message_from_a_real_exception():

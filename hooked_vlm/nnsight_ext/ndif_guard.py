@@ -168,9 +168,11 @@ def format_client_error(
             lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}')
             if frame.line:
                 lines.append(f"    {frame.line.strip()}")
-    trimmed = len(frames) - len(user[-5:])
-    if trimmed:
-        lines.append(f"({trimmed} server-internal frames trimmed)")
+    internal, older = len(frames) - len(user), len(user) - len(user[-5:])
+    if internal:
+        lines.append(f"({internal} server-internal frames trimmed)")
+    if older:
+        lines.append(f"({older} earlier frames of your trace trimmed)")
     text = "\n".join(lines)
     if len(text) > limit:
         first = lines[0]
