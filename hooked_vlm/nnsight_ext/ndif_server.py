@@ -133,6 +133,19 @@ class _CPUModelDeployment(BaseModelDeployment):
     def from_cache(self, gpu_mem_bytes_by_id) -> None:
         raise RuntimeError("CPU replicas are not cacheable (CACHEABLE=False)")
 
+    def format_error(self, exception: BaseException) -> "tuple[str, bool]":
+        """The client's error line first, then only its own trace frames (server frames counted, not shown).
+
+        Upstream sends the whole formatted traceback (1-3 KB starting with server-internal frames).
+        A CPU replica has no unrecoverable device errors, so nothing here is fatal.
+        """
+        from hooked_vlm.nnsight_ext.ndif_guard import client_error_message
+
+        message, _ = super().format_error(exception)
+        if message == str(exception):  # upstream's RequestError: already one sentence
+            return message, False
+        return client_error_message(exception), False
+
     def cleanup(self) -> None:
         """Per-request reset, as the stock actor does, minus the CUDA calls."""
         self.kill_switch.clear()

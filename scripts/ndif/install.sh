@@ -53,6 +53,8 @@ if ! "$VENV/bin/python" -c "import ndif, nnsight, torch, moto, ray" >/dev/null 2
     "transformers>=5.23,<6" "transformer-lens>=4.3,<5" "einops>=0.7" "jaxtyping>=0.2.28" \
     "safetensors>=0.4" "pillow>=10" "tqdm>=4.66" "pytest>=8"
 fi
+# anyio at the version the PYMOUNT workaround was checked with (scripts/ndif/gunicorn_conf.py).
+pipv install -q "anyio==4.16.0"
 echo "[ndif-install] pip install -e . (hooked-vlm) into $VENV"
 pipv install -q --no-deps -e "$ROOT"
 "$VENV/bin/python" - <<'PY'
@@ -61,5 +63,9 @@ for p in ["ndif", "nnsight", "torch", "ray", "moto", "transformers", "hooked-vlm
     print(f"[ndif-install] {p}=={md.version(p)}")
 import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__
 assert md.version("nnsight") == "0.8.1"
+# The >1 MiB body workaround: anyio's asyncio backend imported before nnsight works.
+import anyio._backends._asyncio, nnsight, anyio, asyncio
+assert asyncio.run(anyio.to_thread.run_sync(lambda: 1)) == 1
+print("[ndif-install] anyio-before-nnsight import order: ok")
 PY
 echo "[ndif-install] done in $(( $(date +%s) - t0 )) s"

@@ -29,6 +29,11 @@ if [ ! -x "$NDIF_VENV/bin/ndif" ]; then
   exit 2
 fi
 ip link set lo up 2>/dev/null || true
+# An API key is required beyond loopback (anyone reaching the API runs code on this machine).
+if ! python3 -c "import os, runpy; g = runpy.run_path('$NDIF_ROOT/hooked_vlm/nnsight_ext/ndif_guard.py'); g['check_bind'](os.environ['NDIF_API_HOST'], os.environ.get(g['API_KEY_ENV']))" 2>/tmp/hvlm-ndif-bind-check.$$; then
+  tail -n 1 /tmp/hvlm-ndif-bind-check.$$ >&2; rm -f /tmp/hvlm-ndif-bind-check.$$
+  exit 2
+fi
 
 t0=$(date +%s.%N)
 STATE="$HOOKED_VLM_NDIF_STATE"
@@ -36,8 +41,16 @@ if [ -d "$STATE/pids" ] && ls "$STATE"/pids/* >/dev/null 2>&1; then
   echo "[ndif] a previous stack left PIDs in $STATE/pids; stopping it first"
   bash "$(dirname "${BASH_SOURCE[0]}")/stop.sh" || true
 fi
-rm -rf "$STATE"
-mkdir -p "$STATE/logs" "$STATE/pids" "$NDIF_RAY_TEMP_DIR"
+# Redis (append-only file) and the object store (snapshot taken by stop.sh) persist under $STATE, so
+# results and pending jobs survive a restart. HOOKED_VLM_NDIF_FRESH=1 wipes them first.
+if [ "${HOOKED_VLM_NDIF_FRESH:-0}" = "1" ]; then
+  echo "[ndif] HOOKED_VLM_NDIF_FRESH=1: wiping $STATE (results, pending jobs, credentials)"
+  rm -rf "$STATE"
+  unset NDIF_REDIS_PASSWORD NDIF_OBJECT_STORE_ACCESS_KEY NDIF_OBJECT_STORE_SECRET_KEY RAY_AUTH_TOKEN
+  source "$(dirname "${BASH_SOURCE[0]}")/env.sh"   # new credentials
+fi
+rm -rf "$NDIF_RAY_TEMP_DIR" "$STATE/logs"   # Ray's sessions and old logs are per run
+mkdir -p "$STATE/logs" "$STATE/pids" "$STATE/redis" "$STATE/s3" "$NDIF_RAY_TEMP_DIR"
 export PATH="$NDIF_VENV/bin:$PATH"
 export VIRTUAL_ENV="$NDIF_VENV"
 cd "$STATE"   # ndif and gunicorn read a .env from the working directory; keep it ours
@@ -61,12 +74,13 @@ wait_port() {  # port, seconds, name
 }
 
 echo "[ndif] redis on 127.0.0.1:$NDIF_REDIS_PORT"
-spawn redis redis-server --bind 127.0.0.1 --port "$NDIF_REDIS_PORT" --save "" --appendonly no \
-  --protected-mode yes --daemonize no
+ndif_start_redis
 echo "[ndif] moto S3 on 127.0.0.1:$NDIF_S3_PORT"
 spawn s3 moto_server -H 127.0.0.1 -p "$NDIF_S3_PORT"
 wait_port "$NDIF_REDIS_PORT" 30 redis
 wait_port "$NDIF_S3_PORT" 60 s3
+python "$NDIF_ROOT/scripts/ndif/s3_snapshot.py" restore "$STATE/s3" \
+  || { echo "[ndif] restoring the object store from $STATE/s3 failed" >&2; exit 1; }
 
 # The cluster only places models on nodes with a GPU resource, sized by cuda_memory_bytes. Declare
 # one (bookkeeping only: the CPU model actor never touches a device). Logical CPUs are declared
@@ -87,12 +101,14 @@ RAY_ADDRESS="127.0.0.1:$NDIF_RAY_HEAD_PORT" python -m ndif.services.ray.deployme
   >"$STATE/logs/controller.log" 2>&1 \
   || { echo "[ndif] controller launch failed:" >&2; tail -n 40 "$STATE/logs/controller.log" >&2; exit 1; }
 
-echo "[ndif] API (gunicorn) on 127.0.0.1:$NDIF_API_PORT"
-spawn api gunicorn --config python:ndif.services.api.gunicorn_conf --bind "127.0.0.1:$NDIF_API_PORT" \
-  ndif.services.api.app:app
+echo "[ndif] API (gunicorn) on $NDIF_API_HOST:$NDIF_API_PORT (cap ${HOOKED_VLM_NDIF_MAX_REQUEST_MB} MiB, timeout ${NDIF_DEFAULT_EXECUTION_TIMEOUT_SECONDS} s, API key $([ -n "${HOOKED_VLM_NDIF_API_KEY:-}" ] && echo required || echo "off: loopback only"))"
+HOOKED_VLM_NDIF_BOOT_ID="$(python -c 'import uuid; print(uuid.uuid4().hex)')"
+export HOOKED_VLM_NDIF_BOOT_ID
+spawn api gunicorn --config "$NDIF_ROOT/scripts/ndif/gunicorn_conf.py" hooked_vlm.nnsight_ext.ndif_api:app
 
 deadline=$(( $(date +%s) + ${NDIF_START_TIMEOUT:-240} ))
-until [ "$(curl -s -o /dev/null -w '%{http_code}' "$NDIF_API_URL/connected" 2>/dev/null)" = "200" ]; do
+KEY_HEADER=(); [ -n "${HOOKED_VLM_NDIF_API_KEY:-}" ] && KEY_HEADER=(-H "ndif-api-key: $HOOKED_VLM_NDIF_API_KEY")
+until [ "$(curl -s -o /dev/null -w '%{http_code}' "${KEY_HEADER[@]}" "$NDIF_API_URL/connected" 2>/dev/null)" = "200" ]; do
   if [ "$(date +%s)" -ge "$deadline" ]; then
     echo "[ndif] API not connected to Ray after ${NDIF_START_TIMEOUT:-240} s; api log:" >&2
     tail -n 40 "$STATE/logs/api.log" >&2 || true

@@ -39,6 +39,12 @@ stack_pids() {
   done
 }
 
+# Keep the object store's contents (moto holds them in memory) for the next start.sh.
+if (exec 3<>"/dev/tcp/127.0.0.1/$NDIF_S3_PORT") 2>/dev/null && [ -x "$NDIF_VENV/bin/python" ]; then
+  timeout 120 "$NDIF_VENV/bin/python" "$NDIF_ROOT/scripts/ndif/s3_snapshot.py" save "$HOOKED_VLM_NDIF_STATE/s3" \
+    || echo "[ndif] warning: could not snapshot the object store; results stored there will be lost" >&2
+fi
+
 pids="$(stack_pids | tr '\n' ' ')"
 if [ -z "${pids// /}" ]; then
   echo "[ndif] nothing to stop in this namespace"
