@@ -47,6 +47,15 @@ def check_token_inputs(
                 + (f" after {past} cached positions" if extra else "")
                 + f"; expected {want} (same batch, one entry per position)"
             )
+    vocab = getattr(getattr(model, "embed", None), "num_embeddings", None)
+    if vocab is not None and ids.numel() and ids.device.type != "meta":
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise InputError(
+                f"input_ids holds token id {bad} but this model's vocabulary has {vocab} ids (0..{vocab - 1}); "
+                "tokenize with this model's own tokenizer / processor (a different model's tokenizer gives other ids)"
+            )
     return ids
 
 
@@ -59,3 +68,19 @@ def check_float_pixels(inputs: dict[str, Any], names: Sequence[str]) -> None:
                 f"{name} must be a floating tensor of normalised pixels, got {getattr(t, 'dtype', type(t).__name__)}; "
                 "did you pass raw uint8 pixels? Preprocess with hooked_vlm.inputs or the HF image processor"
             )
+
+
+def check_vision_features(feats: Any, batch: int, tokens_per_row: Sequence[int], d_model: int) -> None:
+    """``vision_features`` must be ``[batch, >= visual tokens of each prompt, d_model]``, as ``vision.hook_out``
+    and ``encode_vision`` return them for the same inputs."""
+    need = max(tokens_per_row, default=0)
+    ok = isinstance(feats, Tensor) and feats.dim() == 3 and feats.shape[0] == batch and feats.shape[2] == d_model
+    short = [b for b, n in enumerate(tokens_per_row) if ok and feats.shape[1] < n]
+    if not ok or short:
+        got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
+        raise InputError(
+            f"vision_features must be [{batch}, >= {need}, {d_model}] (one row per prompt, one vector per visual token, "
+            f"the language model's width) but got {got}"
+            + (f"; prompt(s) {short} have more visual tokens than their row holds" if short else "")
+            + "; pass what encode_vision(**inputs) or the cache's vision.hook_out returns for these same inputs"
+        )

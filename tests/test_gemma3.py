@@ -14,7 +14,7 @@ import torch
 from hooked_vlm.errors import InputError
 from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT
 
-BOI, EOI, IMG, PADID = 98, 99, 100, 2
+from helpers.gemma_cases import BOI, CASES, EOI, IMG, PADID, make, prompt
 TOL = 1e-4
 
 
@@ -35,33 +35,6 @@ def long_pair():
 
     hf = tiny_hf_model("tiny-gemma3", seed=1, mm_tokens_per_image=16, sliding_window=4, vision_layers=0)
     return hf, from_hf(hf)
-
-
-def prompt(n_images: int, per_image: int = 4, pre=(5, 6), post=(7, 8, 9)) -> list[int]:
-    ids = [0, *pre]
-    for _ in range(n_images):
-        ids += [BOI] + [IMG] * per_image + [EOI]
-    return ids + list(post)
-
-
-def make(rows: list[list[int]], n_images: int, seed: int = 0, side: str = "left", size: int = 56) -> dict[str, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    padded = [([PADID] * (width - len(r)) + r) if side == "left" else (r + [PADID] * (width - len(r))) for r in rows]
-    ids = torch.tensor(padded)
-    am = torch.tensor([([0] * (width - len(r)) + [1] * len(r)) if side == "left" else ([1] * len(r) + [0] * (width - len(r))) for r in rows])
-    out = {"input_ids": ids, "attention_mask": am, "token_type_ids": (ids == IMG).long()}
-    if n_images:
-        out["pixel_values"] = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    return out
-
-
-CASES = {
-    "text": lambda: make([[0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]], 0),
-    "image": lambda: make([prompt(1)], 1),
-    "two_images": lambda: make([prompt(2)], 2),
-    "batch_two_prompts": lambda: make([prompt(1), prompt(1, pre=(11, 12, 13, 14), post=(15,))], 2, side="right"),
-    "padded_left": lambda: make([prompt(1, pre=(5, 6, 7, 8, 9)), prompt(1, pre=(10,), post=(11,))], 2, side="left"),
-}
 
 
 def max_diff(hf, model, inputs) -> float:
