@@ -32,3 +32,21 @@ def qwen_pair():
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def sensitive_qwen_pair():
+    """family -> (hf_model, hooked_model) on configs where every M-RoPE axis turns visibly (tests/helpers/sensitive.py)."""
+    from helpers.sensitive import sensitive_qwen_hf
+
+    from hooked_vlm.loading import from_hf
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            hf = sensitive_qwen_hf(family, seed=0)
+            cache[family] = (hf, from_hf(hf))
+        return cache[family]
+
+    return get

@@ -91,3 +91,14 @@ def test_placeholders_spanning_prompts(model):
     inputs["pixel_values"] = torch.randn(112, 1176)
     with pytest.raises(InputError, match="span two prompts"):
         model(**inputs)
+
+
+def test_token_id_outside_the_vocabulary(model):
+    inputs = case("image", "tiny-qwen2.5-vl")
+    ids = inputs["input_ids"].clone()
+    ids[0, 1] = 128  # vocab_size 128: ids 0..127
+    with pytest.raises(InputError, match=r"input_ids holds token id 128 but this model's vocabulary has 128 ids \(0..127\)"):
+        model(**{**inputs, "input_ids": ids})
+    ids[0, 1] = -3
+    with pytest.raises(InputError, match=r"token id -3 but"):
+        model(**{**inputs, "input_ids": ids})
