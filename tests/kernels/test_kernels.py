@@ -80,6 +80,7 @@ CASES = {
             ),
         ),
     ),
+    "window_only_arithmetic": (1, 2, 1, 200, 200, 16, lambda b, lq, lk: MaskSpec(causal=True, window=37)),
     "tiny_L1": (1, 2, 1, 1, 1, 16, lambda b, lq, lk: MaskSpec(causal=True)),
     "tiny_L17_noncausal": (1, 2, 2, 17, 17, 16, lambda b, lq, lk: MaskSpec(causal=False)),
 }
