@@ -120,33 +120,109 @@ def copy_repo(dest: Path) -> Path:
     return repo
 
 
+PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "--no-header"]
+#: Third-party modules a forking run imports once in the parent (never this repository's own packages, which
+#: every child must import from its mutated copy).
+PRELOAD = ("numpy", "pandas", "scipy.stats", "torch", "einops", "jaxtyping", "safetensors.torch", "transformers",
+           "transformers.models.qwen2_vl.modeling_qwen2_vl", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+           "transformers.models.gemma3.modeling_gemma3", "transformers.models.llava.modeling_llava",
+           "transformer_lens.hook_points", "transformer_lens.ActivationCache", "pytest")
+OWN_PACKAGES = ("hooked_vlm", "kernels", "analyses")
+
+
+def _classify(m: Mutation, returncode: int, output: str, start: float) -> Outcome:
+    tail = output.strip().splitlines()
+    last = tail[-1] if tail else ""
+    if returncode == 0:
+        return Outcome(m, "survived", time.time() - start, last)
+    if returncode == 1:  # pytest: some tests failed
+        return Outcome(m, "caught", time.time() - start, last)
+    # 2: interrupted (e.g. a collection error: the mutation broke an import), 4: usage error, 5: no tests
+    status = "caught" if returncode == 2 and "error" in last.lower() else "error"
+    return Outcome(m, status, time.time() - start, f"pytest exit {returncode}: {last}")
+
+
+def _mutated_copy(m: Mutation, tmp: Path) -> Path | None:
+    repo = copy_repo(tmp)
+    target = repo / m.file
+    text = target.read_text()
+    if text.count(m.find) != 1:
+        return None
+    target.write_text(text.replace(m.find, m.replace))
+    return repo
+
+
 def run_one(m: Mutation, timeout: float) -> Outcome:
-    """Apply ``m`` in a fresh copy of the repository and run its tests there."""
+    """Apply ``m`` in a fresh copy of the repository and run its tests there, in a new interpreter."""
     start = time.time()
     with tempfile.TemporaryDirectory(prefix=f"mut-{m.id}-") as tmp:
-        repo = copy_repo(Path(tmp))
-        target = repo / m.file
-        text = target.read_text()
-        if text.count(m.find) != 1:
-            return Outcome(m, "error", time.time() - start, f"find occurs {text.count(m.find)} times in {m.file}")
-        target.write_text(text.replace(m.find, m.replace))
+        repo = _mutated_copy(m, Path(tmp))
+        if repo is None:
+            return Outcome(m, "error", time.time() - start, f"find no longer occurs exactly once in {m.file}")
         env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                    HOOKED_VLM_SKIP_NDIF="1")
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *m.tests]
+        cmd = [sys.executable, "-m", "pytest", *PYTEST_ARGS, *m.tests]
         try:
             proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return Outcome(m, "error", time.time() - start, f"timed out after {timeout:.0f} s")
-    tail = (proc.stdout + proc.stderr).strip().splitlines()
-    last = tail[-1] if tail else ""
-    if proc.returncode == 0:
-        return Outcome(m, "survived", time.time() - start, last)
-    if proc.returncode == 1:  # pytest: some tests failed
-        return Outcome(m, "caught", time.time() - start, last)
-    # 2: interrupted (e.g. a collection error: the mutation broke an import), 4: usage error, 5: no tests
-    status = "caught" if proc.returncode == 2 and "error" in last.lower() else "error"
-    return Outcome(m, status, time.time() - start, f"pytest exit {proc.returncode}: {last}")
+        return _classify(m, proc.returncode, proc.stdout + proc.stderr, start)
+
+
+def run_one_forked(m: Mutation, timeout: float) -> Outcome:
+    """As :func:`run_one`, but the tests run in a child forked from this process after :data:`PRELOAD`: the
+    heavy third-party imports are paid once, while the child imports this repository's packages from the
+    mutated copy (the parent never imports them)."""
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"mut-{m.id}-") as tmp:
+        repo = _mutated_copy(m, Path(tmp))
+        if repo is None:
+            return Outcome(m, "error", time.time() - start, f"find no longer occurs exactly once in {m.file}")
+        log = Path(tmp) / "pytest.log"
+        pid = os.fork()
+        if pid == 0:  # child: never returns
+            code = 3
+            try:
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.chdir(repo)
+                sys.path[:0] = [str(repo)]
+                os.environ.update(PYTHONDONTWRITEBYTECODE="1", HOOKED_VLM_SKIP_NDIF="1")
+                sys.dont_write_bytecode = True
+                import pytest
+
+                code = int(pytest.main([*PYTEST_ARGS, *m.tests]))
+            except BaseException as e:  # noqa: BLE001 -- report anything, then leave without cleanup handlers
+                print(f"mutation child failed: {type(e).__name__}: {e}", flush=True)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        deadline = time.time() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.time() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                return Outcome(m, "error", time.time() - start, f"timed out after {timeout:.0f} s")
+            time.sleep(0.2)
+        return _classify(m, os.waitstatus_to_exitcode(status), log.read_text(errors="replace"), start)
+
+
+def preload() -> None:
+    """Import the heavy third-party modules once (forking mode); refuse if this repository's packages are loaded."""
+    import importlib
+
+    os.environ["TRITON_INTERPRET"] = "1"  # as tests/conftest.py forces; before anything imports triton
+    for name in PRELOAD:
+        importlib.import_module(name)
+    loaded = [n for n in sys.modules if n.split(".")[0] in OWN_PACKAGES]
+    if loaded:
+        raise RuntimeError(f"preloading imported this repository's own modules {loaded[:5]}: children would test the unmutated code")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="mutations run in parallel (default 1)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per mutation's test run (default 600)")
     p.add_argument("--json", type=Path, help="also write the outcomes to this JSON file")
+    p.add_argument("--no-fork", action="store_true",
+                   help="one fresh interpreter per mutation instead of children forked after preloading torch / transformers")
     args = p.parse_args(argv)
+    fork = hasattr(os, "fork") and not args.no_fork
 
     files = [f if f.is_absolute() else Path.cwd() / f for f in args.file] if args.file else sorted(MUTATION_DIR.glob("*.json"))
     muts = load_all(files)
@@ -170,8 +249,18 @@ def main(argv: list[str] | None = None) -> int:
 
     outcomes: list[Outcome] = []
 
+    if fork:
+        preload()
+        # control: an unmutated copy must pass, or a forked child is not a faithful test run
+        control = Mutation("control", "hooked_vlm/layout.py", "def _check_frame(", "def _check_frame(",
+                           ("tests/test_layout.py::test_kinds_items_frames_cells",), "no change", "-")
+        c = run_one_forked(control, args.timeout)
+        if c.status != "survived":
+            print(f"control run (no mutation) did not pass in a forked child: {c.detail}; rerun with --no-fork", file=sys.stderr)
+            return 2
+
     def one(m: Mutation) -> Outcome:
-        o = run_one(m, args.timeout)
+        o = (run_one_forked if fork else run_one)(m, args.timeout)
         print(f"  {o.status:<8} {o.seconds:6.1f}s  {m.id}", flush=True)
         return o
 
