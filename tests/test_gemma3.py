@@ -65,7 +65,7 @@ def sensitive_pair():
     return hf, from_hf(hf)
 
 
-@pytest.mark.parametrize("name", ["image", "padded_left"])
+@pytest.mark.parametrize("name", ["text", "image", "padded_left"])  # text: the plain-causal SDPA path of full layers
 def test_logits_match_where_every_constant_matters(sensitive_pair, name):
     hf, model = sensitive_pair
     assert model.blocks[0].attn.scale == pytest.approx(40**-0.5)

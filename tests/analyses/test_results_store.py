@@ -44,6 +44,19 @@ def test_append_load_dedupe_and_reopen(tmp_path, fmt):
     assert man["key_columns"] == list(KEYS)
 
 
+def test_two_writers_of_one_key_first_write_wins(tmp_path):
+    """Two stores opened on one folder before either writes (two workers) both store a key; load() keeps the
+    first write's value, also after consolidate()."""
+    cfg = {"a": 1}
+    first, second = CellStore(tmp_path, cfg, KEYS), CellStore(tmp_path, cfg, KEYS)
+    key = {"site": "resid_pre", "layer": 0, "head": None, "group": "0"}
+    assert first.append([key | {"value": 1.0}]) == 1
+    assert second.append([key | {"value": 2.0}, {**key, "layer": 1, "value": 3.0}]) == 2
+    assert CellStore(tmp_path, cfg, KEYS).load().sort_values("layer")["value"].tolist() == [1.0, 3.0]
+    CellStore(tmp_path, cfg, KEYS).consolidate()
+    assert CellStore(tmp_path, cfg, KEYS).load().sort_values("layer")["value"].tolist() == [1.0, 3.0]
+
+
 def test_config_mismatch_raises_and_overwrite_clears(tmp_path):
     s = CellStore(tmp_path, {"a": 1, "b": 2}, KEYS)
     s.append([{"site": "x", "layer": 0, "head": None, "group": "g", "value": 0.0}])
