@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from hooked_vlm.errors import InputError
@@ -49,13 +50,29 @@ def check_token_inputs(
             )
     vocab = getattr(getattr(model, "embed", None), "num_embeddings", None)
     if vocab is not None and ids.numel() and ids.device.type != "meta":
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= vocab:
-            bad = lo if lo < 0 else hi
+        outside = ids[(ids < 0) | (ids >= vocab)]
+        if outside.numel():  # placeholder ids may lie outside the vocabulary (replaced by visual features)
+            outside = outside[~torch.isin(outside, torch.tensor(sorted(_placeholder_ids(model)), dtype=outside.dtype, device=outside.device))]
+        if outside.numel():
+            bad = int(outside[0])
             raise InputError(
                 f"input_ids holds token id {bad} but this model's vocabulary has {vocab} ids (0..{vocab - 1}); "
                 "tokenize with this model's own tokenizer / processor (a different model's tokenizer gives other ids)"
             )
+    return ids
+
+
+def _placeholder_ids(model: nn.Module) -> set[int]:
+    """The family's image / video / vision-marker token ids (they may lie outside the text vocabulary)."""
+    ids: set[int] = set()
+    for name in ("token_ids", "image_token_id", "video_token_id"):
+        try:
+            value = getattr(model, name, None)
+        except (KeyError, AttributeError):
+            continue
+        for v in (value.values() if isinstance(value, dict) else [value]):
+            if isinstance(v, int):
+                ids.add(v)
     return ids
 
 
