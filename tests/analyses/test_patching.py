@@ -102,6 +102,7 @@ def test_patching_every_position_recovers_clean(qwen, image_pair):
         assert float(METRIC(qwen(**corrupt))) == pytest.approx(r.corrupt_value, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sweep_equals_naive_loop_with_layout_groups(qwen, image_pair):
     clean, corrupt = image_pair
     lay = qwen.layout(**clean)
@@ -124,6 +125,7 @@ def pd_na(x) -> bool:
     return x is None or str(x) == "<NA>"
 
 
+@pytest.mark.slow
 def test_vision_tower_sites_and_reuse_paths_agree(qwen, image_pair):
     clean, corrupt = image_pair
     lay = qwen.layout(**clean)
@@ -205,6 +207,7 @@ def test_knockout_zero_attention_on_real_model(qwen, image_pair):
     assert df["value"].iloc[1] == pytest.approx(float(vals[1, 0]), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_mask_knockout_equals_score_knockout_and_blocks_exactly(qwen, image_pair):
     """The MaskSpec path (no L x L) and the score-hook path agree; per-row edge sets in one forward."""
     from hooked_vlm.components.attention import AttnStatsRequest, attn_stats_request

@@ -153,6 +153,7 @@ def _reference_sweep(out_dir: Path) -> pd.DataFrame:
     return res.frame
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_identical_results(tmp_path):
     script = _script(tmp_path)
     out = tmp_path / "store"

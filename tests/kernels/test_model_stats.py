@@ -149,6 +149,7 @@ def test_request_with_wrong_positions_names_the_problem(model):
         pass
 
 
+@pytest.mark.slow
 def test_run_with_cache_keyword_and_autograd(model):
     """``run_with_cache(attn_stats=...)`` equals the context-manager form, works with gradients enabled,
     and a knockout under autograd still zeroes the blocked edges."""
