@@ -102,3 +102,20 @@ def test_token_id_outside_the_vocabulary(model):
     ids[0, 1] = -3
     with pytest.raises(InputError, match=r"token id -3 but"):
         model(**{**inputs, "input_ids": ids})
+
+
+def test_placeholder_ids_beyond_the_vocabulary_are_allowed():
+    """LLaVA / Gemma 3 checkpoints may give the image placeholder an id >= vocab (it is replaced by features)."""
+    from hooked_vlm.input_checks import check_token_inputs
+
+    class Stub(torch.nn.Module):
+        image_token_id = 12
+
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+
+    ids = torch.tensor([[0, 12, 12, 9]])
+    assert check_token_inputs(Stub(), {"input_ids": ids}) is ids
+    with pytest.raises(InputError, match=r"token id 11 but this model's vocabulary has 10 ids \(0..9\)"):
+        check_token_inputs(Stub(), {"input_ids": torch.tensor([[0, 12, 11]])})
