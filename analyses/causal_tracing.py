@@ -144,6 +144,8 @@ def causal_trace(
     """
     if (noise_positions is None) == (pixel_rows is None):
         raise ValueError("give exactly one of noise_positions (embeddings) or pixel_rows (pixels)")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples={n_samples!r}: causal tracing needs at least 1 noise draw (2 or more for confidence intervals)")
     if severed not in (None, "mlp", "attn"):
         raise ValueError(f"severed must be None, 'mlp' or 'attn', got {severed!r}")
     for k in kinds:

@@ -294,6 +294,7 @@ def activation_patching(
     cells: list[dict[str, Any]] = []
     group_order: dict[str, list[str]] = {}
     site_groups: dict[str, dict[str, list[int]]] = {}
+    most_heads = 0  # the most heads any requested head site has
     for s in site_objs:
         first = source_cache[s.hook_name(site_layers[s.name][0])]
         try:
@@ -312,11 +313,18 @@ def activation_patching(
                 head_list: list[int | None] = [None]
             else:
                 n_heads = act.shape[s.head_axis]
+                most_heads = max(most_heads, n_heads)
                 head_list = list(range(n_heads)) if heads is None else [h for h in heads if 0 <= h < n_heads]
             for h in head_list:
                 for g in groups:
                     cells.append({"site": s.name, "layer": l, "head": h, "group": g})
 
+    absent = [h for h in (heads or []) if not 0 <= h < most_heads]
+    if absent and most_heads:
+        raise ValueError(
+            f"heads {absent} do not exist: the head sites {[s.name for s in site_objs if s.head_axis is not None]} "
+            f"have at most {most_heads} heads (0..{most_heads - 1}); pass heads from that range or heads=None for all"
+        )
     config = lambda: {  # noqa: E731 -- hashing inputs/model only when a store is used
         "analysis": "activation_patching",
         "sites": [s.name for s in site_objs],

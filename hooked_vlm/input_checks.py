@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from hooked_vlm.errors import InputError
@@ -47,6 +48,31 @@ def check_token_inputs(
                 + (f" after {past} cached positions" if extra else "")
                 + f"; expected {want} (same batch, one entry per position)"
             )
+    vocab = getattr(getattr(model, "embed", None), "num_embeddings", None)
+    if vocab is not None and ids.numel() and ids.device.type != "meta":
+        outside = ids[(ids < 0) | (ids >= vocab)]
+        if outside.numel():  # placeholder ids may lie outside the vocabulary (replaced by visual features)
+            outside = outside[~torch.isin(outside, torch.tensor(sorted(_placeholder_ids(model)), dtype=outside.dtype, device=outside.device))]
+        if outside.numel():
+            bad = int(outside[0])
+            raise InputError(
+                f"input_ids holds token id {bad} but this model's vocabulary has {vocab} ids (0..{vocab - 1}); "
+                "tokenize with this model's own tokenizer / processor (a different model's tokenizer gives other ids)"
+            )
+    return ids
+
+
+def _placeholder_ids(model: nn.Module) -> set[int]:
+    """The family's image / video / vision-marker token ids (they may lie outside the text vocabulary)."""
+    ids: set[int] = set()
+    for name in ("token_ids", "image_token_id", "video_token_id"):
+        try:
+            value = getattr(model, name, None)
+        except (KeyError, AttributeError):
+            continue
+        for v in (value.values() if isinstance(value, dict) else [value]):
+            if isinstance(v, int):
+                ids.add(v)
     return ids
 
 
@@ -59,3 +85,19 @@ def check_float_pixels(inputs: dict[str, Any], names: Sequence[str]) -> None:
                 f"{name} must be a floating tensor of normalised pixels, got {getattr(t, 'dtype', type(t).__name__)}; "
                 "did you pass raw uint8 pixels? Preprocess with hooked_vlm.inputs or the HF image processor"
             )
+
+
+def check_vision_features(feats: Any, batch: int, tokens_per_row: Sequence[int], d_model: int) -> None:
+    """``vision_features`` must be ``[batch, >= visual tokens of each prompt, d_model]``, as ``vision.hook_out``
+    and ``encode_vision`` return them for the same inputs."""
+    need = max(tokens_per_row, default=0)
+    ok = isinstance(feats, Tensor) and feats.dim() == 3 and feats.shape[0] == batch and feats.shape[2] == d_model
+    short = [b for b, n in enumerate(tokens_per_row) if ok and feats.shape[1] < n]
+    if not ok or short:
+        got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
+        raise InputError(
+            f"vision_features must be [{batch}, >= {need}, {d_model}] (one row per prompt, one vector per visual token, "
+            f"the language model's width) but got {got}"
+            + (f"; prompt(s) {short} have more visual tokens than their row holds" if short else "")
+            + "; pass what encode_vision(**inputs) or the cache's vision.hook_out returns for these same inputs"
+        )

@@ -112,18 +112,17 @@ class TokenLayout:
         item_id, it = self.find_item(image, video)
         sel = self.item[it.batch] == item_id
         if frame is not None:
-            t = it.merged_grid[0]
-            if not 0 <= frame < t:
-                raise IndexError(f"frame {frame} out of range: {it.kind} {it.index} has {t} temporal slices")
+            _check_frame(frame, it)
             sel = sel & (self.frame[it.batch] == frame)
         return sel.nonzero().flatten()
 
     def cell(self, row: int, col: int, image: int | None = None, video: int | None = None, frame: int = 0) -> int:
         """Sequence position of merged-grid cell (row, col) (of a given frame for videos)."""
         item_id, it = self.find_item(image, video)
-        _, gh, gw = it.merged_grid
+        t, gh, gw = it.merged_grid
         if not (0 <= row < gh and 0 <= col < gw):
             raise IndexError(f"cell ({row}, {col}) outside the {gh}x{gw} grid of {it.kind} {it.index}")
+        _check_frame(frame, it)
         return it.start + frame * gh * gw + row * gw + col
 
     def pixel_box(self, batch: int, pos: int) -> tuple[int, int, int, int] | None:
@@ -224,6 +223,7 @@ class TokenLayout:
         t, h, w = it.grid_thw
         rows = torch.arange(it.vision_offset, it.vision_offset + it.n_patches)
         if frame is not None:
+            _check_frame(frame, it)
             rows = rows[frame * h * w : (frame + 1) * h * w]
         return it.batch, rows
 
@@ -255,6 +255,16 @@ class TokenLayout:
                     )
                 lines.append(desc)
         return "\n".join(lines)
+
+
+def _check_frame(frame: int, it: VisualItem) -> None:
+    """``frame`` must be one of the item's temporal slices (0..t-1); images have one."""
+    t = it.merged_grid[0]
+    if not 0 <= frame < t:
+        raise IndexError(
+            f"frame {frame} out of range: {it.kind} {it.index} has {t} temporal slice(s), numbered 0..{t - 1} "
+            f"(one slice = temporal_patch_size={it.temporal_patch_size} input frames)"
+        )
 
 
 def mrope_position_ids(

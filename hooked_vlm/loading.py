@@ -137,6 +137,15 @@ def build(architecture: str, hf_config: Any, state_dict: dict[str, Tensor], dtyp
             f"weights do not fit {cls.__name__}: missing {sorted(missing)[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {sorted(unexpected)[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
+    expected = model.state_dict()
+    wrong = [f"{k}: checkpoint {tuple(ours[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in sorted(ours) if tuple(ours[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise CheckpointError(
+            f"{len(wrong)} weight(s) have the wrong shape for {cls.__name__} built from this config: {wrong[:4]}"
+            f"{'...' if len(wrong) > 4 else ''}; the weights and config.json come from different models (re-save both "
+            "with save_pretrained, or fix the config's sizes)"
+        )
     model.load_state_dict(ours, assign=True, strict=True)
     if cfg.tie_word_embeddings:
         model.unembed.weight = model.embed.weight
@@ -160,6 +169,8 @@ def from_hf(hf_model: nn.Module, dtype: torch.dtype | None = None, device: Any =
             f"got {type(hf_model).__module__}.{type(hf_model).__qualname__}; for a checkpoint folder use from_pretrained"
         )
     arch = type(hf_model).__name__
+    if isinstance(dtype, str):
+        dtype = _dtype_from_name(dtype)
     sd = hf_model.state_dict()
     if device is None:
         device = next(hf_model.parameters()).device
@@ -168,10 +179,26 @@ def from_hf(hf_model: nn.Module, dtype: torch.dtype | None = None, device: Any =
     return build(arch, hf_model.config, sd, dtype, device)
 
 
+def _dtype_from_name(name: str) -> torch.dtype:
+    """``"float16"`` / ``"bfloat16"`` / ``"float32"`` (also ``"torch.float16"``, ``"fp16"``, ``"bf16"``) -> torch dtype."""
+    import torch
+
+    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+    key = name.removeprefix("torch.")
+    key = aliases.get(key, key)
+    dtype = getattr(torch, key, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={name!r} is not a floating torch dtype; pass torch.float32 / torch.bfloat16 / torch.float16 "
+                         "or one of their names ('float32', 'bfloat16', 'float16')")
+    return dtype
+
+
 def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype | None = None, device: Any = None, seed: int = 0) -> HookedVLM:
     """A built-in model by name (see :func:`builtin_models`; ``seed`` picks its random weights), a local
     Hugging Face-layout checkpoint folder, or a hub id when a hub is reachable; the tokenizer is attached
     (``model.tokenizer``) when the built-in or the folder has one."""
+    if isinstance(dtype, str):
+        dtype = _dtype_from_name(dtype)
     builtin = builtin_models().get(str(path_or_id))
     if builtin is not None and not Path(path_or_id).exists():
         return builtin.load(seed=seed, dtype=dtype, device=device)

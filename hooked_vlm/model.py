@@ -19,8 +19,8 @@ from transformer_lens.hook_points import HookPoint
 from hooked_vlm.components.attention import KVCache
 from hooked_vlm.components.block import TransformerBlock
 from hooked_vlm.config import HookedVLMConfig
-from hooked_vlm.hook_management import CheckedHooksMixin
 from hooked_vlm.errors import InputError
+from hooked_vlm.hook_management import CheckedHooksMixin
 from hooked_vlm.layout import TokenLayout
 from hooked_vlm.tl_surface import TransformerLensSurface
 from kernels.mask import MaskSpec
@@ -161,7 +161,7 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         Extra keywords: ``position_ids`` (override positions), ``vision_features`` (reuse a previous
         ``vision.hook_out`` and skip the vision tower), ``return_type`` ("logits"; "loss": the mean
         next-token cross-entropy over text targets, see :meth:`text_loss`; "both": ``(logits, loss)``;
-        "resid": the final normalised residual; None), ``stop_at_layer`` (return the residual entering that block),
+        "resid": the final normalised residual; None), ``stop_at_layer`` (return the residual entering that block; ``n_layers``: after the last one),
         ``past_key_values`` (a :class:`KVCache`, used by :meth:`generate`), ``final_positions=n`` (the final
         block computes only the last n positions, so the output covers only them: exact and cheaper when
         only the last token's logits matter; the final block's hooks after ``hook_resid_pre`` then see n
@@ -181,6 +181,7 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
             )
         inputs["input_ids"] = input_ids
         self._check_input_names(inputs)
+        self._check_stop_and_final(stop_at_layer, final_positions, input_ids)
         prep = self._prepare(inputs, cache)
         resid = prep.embeds
         for i, block in enumerate(self.blocks):
@@ -193,6 +194,8 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
             else:
                 resid = block(resid, cos, sin, prep.masks[kind], cache)
         self._last_prepared = prep if cache is not None else None
+        if stop_at_layer == len(self.blocks):
+            return resid
         normed = self.ln_final(resid)
         if return_type == "resid":
             return normed
@@ -233,6 +236,23 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
             if hf.get(key) is not None:
                 text &= input_ids != int(hf[key])
         return text if attention_mask is None else text & attention_mask.bool()
+
+    def _check_stop_and_final(self, stop_at_layer: Any, final_positions: Any, input_ids: Tensor | None) -> None:
+        """``stop_at_layer`` must name a block (0..n_layers, n = after the last); ``final_positions`` 1..L."""
+        n = self.cfg.n_layers
+        if stop_at_layer is not None and not (_is_int(stop_at_layer) and 0 <= stop_at_layer <= n):
+            raise InputError(
+                f"stop_at_layer={stop_at_layer!r} is not a block index: this model has {n} blocks, so pass 0..{n} "
+                f"(the residual entering that block; {n} = after the last block) or None for the logits"
+            )
+        if final_positions is not None:
+            length = None if input_ids is None else int(input_ids.shape[-1])
+            if not (_is_int(final_positions) and final_positions >= 1 and (length is None or final_positions <= length)):
+                raise InputError(
+                    f"final_positions={final_positions!r} must be an integer from 1 to the sequence length"
+                    + (f" ({length})" if length is not None else "")
+                    + ": it is how many last positions the final block computes (None = all)"
+                )
 
     def _check_input_names(self, inputs: dict[str, Any]) -> None:
         allowed = set(self.input_names) | set(self.generic_inputs)
@@ -328,3 +348,10 @@ def _check_not_a_dict(value: Any, method: str) -> None:
     if isinstance(value, dict):
         call = "model(**inputs)" if method == "forward" else f"model.{method}(**inputs)"
         raise TypeError(f"{method} got a dict as a positional argument; unpack the keyword tensors: {call}")
+
+
+def _is_int(x: Any) -> bool:
+    """A Python / numpy integer (not a bool)."""
+    import numbers
+
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)

@@ -370,9 +370,7 @@ def test_helpful_errors(pairs):
 
 def test_vision_attention_statistics_match_pattern(pairs):
     """The shared Attention's statistics path runs on the non-causal vision tower (tower="vision")."""
-    attention = pytest.importorskip("hooked_vlm.components.attention")
-    if not hasattr(attention, "attn_stats_request"):
-        pytest.skip("attention statistics not available")
+    from hooked_vlm.components import attention
     _, model = pairs("tiny-clip")
     px = _pixels(2, 64)
     groups = torch.tensor([[0, 1, 1, 2, 2]]).expand(2, -1)  # [CLS], top row, bottom row

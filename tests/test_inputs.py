@@ -26,9 +26,7 @@ from hooked_vlm.tiny_tokenizer import SPECIAL_IDS, WORDS, build_tiny_tokenizer
 
 torch.set_num_threads(1)
 
-Qwen2VLImageProcessorPil = pytest.importorskip(
-    "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
-).Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
 
 @pytest.fixture(scope="module")

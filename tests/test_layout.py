@@ -37,9 +37,15 @@ def test_official_rope_rule_differs_only_for_scaled_video(qwen_pair):
         old = model.layout(**inputs)
     finally:
         model.rope_rule = "transformers-5.23"
-    after = int((inputs["input_ids"][0] == VID).nonzero()[-1]) + 1  # first position after the video
-    assert torch.equal(new.position_ids[:, :, :after], old.position_ids[:, :, :after])
-    assert (new.position_ids[:, 0, after:] < old.position_ids[:, 0, after:]).all()
+    # by hand: text 0..2; the video (3 slices x 2 x 3 cells, interval tokens_per_second 2 x 4 s = 8) starts at 3:
+    # T = 3 + {0, 8, 16}, H = 3 + {0, 1}, W = 3 + {0, 1, 2}; then 3 text tokens restart at
+    # 3 + max(2, 3) = 6 (transformers 5.23) or at max(video ids) + 1 = 20 (official)
+    tt, hh, ww = torch.meshgrid(torch.tensor([0, 8, 16]), torch.arange(2), torch.arange(3), indexing="ij")
+    video = torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + 3
+    head = torch.arange(3).expand(3, -1)
+    for lay, restart in ((new, 6), (old, 20)):
+        want = torch.cat([head, video, torch.arange(restart, restart + 3).expand(3, -1)], dim=1)
+        assert lay.position_ids[:, 0].tolist() == want.tolist()
 
 
 @pytest.mark.parametrize("family", QWEN_FAMILIES)
@@ -62,8 +68,11 @@ def test_kinds_items_frames_cells(qwen_pair, family):
     assert lay.cell(2, 5, image=0) == img.start + 2 * 6 + 5
     assert (lay.row[0, lay.cell(2, 5, image=0)], lay.col[0, lay.cell(2, 5, image=0)]) == (2, 5)
     assert lay.pixel_box(0, lay.cell(2, 5, image=0)) == (56, 140, 84, 168)
-    box = lay.box(30, 30, 60, 60, image=0)  # touches cells rows 1-2, cols 1-2
+    box = lay.box(30, 30, 60, 60, image=0)  # overlaps cells rows 1-2, cols 1-2
     assert sorted((int(lay.row[0, p]), int(lay.col[0, p])) for p in box) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    # exactly cell (1, 1) = pixels [28, 56): its neighbours only touch the box edges and are not counted
+    assert lay.box(28, 28, 56, 56, image=0).tolist() == [img.start + 1 * 6 + 1]
+    assert lay.box(28, 28, 57, 56, image=0).tolist() == [img.start + 6 + 1, img.start + 12 + 1]
     groups = lay.group_ids("frame")
     assert groups[0, lay.positions(image=0)].unique().tolist() == [0]
     assert groups[0, lay.positions(video=0)].unique().tolist() == [1, 2, 3]
@@ -138,3 +147,55 @@ def test_vision_rows_are_raster_order(qwen_pair, family):
             hf_row = it.pixel_offset + block * 4 + (rr % 2) * 2 + cc % 2
             want = model.vision.patch_embed(pv[hf_row])
             assert torch.allclose(grid[0, rr, cc], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_vision_rows_of_a_frame_hold_that_slice_patches(qwen_pair, family):
+    """vision_rows(video=, frame=t) are the t-th temporal slice's h*w patch rows (the unmerged patch grid), and
+    the patch embedding there is that of the pixel row the processor put at (t, r, c)."""
+    _, model = qwen_pair(family)
+    inputs = case("video", family)
+    lay = model.layout(**inputs)
+    it = lay.videos()[0]
+    t, h, w = it.grid_thw
+    assert (t, h, w) == (3, 4, 6)
+    _, cache = model.run_with_cache(**inputs, names_filter="vision.hook_patch_embed")
+    act = cache["vision.hook_patch_embed"]
+    pv = inputs["pixel_values_videos"]
+    for frame in range(t):
+        b, rows = lay.vision_rows(video=0, frame=frame)
+        assert b == 0 and rows.tolist() == list(range(it.vision_offset + frame * h * w, it.vision_offset + (frame + 1) * h * w))
+        for rr, cc in [(0, 0), (h - 1, w - 1), (1, 4)]:
+            hf_row = frame * h * w + ((rr // 2) * (w // 2) + cc // 2) * 4 + (rr % 2) * 2 + cc % 2
+            want = model.vision.patch_embed(pv[hf_row])
+            assert torch.allclose(act[0, rows[rr * w + cc]], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_frame_groups_count_earlier_slices(qwen_pair, family):
+    """group_ids("frame") numbers (item, slice) pairs consecutively: a second 3-slice video gets groups 3..5."""
+    _, model = qwen_pair(family)
+    vid = case("video", family)
+    ids = vid["input_ids"][0].tolist() + vid["input_ids"][0].tolist()[1:]
+    inputs = {k: torch.cat([v, v]) for k, v in vid.items() if k != "input_ids"}
+    inputs["input_ids"] = torch.tensor([ids])
+    lay = model.layout(**inputs)
+    groups = lay.group_ids("frame")[0]
+    assert groups[lay.positions(video=0)].tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert groups[lay.positions(video=1)].tolist() == [3] * 6 + [4] * 6 + [5] * 6
+    assert (groups[inputs["input_ids"][0] < 100] == -1).all()
+
+
+def test_frame_and_cell_out_of_range_are_clear_errors(qwen_pair):
+    _, model = qwen_pair("tiny-qwen2-vl")
+    lay = model.layout(**case("image_video", "tiny-qwen2-vl"))
+    for frame in (99, -1, 3):
+        with pytest.raises(IndexError, match=rf"frame {frame} out of range: video 0 has 3 temporal slice\(s\), numbered 0..2"):
+            lay.cell(0, 0, video=0, frame=frame)
+        with pytest.raises(IndexError, match=rf"frame {frame} out of range: video 0 has 3"):
+            lay.vision_rows(video=0, frame=frame)
+        with pytest.raises(IndexError, match=rf"frame {frame} out of range"):
+            lay.positions(video=0, frame=frame)
+    with pytest.raises(IndexError, match=r"frame 1 out of range: image 0 has 1 temporal slice"):
+        lay.cell(0, 0, image=0, frame=1)
+    assert lay.cell(1, 2, video=0, frame=2) == lay.videos()[0].start + 2 * 6 + 1 * 3 + 2

@@ -2,6 +2,7 @@
 and clear errors for folders and architectures we cannot load."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def test_pickled_code_is_never_executed(tmp_path, capsys):
     hf = tiny_hf_model("tiny-qwen2-vl", seed=2)
     hf.config.save_pretrained(tmp_path)
     torch.save({"x": _Exploit()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         HookedVLM.from_pretrained(str(tmp_path))
     assert "pickled code ran" not in capsys.readouterr().out
 
@@ -93,3 +94,27 @@ def test_unsupported_architecture(tmp_path):
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="local checkpoint folder"):
         HookedVLM.from_pretrained(str(tmp_path / "does-not-exist" / "nor-this"))
+
+
+def test_weight_of_the_wrong_shape_is_a_checkpoint_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_hf_model("tiny-qwen2-vl", seed=2)
+    hf.save_pretrained(tmp_path)
+    (f,) = tmp_path.glob("*.safetensors")
+    sd = load_file(str(f))
+    key = next(k for k in sd if k.endswith("layers.0.mlp.up_proj.weight"))
+    sd[key] = sd[key][:-1]
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"1 weight\(s\) have the wrong shape .*blocks.0.mlp.up_proj.weight: checkpoint \(127, 64\) vs model \(128, 64\)"):
+        HookedVLM.from_pretrained(str(tmp_path))
+
+
+def test_dtype_given_by_name():
+    hf = tiny_hf_model("tiny-qwen2-vl", seed=2)
+    model = HookedVLM.from_hf(hf, dtype="float16")
+    assert model.embed.weight.dtype == torch.float16
+    assert torch.equal(model.embed.weight, hf.state_dict()["model.language_model.embed_tokens.weight"].half())
+    assert HookedVLM.from_hf(hf, dtype="torch.bfloat16").embed.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"dtype='float17' is not a floating torch dtype; pass torch.float32"):
+        HookedVLM.from_hf(hf, dtype="float17")

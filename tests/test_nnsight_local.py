@@ -278,15 +278,14 @@ OTHER_FAMILIES = {  # name -> (first invoke's case, second invoke's case), from 
 @pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
 def test_two_invokes_on_every_family(family):
     """Each invoke of a two-invoke batch sees what a run of its own input alone gives (left padding)."""
-    import test_gemma3
-    import test_llava
+    from helpers import gemma_cases, llava_cases
 
     nn_model = tiny_nnsight(family, seed=0)
     first, second = OTHER_FAMILIES[family]
     if family == "tiny-gemma3":
-        a, b = test_gemma3.CASES[first](), test_gemma3.CASES[second]()
+        a, b = gemma_cases.CASES[first](), gemma_cases.CASES[second]()
     else:
-        a, b = (test_llava.case(family, name, nn_model._module) for name in (first, second))
+        a, b = (llava_cases.case(family, name, nn_model._module) for name in (first, second))
     with nn_model.trace() as tracer:
         with tracer.invoke(**a):
             out_a = nn_model.output.save()

@@ -91,3 +91,31 @@ def test_placeholders_spanning_prompts(model):
     inputs["pixel_values"] = torch.randn(112, 1176)
     with pytest.raises(InputError, match="span two prompts"):
         model(**inputs)
+
+
+def test_token_id_outside_the_vocabulary(model):
+    inputs = case("image", "tiny-qwen2.5-vl")
+    ids = inputs["input_ids"].clone()
+    ids[0, 1] = 128  # vocab_size 128: ids 0..127
+    with pytest.raises(InputError, match=r"input_ids holds token id 128 but this model's vocabulary has 128 ids \(0..127\)"):
+        model(**{**inputs, "input_ids": ids})
+    ids[0, 1] = -3
+    with pytest.raises(InputError, match=r"token id -3 but"):
+        model(**{**inputs, "input_ids": ids})
+
+
+def test_placeholder_ids_beyond_the_vocabulary_are_allowed():
+    """LLaVA / Gemma 3 checkpoints may give the image placeholder an id >= vocab (it is replaced by features)."""
+    from hooked_vlm.input_checks import check_token_inputs
+
+    class Stub(torch.nn.Module):
+        image_token_id = 12
+
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+
+    ids = torch.tensor([[0, 12, 12, 9]])
+    assert check_token_inputs(Stub(), {"input_ids": ids}) is ids
+    with pytest.raises(InputError, match=r"token id 11 but this model's vocabulary has 10 ids \(0..9\)"):
+        check_token_inputs(Stub(), {"input_ids": torch.tensor([[0, 12, 11]])})

@@ -1,11 +1,14 @@
 """Hook points of the hooked Qwen models: they fire, have their documented shapes, edits take effect
 where causality allows, patterns are computed only on request, and the cache decomposes exactly."""
 
+import re
+
 import pytest
 import torch
 
 from qwen_cases import QWEN_FAMILIES, case
 
+from hooked_vlm import InputError
 from hooked_vlm.hook_table import describe_hook
 
 
@@ -225,3 +228,66 @@ def test_final_positions_is_exact(qwen_pair, family):
         assert (last - full[:, -3:]).abs().max() < 1e-5
     _, cache = model.run_with_cache(**case("image", family), final_positions=1, names_filter=lambda n: n.startswith("blocks.1.hook_resid"))
     assert cache["blocks.1.hook_resid_pre"].shape[1] > 1 and cache["blocks.1.hook_resid_post"].shape[1] == 1
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_attn_result_path_is_exact(qwen_pair, family):
+    """use_attn_result: per-head results summed over heads plus the output bias equal hook_attn_out, and the
+    logits equal the default path (the vision blocks have an output bias, so dropping it would show)."""
+    _, model = qwen_pair(family)
+    inputs = case("image", family)
+    with torch.no_grad():
+        ref = model(**inputs)
+    blocks = list(model.blocks) + list(model.vision.blocks)
+    for blk in blocks:
+        blk.attn.use_attn_result = True
+    try:
+        logits, cache = model.run_with_cache(**inputs, names_filter=lambda n: n.endswith(("hook_result", "hook_attn_out", "hook_z")))
+    finally:
+        for blk in blocks:
+            blk.attn.use_attn_result = False
+    assert (logits - ref).abs().max() <= 1e-5
+    for prefix, blk in [("blocks.1", model.blocks[1]), ("vision.blocks.0", model.vision.blocks[0])]:
+        z = cache[f"{prefix}.attn.hook_z"]
+        w = blk.attn.o_proj.weight  # d, (h dh)
+        per_head = torch.stack([z[:, :, h] @ w[:, h * z.shape[-1]:(h + 1) * z.shape[-1]].T for h in range(z.shape[2])], dim=2)
+        assert torch.allclose(cache[f"{prefix}.attn.hook_result"], per_head, atol=1e-6)
+        bias = blk.attn.o_proj.bias if blk.attn.o_proj.bias is not None else 0.0
+        assert torch.allclose(per_head.sum(2) + bias, cache[f"{prefix}.hook_attn_out"], atol=1e-5)
+
+
+def test_stop_at_layer_returns_the_residual_and_checks_its_range(qwen_pair):
+    _, model = qwen_pair("tiny-qwen2-vl")
+    inputs = case("image", "tiny-qwen2-vl")
+    n = model.cfg.n_layers
+    _, cache = model.run_with_cache(**inputs, names_filter=lambda x: x.endswith(("hook_resid_pre", "hook_resid_post")))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, stop_at_layer=1), cache["blocks.1.hook_resid_pre"])
+        assert torch.equal(model(**inputs, stop_at_layer=n), cache[f"blocks.{n - 1}.hook_resid_post"])
+        for bad in (99, -1, n + 1, 1.5, True):
+            with pytest.raises(InputError, match=rf"stop_at_layer={bad!r} is not a block index: this model has {n} blocks, so pass 0..{n}"):
+                model(**inputs, stop_at_layer=bad)
+
+
+def test_final_positions_range_is_checked(qwen_pair):
+    _, model = qwen_pair("tiny-qwen2-vl")
+    inputs = case("image", "tiny-qwen2-vl")
+    length = inputs["input_ids"].shape[1]
+    for bad in (0, -2, length + 1):
+        with pytest.raises(InputError, match=rf"final_positions={bad} must be an integer from 1 to the sequence length \({length}\)"):
+            model(**inputs, final_positions=bad)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, final_positions=length), model(**inputs))
+
+
+def test_vision_features_of_the_wrong_shape_are_clear_errors(qwen_pair):
+    _, model = qwen_pair("tiny-qwen2-vl")
+    inputs = case("image", "tiny-qwen2-vl")
+    with torch.no_grad():
+        feats = model.encode_vision(**inputs)
+        ref = model(**inputs)
+        assert torch.equal(model(**inputs, vision_features=feats), ref)
+    m, d = feats.shape[1], model.cfg.d_model
+    for bad in (feats[..., :-1], feats[:, : m - 1], torch.cat([feats, feats]), feats[0]):
+        with pytest.raises(InputError, match=rf"vision_features must be \[1, >= {m}, {d}\] .* but got {re.escape(str(tuple(bad.shape)))}"):
+            model(**inputs, vision_features=bad)

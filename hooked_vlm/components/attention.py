@@ -326,7 +326,8 @@ class Attention(nn.Module):
         if self.wants_pattern():
             z = self._pattern_path(q, k, v, mask)
             if req is not None and self.stats_enabled:
-                self._stats_path(q, k, v, mask, req)  # statistics beside the materialised pattern
+                with torch.no_grad():  # statistics beside the materialised pattern are read-outs, never differentiated
+                    self._stats_path(q, k, v, mask, req)
         elif req is not None:
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
                 with torch.no_grad():  # statistics are read-outs; the output keeps its autograd graph

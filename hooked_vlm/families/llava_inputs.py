@@ -227,6 +227,8 @@ class LlavaLayout(TokenLayout):
         item_id, it = self.find_item(image, video)
         if it.kind == "video":
             part, grid = FRAME, it.grid_thw[1:]
+            if not 0 <= frame < it.grid_thw[0]:
+                raise IndexError(f"frame {frame} out of range: video {it.index} has {it.grid_thw[0]} frames, numbered 0..{it.grid_thw[0] - 1}")
         else:
             part = BASE if part is None else part
             grid = it.grid_thw[1:] if part == BASE else it.grid_size

@@ -412,6 +412,10 @@ class HookedQwenVL(HookedVLM):
         if feats is None:
             feats = self._vision_features(inputs, layout)
         else:
+            from hooked_vlm.input_checks import check_vision_features
+
+            per_row = [int((layout.item[bi] >= 0).sum()) for bi in range(embeds.shape[0])]
+            check_vision_features(feats, embeds.shape[0], per_row, embeds.shape[2])
             feats = self.vision.hook_out(feats)
         b = embeds.shape[0]
         embeds = embeds.clone()

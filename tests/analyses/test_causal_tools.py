@@ -52,7 +52,20 @@ def test_knockout_sweep_windows_and_heads(tiny, tiny_pair):
     one_head = knockout_sweep(tiny, clean, METRIC, {"img->last": ([-1], IMG)}, windows=[(0, 2)], heads=[1],
                               progress=False)
     all_heads = knockout_sweep(tiny, clean, METRIC, {"img->last": ([-1], IMG)}, windows=[(0, 2)], progress=False)
-    assert one_head["value"].iloc[0] != pytest.approx(all_heads["value"].iloc[0], abs=1e-6)
+    # by hand: -inf scores from the last query to the image keys in layers 0..2, head 1 only (or every head)
+    def blocked(head):
+        def fn(scores, hook):
+            scores = scores.clone()
+            scores[:, slice(None) if head is None else slice(head, head + 1), 9, IMG] = float("-inf")
+            return scores
+        return fn
+
+    with torch.no_grad():
+        for df_, head in ((one_head, 1), (all_heads, None)):
+            hooks = [(f"blocks.{l}.attn.hook_attn_scores", blocked(head)) for l in range(3)]
+            want = float(METRIC(tiny.run_with_hooks(**clean, fwd_hooks=hooks)))
+            assert df_["value"].iloc[0] == pytest.approx(want, abs=1e-6)
+    assert abs(one_head["value"].iloc[0] - all_heads["value"].iloc[0]) > 1e-4  # the head choice matters here
     assert layer_windows(5, 3, 2) == [(0, 2), (2, 4)]
     with pytest.raises(ValueError, match="every visible key"):
         knockout_edits([0], [0], [0], 10)
@@ -67,6 +80,10 @@ def test_full_restoration_after_noise_recovers_clean(tiny, tiny_pair):
     assert res.total_effect != 0.0 and not np.allclose(res.corrupt_samples, res.clean_value)
     layer0 = res.frame[(res.frame.kind == "resid") & (res.frame.layer == 0)]
     assert layer0["value"].iloc[0] == pytest.approx(res.clean_value, abs=1e-6)
+    # full restoration: indirect effect = clean - corrupted per sample = the total effect, with its sign
+    assert layer0["indirect_effect"].iloc[0] == pytest.approx(res.clean_value - res.corrupt_samples.mean(), abs=1e-6)
+    assert res.total_effect == pytest.approx(res.clean_value - res.corrupt_samples.mean(), abs=1e-9)
+    assert layer0["ie_low"].iloc[0] <= layer0["indirect_effect"].iloc[0] <= layer0["ie_high"].iloc[0]
     samples = json.loads(layer0["samples"].iloc[0])
     np.testing.assert_allclose(samples, res.clean_value, atol=1e-6)
     # restoring every layer's input at all positions recovers the clean output too
@@ -100,7 +117,7 @@ def test_severed_tracing_differs_and_matches_manual(tiny, tiny_pair):
     sev = causal_trace(tiny, clean, answer_prob(4), severed="mlp", **kw)
     assert not np.allclose(plain.frame["value"], sev.frame["value"])
     # the corrupted runs are the same noise draws
-    np.testing.assert_allclose(plain.corrupt_samples, sev.corrupt_samples)
+    np.testing.assert_allclose(plain.corrupt_samples, sev.corrupt_samples, atol=1e-6, rtol=0)
 
 
 def test_pixel_noise_restoring_embeddings_recovers_clean(tiny, tiny_pair):
@@ -168,3 +185,13 @@ def test_path_patching_matches_manual_two_pass(tiny, tiny_pair):
         want = float(METRIC(tiny.run_with_hooks(**corrupt, fwd_hooks=[("blocks.2.attn.hook_z", put)])))
     assert df["value"].iloc[0] == pytest.approx(want, abs=1e-6)
     assert df["value"].iloc[0] != pytest.approx(df.attrs["corrupt_value"], abs=1e-6)
+
+
+def test_bad_arguments_name_the_problem(tiny, tiny_pair):
+    clean, corrupt = tiny_pair
+    with pytest.raises(ValueError, match=r"n_samples=0: causal tracing needs at least 1 noise draw"):
+        causal_trace(tiny, clean, answer_prob(4), noise_positions=IMG, n_samples=0, progress=False)
+    with pytest.raises(ValueError, match=r"heads \[99\] do not exist: .* have at most 4 heads \(0..3\)"):
+        activation_patching(tiny, clean, corrupt, METRIC, sites=["z"], heads=[99], progress=False)
+    with pytest.raises(ValueError, match=r"heads \[-1\] do not exist"):
+        activation_patching(tiny, clean, corrupt, METRIC, sites=["z"], heads=[-1, 0], progress=False)

@@ -59,6 +59,7 @@ def test_patching_every_position_recovers_clean(tiny, tiny_pair):
     assert r2.frame["value"].iloc[0] == pytest.approx(r.clean_value, abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_batched_sweep_equals_naive_loop(tiny, tiny_pair, direction):
     clean, corrupt = tiny_pair

@@ -56,6 +56,9 @@ def test_freeze_and_drop():
     v = _video()
     fz = vc.freeze(v, frame=3)
     assert _frame_values(fz.frames) == [3] * 8
+    # frozen on frame 2: slice 1 keeps its first frame (2) and changes only its second (3 -> 2)
+    f2 = vc.freeze(v, frame=2)
+    assert f2.source_index.tolist() == [2] * 8 and f2.changed_slices() == [0, 1, 2, 3]
     part = vc.freeze(v, frame=0, span=(4, 8))
     assert part.source_index.tolist() == [0, 1, 2, 3, 0, 0, 0, 0] and part.changed_slices() == [2, 3]
     d = vc.drop_frames(v, slices=[1, 2])

@@ -92,3 +92,21 @@ def test_fingerprint_tracks_content():
     base = MaskSpec(causal=True)
     base.fingerprint()  # cache it, then derive a different spec from it
     assert dataclasses.replace(base, window=4).fingerprint() == MaskSpec(window=4).fingerprint()
+
+
+def test_knockout_blocks_exactly_the_table_edges_by_brute_force():
+    """Every (query, key) pair, checked by a loop: blocked iff both lie in a region and table[qr, kr]; positions
+    in no region (-1) are never blocked, even though region 0's row of the table is all True."""
+    q_region = torch.tensor([[0, -1, 1, 0, -1, 1]])
+    k_region = torch.tensor([[-1, 0, 0, 1, -1, 1]])
+    table = torch.tensor([[True, True], [False, True]])
+    ko = Knockout(q_region=q_region, k_region=k_region, table=table)
+    idx = torch.arange(6)
+    blocked = ko.blocked(idx, idx)[0]
+    for i in range(6):
+        for j in range(6):
+            qr, kr = int(q_region[0, i]), int(k_region[0, j])
+            want = qr >= 0 and kr >= 0 and bool(table[qr, kr])
+            assert bool(blocked[i, j]) == want, (i, j)
+    dense = MaskSpec(causal=False, knockout=ko).dense(6, 6)[0]
+    assert torch.equal(dense, ~blocked)

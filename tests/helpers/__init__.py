@@ -1,0 +1,1 @@
+"""Shared test helpers (input cases, reference configs); not test modules."""
