@@ -296,3 +296,36 @@ def test_cached_values_do_not_depend_on_caching_patterns(built, name):
         assert torch.equal(plain[n], with_pattern[n]), n
     assert not torch.allclose(halved, plain_logits, atol=1e-4)  # an edit still takes effect ...
     torch.testing.assert_close(in_place, halved, atol=1e-6, rtol=0)  # ... also when made in place
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-gemma3"])
+def test_pattern_gradients_flow_while_values_stay_bit_identical(built, name):
+    """With autograd on, a cached (unedited) pattern still carries TransformerLens's gradient: dL/dpattern equals
+    grad(hook_z) . v written out by hand, and the input gradient equals the run without pattern hooks."""
+    model, inputs, _ = built(name)
+    layer = 0
+    attn = model.blocks[layer].attn
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(key):
+        def fn(t, hook):
+            t.retain_grad()
+            kept[key] = t
+            return t
+        return fn
+
+    def embed_grad(extra_hooks):
+        hooks = [("hook_embed", keep("embed")), (f"blocks.{layer}.attn.hook_z", keep("z")),
+                 (f"blocks.{layer}.attn.hook_v", keep("v"))] + extra_hooks
+        logits = model.run_with_hooks(**inputs, fwd_hooks=hooks)
+        logits[:, -1].logsumexp(-1).sum().backward()
+        return logits.detach(), kept["embed"].grad.clone()
+
+    plain_logits, plain_grad = embed_grad([])
+    pattern_logits, pattern_grad = embed_grad([(f"blocks.{layer}.attn.hook_pattern", keep("pattern"))])
+    assert torch.equal(plain_logits, pattern_logits)
+    torch.testing.assert_close(pattern_grad, plain_grad, atol=1e-6, rtol=1e-5)
+    v = kept["v"].detach().repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=2)  # B K H dh, per query head
+    want = einsum(kept["z"].grad, v, "b q h d, b k h d -> b h q k")
+    torch.testing.assert_close(kept["pattern"].grad, want, atol=1e-6, rtol=1e-5)
+    assert want.abs().max() > 1e-3  # the gradient is not trivially zero

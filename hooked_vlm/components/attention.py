@@ -353,8 +353,8 @@ class Attention(nn.Module):
 
         When no hook replaced or edited either tensor in place (reading and caching do not), the output is
         the fast path's, so what is cached elsewhere does not depend on whether a pattern is cached: it is
-        bit-identical to a run without pattern hooks. Gradients reach the pattern only through an edit or
-        a backward hook on it (then the output is ``pattern @ v``, equal to SDPA to fp32 rounding).
+        bit-identical to a run without pattern hooks, and with autograd on, gradients still reach the pattern
+        and the scores exactly as through ``pattern @ v``. An edited pattern is used as ``pattern @ v``.
         """
         lq, lk = q.shape[1], k.shape[1]
         ke, ve = self._expand_kv(k), self._expand_kv(v)
@@ -370,10 +370,15 @@ class Attention(nn.Module):
             scores is not raw_scores or raw_scores._version != scores_version
             or pattern is not raw_pattern or raw_pattern._version != pattern_version
         )
-        wants_grad = torch.is_grad_enabled() and bool(self.hook_pattern._backward_hooks or self.hook_attn_scores._backward_hooks)
-        if not edited and not wants_grad:
+        if edited:
+            return einsum(pattern, ve, "b h q k, b k h d -> b q h d")
+        if not (torch.is_grad_enabled() and pattern.requires_grad):
             return self._fast_path(q, k, v, mask)
-        return einsum(pattern, ve, "b h q k, b k h d -> b q h d")
+        # Same value as the fast path (the second term is exactly zero), and the exact gradients of
+        # ``pattern @ v``: v through the fast path, q and k only through the pattern (so a retained or
+        # backward-hooked pattern / score gradient is TransformerLens's, and nothing is counted twice).
+        fast = self._fast_path(q.detach(), k.detach(), v, mask)
+        return fast + einsum(pattern - pattern.detach(), ve.detach(), "b h q k, b k h d -> b q h d")
 
     def _fast_path(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> Tensor:
         lq, lk = q.shape[1], k.shape[1]
