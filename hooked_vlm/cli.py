@@ -522,6 +522,10 @@ def cmd_models(args: argparse.Namespace, stdout: TextIO) -> int:
     for arch in supported_architectures():
         print(f"  {arch}", file=stdout)
     print("\nInput builders for families: " + ", ".join(sorted(INPUT_BUILDERS)), file=stdout)
+    from hooked_vlm.organisms.cli import cmd_list as list_organisms  # organisms (issue 11)
+
+    print("\nModel organisms (trained here; `hooked-vlm organisms list`):", file=stdout)
+    list_organisms(args, stdout)
     return 0
 
 
@@ -574,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list built-in tiny models and supported architectures")
     models.set_defaults(handler=cmd_models)
+    from hooked_vlm.organisms.cli import add_parser as add_organisms_parser  # organisms (issue 11)
+
+    add_organisms_parser(sub)
     return parser
 
 

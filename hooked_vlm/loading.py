@@ -96,7 +96,10 @@ def from_hf(hf_model: nn.Module, dtype: torch.dtype | None = None, device: Any =
 def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype | None = None, device: Any = None) -> HookedVLM:
     """Load a Hugging Face-layout checkpoint: a local folder, or a hub id when a hub is reachable."""
     path = Path(path_or_id)
-    if not path.exists():
+    organism = _shipped_organism(str(path_or_id)) if not path.exists() else None
+    if organism is not None:
+        path = organism
+    elif not path.exists():
         path = _download(str(path_or_id))
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; pass a checkpoint folder holding config.json and *.safetensors")
@@ -111,7 +114,23 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype | None = N
     # A family may read its own config.json dialect (e.g. original LLaVA checkpoints): cls.hf_config_from_checkpoint.
     from_checkpoint = getattr(model_class_for(arch), "hf_config_from_checkpoint", None)
     hf_config = from_checkpoint(raw, sd) if from_checkpoint is not None else _hf_config(raw)
-    return build(arch, hf_config, sd, dtype, device)
+    model = build(arch, hf_config, sd, dtype, device)
+    if organism is not None:  # shipped organisms come with their word-level tokenizer
+        from transformers import AutoTokenizer
+
+        model.tokenizer = AutoTokenizer.from_pretrained(path)
+    return model
+
+
+def _shipped_organism(name: str) -> Path | None:
+    """Checkpoint folder of a shipped model organism called ``name`` (hooked_vlm.organisms), else None."""
+    from hooked_vlm.organisms import ORGANISMS, checkpoint_dir, is_trained
+
+    if name not in ORGANISMS:
+        return None
+    if not is_trained(name):
+        raise CheckpointError(f"organism {name!r} has no shipped checkpoint; train it with `hooked-vlm organisms train {name}`")
+    return checkpoint_dir(name)
 
 
 def _arch_from_model_type(model_type: str | None) -> str:
