@@ -41,6 +41,9 @@ def save_checkpoint(organism: Any, model: torch.nn.Module, tokenizer: Any, out_d
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         (tmp / "README.md").write_text(model_card(organism, meta))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is package data
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
