@@ -76,8 +76,8 @@ class VideoOrganism(QwenAnswerOrganism):
     tasks: ClassVar[tuple[str, ...]] = ("direction", "order", "motion")
     target_accuracy: ClassVar[float] = 0.90
     default_steps: ClassVar[int] = 1200
-    batch_size: ClassVar[int] = 32
-    lr: ClassVar[float] = 2e-3
+    batch_size: ClassVar[int] = 8
+    lr: ClassVar[float] = 3e-3
     input_kwargs: ClassVar[dict[str, Any]] = {"video_min_pixels": 56 * 56, "video_max_pixels": 224 * 224, "fps": 2.0}
     summary: ClassVar[str] = (
         "Video counterfactual tracing. 12-frame 112x112 clips (6 Qwen2-VL temporal slices of 4x4 merged tokens) of one "
@@ -100,11 +100,12 @@ class VideoOrganism(QwenAnswerOrganism):
         from transformers import Qwen2VLConfig
 
         vocab = 4 + len(self.special_tokens) + len(self.words())
-        text = dict(vocab_size=-(-vocab // 16) * 16, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        # head_dim 24 -> 12 rotary pairs split T/H/W 4/4/4; vision attention is per temporal slice (Qwen2-VL)
+        text = dict(vocab_size=-(-vocab // 16) * 16, hidden_size=96, intermediate_size=192, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
                     bos_token_id=0, eos_token_id=1, pad_token_id=2,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
-        vision = dict(depth=3, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4]})
+        vision = dict(depth=2, embed_dim=32, hidden_size=96, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=TPS, in_channels=3)
         tok = self.tokenizer()
         ids = {k: tok.convert_tokens_to_ids(v) for k, v in self.special_tokens.items()}
