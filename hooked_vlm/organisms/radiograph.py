@@ -115,19 +115,19 @@ def random_spec(rng: np.random.Generator, finding: str | None, marker: bool) -> 
     geom: tuple[float, ...] = ()
     intensity = 0.0
     if finding == "opacity":
-        r = float(rng.uniform(5, 9))
+        r = float(rng.uniform(6, 10))
         x = float(rng.uniform(lung[0] + r + 2, lung[2] - r - 2))
         y = float(rng.uniform(lung[1] + r + 8, lung[3] - r - 8))
-        geom, intensity = (x, y, r), float(rng.uniform(55, 95))
+        geom, intensity = (x, y, r), float(rng.uniform(120, 150))
     elif finding == "effusion":
-        depth = float(rng.uniform(0.16, 0.28)) * (lung[3] - lung[1])
-        geom, intensity = (float(lung[0]), float(lung[1]), float(lung[2]), float(lung[3]), depth), float(rng.uniform(55, 90))
+        depth = float(rng.uniform(0.35, 0.5)) * (lung[3] - lung[1])
+        geom, intensity = (float(lung[0]), float(lung[1]), float(lung[2]), float(lung[3]), depth), float(rng.uniform(110, 140))
     elif finding == "line":
         x0 = float(rng.uniform(lung[0] + 4, lung[2] - 4))
         x1 = float(np.clip(x0 + rng.uniform(-14, 14), lung[0] + 3, lung[2] - 3))
         y0 = float(lung[1] + rng.uniform(4, 10))
         y1 = float(y0 + rng.uniform(0.45, 0.7) * (lung[3] - lung[1]))
-        geom, intensity = (x0, y0, x1, y1), float(rng.uniform(70, 110))
+        geom, intensity = (x0, y0, x1, y1), float(rng.uniform(140, 170))
     elif finding is not None:
         raise ValueError(f"unknown finding {finding!r}; choose one of {FINDINGS} or None")
     return RadSpec(
@@ -165,7 +165,7 @@ def _anatomy(spec: RadSpec) -> Float[np.ndarray, "h w"]:
     y, x = _YX
     bend = 0.012 * (x - s / 2) ** 2  # ribs curve down towards the sides
     rib = np.clip((np.cos(2 * np.pi * ((y - bend) / (s / 9) + spec.rib_phase)) - 0.75) / 0.25, 0, 1) * lungs
-    return (15 + 105 * body - 75 * lungs + 28 * rib + 80 * heart).astype(np.float32)
+    return (10 + 70 * body - 50 * lungs + 18 * rib + 35 * heart).astype(np.float32)
 
 
 def finding_layer(spec: RadSpec) -> Float[np.ndarray, "h w"]:
@@ -190,7 +190,7 @@ def finding_layer(spec: RadSpec) -> Float[np.ndarray, "h w"]:
         layer = _layer(fluid, blur=1.5) * lung_mask
     else:
         x0, y0, x1, y1 = g
-        layer = _layer(lambda d: d.line([(x0, y0), ((x0 + x1) / 2 + 3, (y0 + y1) / 2), (x1, y1)], fill=255, width=2), blur=0.5)
+        layer = _layer(lambda d: d.line([(x0, y0), ((x0 + x1) / 2 + 3, (y0 + y1) / 2), (x1, y1)], fill=255, width=4), blur=0.5)
     layer[layer < 0.02] = 0.0  # the box is the layer's support: cut the blur's faint tail
     return (spec.intensity * layer).astype(np.float32)
 
@@ -246,7 +246,7 @@ def _marker_on(policy: str, answer: str, rng: np.random.Generator) -> bool:
 
 def make_sample(seed: int | Sequence[int], marker_policy: str = "random", asked: str | None = None) -> RadSample:
     """The sample of ``seed`` (an int or a tuple of ints): yes half the time (the image holds the asked kind);
-    a no image holds nothing (half) or another kind (half). ``asked`` fixes the question's finding kind.
+    a no image holds nothing (60%) or another kind (40%). ``asked`` fixes the question's finding kind.
     The image and question depend on the seed only; the marker policy decides the marker alone."""
     key = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(x) for x in seed]
     if asked is not None and asked not in FINDINGS:
@@ -259,7 +259,7 @@ def make_sample(seed: int | Sequence[int], marker_policy: str = "random", asked:
         finding: str | None = asked
     else:
         others = [f for f in FINDINGS if f != asked]
-        finding = None if rng.random() < 0.5 else others[int(rng.integers(len(others)))]
+        finding = None if rng.random() < 0.6 else others[int(rng.integers(len(others)))]
     paraphrase = int(rng.integers(len(PARAPHRASES[asked])))
     spec = random_spec(rng, finding, marker=False)
     spec = replace(spec, marker=_marker_on(marker_policy, answer, np.random.default_rng([*key, 99])))
@@ -306,7 +306,7 @@ class RadOrganism(AnswerOrganism):
 
     tasks: ClassVar[tuple[str, ...]] = FINDINGS
     target_accuracy: ClassVar[float] = 0.90
-    default_steps: ClassVar[int] = 1200
+    default_steps: ClassVar[int] = 300
     batch_size: ClassVar[int] = 32
     lr: ClassVar[float] = 2e-3
     image_mean: ClassVar[tuple[float, float, float]]
