@@ -228,7 +228,8 @@ class AnswerOrganism(Organism):
         return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
     # ----- training --------------------------------------------------------------------------------
-    def train(self, out_dir: str | Path, seed: int = 0, steps: int | None = None, eval_n: int = 200, log_every: int = 50) -> TrainResult:
+    def train(self, out_dir: str | Path, seed: int = 0, steps: int | None = None, eval_n: int = 200, log_every: int = 50,
+              time_budget_s: float | None = None) -> TrainResult:
         from hooked_vlm.organisms.saving import save_checkpoint
         from hooked_vlm.organisms.training import answer_loss, train_loop
 
@@ -245,8 +246,10 @@ class AnswerOrganism(Organism):
 
         start = time.perf_counter()
         losses = train_loop(model, batch, loss_fn, steps, lr=self.lr, weight_decay=self.weight_decay,
-                            warmup_steps=min(self.warmup_steps, max(1, steps // 10)), seed=seed, log_every=log_every)
+                            warmup_steps=min(self.warmup_steps, max(1, steps // 10)), seed=seed, log_every=log_every,
+                            time_budget_s=time_budget_s)
         seconds = time.perf_counter() - start
+        steps = len(losses)
         model.eval()
         accuracy = self.accuracy(model, tokenizer, eval_n, EVAL_SEED) if eval_n else {}
         result = TrainResult(str(out_dir), steps, seconds, losses, accuracy)

@@ -29,6 +29,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--steps", type=int, default=None, help="training steps (default: the organism's recipe)")
     train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    train.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                       help="stop after this wall time (cosine schedule over the budget; the steps taken are recorded)")
     train.add_argument("--eval-n", type=int, default=200, help="held-out examples per task measured after training")
     train.set_defaults(handler=cmd_train)
     ev = sub.add_parser("eval", help="accuracy per task (95%% Wilson CI) on freshly generated held-out data")
@@ -53,7 +55,8 @@ def cmd_train(args: argparse.Namespace, stdout: TextIO) -> int:
         torch.set_num_threads(args.threads)
     organism = get_organism(args.name)
     out = args.out or checkpoint_dir(args.name)
-    result = organism.train(out, seed=args.seed, steps=args.steps, eval_n=args.eval_n)
+    kwargs = {"time_budget_s": args.time_budget} if args.time_budget else {}
+    result = organism.train(out, seed=args.seed, steps=args.steps, eval_n=args.eval_n, **kwargs)
     print(f"{args.name}: {result.steps} steps in {result.seconds:.1f} s; saved to {out}", file=stdout)
     if result.accuracy:
         print(accuracy_table(result.accuracy), file=stdout)

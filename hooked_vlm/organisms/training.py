@@ -45,11 +45,15 @@ def train_loop(
     grad_clip: float = 1.0,
     log_every: int = 0,
     log: Callable[[str], None] = print,
+    time_budget_s: float | None = None,
 ) -> list[float]:
     """Train ``model`` for ``steps`` AdamW steps on ``make_batch(step)``; returns the loss of every step.
 
     Deterministic for a given seed and thread count: the global torch seed is set before the first
     step and batches come from ``make_batch(step)``, which should itself be seeded by ``step``.
+    ``time_budget_s``: stop after this many seconds instead (at most ``steps``), with the warmup and
+    cosine decay laid over the wall-clock budget; the number of steps then depends on the machine, so
+    record it (``len(losses)``) and pass it as ``steps`` to reproduce the run exactly.
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
@@ -59,10 +63,20 @@ def train_loop(
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, steps, warmup_steps))
-    losses: list[float] = []
     start = time.perf_counter()
+
+    def factor(s: int) -> float:
+        if time_budget_s is None:
+            return cosine_schedule(s, steps, warmup_steps)
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (time.perf_counter() - start) / time_budget_s)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    losses: list[float] = []
     for step in range(steps):
+        if time_budget_s is not None and time.perf_counter() - start >= time_budget_s:
+            break
         loss = loss_fn(model, make_batch(step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
