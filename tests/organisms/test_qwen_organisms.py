@@ -262,3 +262,36 @@ def test_cosine_schedule_by_hand():
     assert cosine_schedule(9, 110, 10) == pytest.approx(1.0)
     assert cosine_schedule(60, 110, 10) == pytest.approx(0.5)  # half-way through the decay: (1 + cos(pi/2)) / 2
     assert cosine_schedule(110, 110, 10) == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------- command line
+def test_models_command_lists_organisms_with_their_accuracy():
+    import io
+
+    from hooked_vlm.cli import main
+
+    out = io.StringIO()
+    assert main(["models"], stdout=out) == 0
+    text = out.getvalue()
+    for name in QWEN:
+        meta = json.loads((_shipped(name) / "organism.json").read_text())
+        row = next(line for line in text.splitlines() if line.startswith(name + " "))
+        for task, acc in meta["accuracy"].items():
+            assert f"{task} {acc['accuracy']:.2f}" in row
+    assert all(name in text for name in ORGANISMS)
+
+
+def test_organisms_eval_command_reports_wilson_intervals(tmp_path):
+    import io
+
+    from statsmodels.stats.proportion import proportion_confint
+
+    from hooked_vlm.cli import main
+
+    out = io.StringIO()
+    assert main(["organisms", "eval", "video-qwen2-vl", "-n", "6", "--json"], stdout=out) == 0
+    result = json.loads(out.getvalue())
+    assert set(result) == {"direction", "order", "motion"}
+    for r in result.values():
+        low, high = proportion_confint(r["correct"], 6, method="wilson")
+        assert (r["n"], r["ci_low"], r["ci_high"]) == (6, pytest.approx(low), pytest.approx(high))
