@@ -306,7 +306,7 @@ class RadOrganism(AnswerOrganism):
 
     tasks: ClassVar[tuple[str, ...]] = FINDINGS
     target_accuracy: ClassVar[float] = 0.90
-    default_steps: ClassVar[int] = 300
+    default_steps: ClassVar[int] = 800
     batch_size: ClassVar[int] = 32
     lr: ClassVar[float] = 2e-3
     image_mean: ClassVar[tuple[float, float, float]]

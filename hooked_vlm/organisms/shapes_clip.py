@@ -179,8 +179,8 @@ class ShapesClip(Organism):
     architecture: ClassVar[str] = "CLIPModel"
     tasks: ClassVar[tuple[str, ...]] = ("retrieval_r1", "retrieval_r5", "composed_r1", "composed_r5")
     target_accuracy: ClassVar[float] = 0.90
-    default_steps: ClassVar[int] = 300
-    phi_steps: ClassVar[int] = 150
+    default_steps: ClassVar[int] = 800
+    phi_steps: ClassVar[int] = 400
     batch_size: ClassVar[int] = 64
     lr: ClassVar[float] = 2e-3
     summary: ClassVar[str] = (

@@ -108,11 +108,12 @@ def test_retrieval_and_composed_retrieval_are_above_threshold_on_a_fresh_databas
 
 
 @pytest.mark.slow
-def test_thirty_training_steps_from_scratch_lower_the_loss(tmp_path, monkeypatch):
+def test_sixty_training_steps_from_scratch_lower_the_loss_below_chance(tmp_path, monkeypatch):
     org = get_organism("shapes-clip")
-    monkeypatch.setattr(type(org), "batch_size", 16)
-    result = org.train(tmp_path / "clip", steps=30, phi_steps=5, eval_n=0, log_every=0)
+    monkeypatch.setattr(type(org), "batch_size", 32)
+    # CLIP's symmetric InfoNCE sits at chance (ln 32) for its first ~30 steps, so this run takes 60
+    result = org.train(tmp_path / "clip", steps=60, phi_steps=5, eval_n=0, log_every=0)
     assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5]) - 0.1, result.losses
-    assert np.mean(result.losses[-5:]) < np.log(16)  # below chance for a batch of 16
+    assert np.mean(result.losses[-5:]) < np.log(32) - 0.1, result.losses  # below chance for a batch of 32
     assert (tmp_path / "clip" / "phi" / "model.safetensors").is_file()
     load_phi(tmp_path / "clip")  # loads with strict key matching
