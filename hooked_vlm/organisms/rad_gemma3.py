@@ -27,6 +27,7 @@ class RadGemma3(RadOrganism):
     image_mean: ClassVar[tuple[float, float, float]] = (0.5, 0.5, 0.5)
     image_std: ClassVar[tuple[float, float, float]] = (0.5, 0.5, 0.5)
     image_marker: ClassVar[str] = "<start_of_image>"
+    default_steps: ClassVar[int] = 1600  # the 16 pooled tokens make the findings slower to learn than in rad-llava
     summary: ClassVar[str] = (
         "Yes/no finding detection on synthetic grey-scale chest radiographs (112 px: body, two lung fields, ribs, "
         "heart shadow) with zero or one finding (opacity, effusion at a lung base, a line/tube) in a recorded box. "

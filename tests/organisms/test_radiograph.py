@@ -135,13 +135,8 @@ def test_checkpoint_loads_in_transformers_and_hooked_vlm_and_they_agree(name):
     assert (ours[real] - ref[real]).abs().max().item() <= 1e-4
 
 
-BELOW_TARGET = pytest.mark.xfail(strict=True, reason=(
-    "the shipped rad-gemma3 (800 steps, 380 s) measured 74-79% clean accuracy per kind, below the 90% target; "
-    "see docs/organisms_rad_clip.md (a longer run is needed)"))
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["rad-llava", pytest.param("rad-gemma3", marks=BELOW_TARGET)])
+@pytest.mark.parametrize("name", RAD)
 def test_clean_held_out_accuracy_is_above_threshold(name):
     org, model, tok = _shipped(name)
     hits = [h for t in FINDINGS for h in org.correct(model, tok, org.generate_task(t, 30, 8_000_003))]
