@@ -76,11 +76,39 @@ def builtin_models() -> dict[str, BuiltinModel]:
     models of ``hooked_vlm.tiny`` with the tiny word-level tokenizer.
     """
     from hooked_vlm import tiny
+    from hooked_vlm.organisms import ORGANISMS, is_trained
 
-    return {
+    models = {
         name: BuiltinModel(name, f"random-weight tiny {name.removeprefix('tiny-')} model (tests and examples)", _load_tiny(name))
         for name in sorted(tiny.TINY_MODELS)
     }
+    for name in ORGANISMS:
+        models[name] = BuiltinModel(name, _organism_description(name), _load_organism(name))
+    return models
+
+
+def _organism_description(name: str) -> str:
+    """``organism: held-out accuracy per task`` from the shipped ``organism.json`` (read as JSON: no torch)."""
+    from hooked_vlm.organisms import checkpoint_dir, is_trained
+
+    if not is_trained(name):
+        return f"model organism, not shipped: `hooked-vlm organisms train {name}`"
+    meta_file = checkpoint_dir(name) / "organism.json"
+    accuracy = json.loads(meta_file.read_text()).get("accuracy", {}) if meta_file.is_file() else {}
+    scores = ", ".join(f"{task} {v['accuracy']:.2f}" for task, v in accuracy.items())
+    return f"model organism, held-out accuracy: {scores or 'not measured'}"
+
+
+def _load_organism(name: str) -> Callable[..., Any]:
+    def load(seed: int = 0, dtype: Any = None, device: Any = None) -> Any:
+        """A shipped organism's checkpoint (``seed`` is ignored: its weights are trained) with its tokenizer."""
+        from hooked_vlm.organisms import checkpoint_dir, is_trained
+
+        if not is_trained(name):
+            raise CheckpointError(f"organism {name!r} has no shipped checkpoint; train it with `hooked-vlm organisms train {name}`")
+        return from_pretrained(checkpoint_dir(name), dtype=dtype, device=device)
+
+    return load
 
 
 def register(cls: type[HookedVLM]) -> type[HookedVLM]:
