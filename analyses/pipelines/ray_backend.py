@@ -1,0 +1,91 @@
+"""Run pipeline cases on Ray actors: a local Ray started here (127.0.0.1 only, no dashboard), or a cluster.
+
+Each actor is a :class:`~analyses.pipelines.runner.CaseWorker`: it loads the model once and runs many
+cases. Results come back to this process, which alone writes the result files, so the output folder
+only has to exist on the driver; the cases' input files must be readable at the same paths on the
+workers (a shared file system, or the same machine).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+__all__ = ["RayRun", "ray_available"]
+
+INSTALL_HINT = "Ray is not installed; `pip install \"hooked-vlm[ray]\"` (or run without --workers / --ray-address)."
+
+
+def ray_available() -> bool:
+    """Whether ``import ray`` works here."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    return ray
+
+
+class RayRun:
+    """A set of Ray actors running cases; starts (and later stops) a local Ray when none is running."""
+
+    def __init__(self, worker_args: tuple, workers: int, address: str | None, device: str) -> None:
+        self.worker_args, self.address, self.device = worker_args, address, device
+        self.requested = workers
+        self.started_ray = False
+        self.actors: list[Any] = []
+        self.pids: list[int] = []
+
+    def start(self) -> str:
+        ray = _import_ray()
+        if not ray.is_initialized():
+            if self.address:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+            else:
+                # workers import what this process imports (e.g. a pipeline defined in a script's folder)
+                path = os.pathsep.join(p for p in [os.environ.get("PYTHONPATH", ""), *sys.path] if p and os.path.isdir(p))
+                ray.init(num_cpus=max(self.requested, 1), include_dashboard=False, _node_ip_address="127.0.0.1",
+                         logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": path}})
+            self.started_ray = True
+        from analyses.pipelines.runner import CaseWorker
+
+        n = self.requested if self.requested > 0 else max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        gpus = 1 if self.device.startswith("cuda") else 0
+        actor_class = ray.remote(num_cpus=1, num_gpus=gpus)(CaseWorker)
+        self.actors = [actor_class.remote(*self.worker_args) for _ in range(n)]
+        fingerprints = ray.get([a.fingerprint.remote() for a in self.actors])
+        self.pids = ray.get([a.pid.remote() for a in self.actors])
+        if len(set(fingerprints)) != 1:
+            raise RuntimeError(
+                f"Ray workers loaded different models (fingerprints {sorted(set(fingerprints))}); the checkpoint path "
+                "must hold the same files on every node."
+            )
+        return fingerprints[0]
+
+    def map(self, cases: Sequence[Any]) -> Iterator[dict[str, Any]]:
+        """Outcomes of ``cases`` as they finish (one case at a time per actor)."""
+        from ray.util import ActorPool
+
+        pool = ActorPool(self.actors)
+        return pool.map_unordered(lambda actor, case: actor.run.remote(case), list(cases))
+
+    def stop(self) -> None:
+        ray = _import_ray()
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "ray", "address": self.address or "local", "workers": len(self.pids), "worker_pids": self.pids}
