@@ -8,6 +8,7 @@ workers (a shared file system, or the same machine).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ from typing import Any
 
 __all__ = ["RayRun", "ray_available"]
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 INSTALL_HINT = "Ray is not installed; `pip install \"hooked-vlm[ray]\"` (or run without --workers / --ray-address)."
 
 
@@ -35,6 +37,29 @@ def _import_ray() -> Any:
     return ray
 
 
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Start a local Ray whose GCS, raylet and workers listen on 127.0.0.1 only.
+
+    On Linux Ray advertises (and its servers listen on) the machine's network address; with clusters
+    "disabled" (its macOS / Windows mode, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) it uses the loopback
+    address instead. The variable is read at import (this process) and by the processes Ray starts.
+    """
+    from ray._private import ray_constants
+
+    old_env, old_flag = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = old_env
+
+
 class RayRun:
     """A set of Ray actors running cases; starts (and later stops) a local Ray when none is running."""
 
@@ -44,18 +69,21 @@ class RayRun:
         self.started_ray = False
         self.actors: list[Any] = []
         self.pids: list[int] = []
+        self.node_ip: str | None = None
 
     def start(self) -> str:
         ray = _import_ray()
         if not ray.is_initialized():
             if self.address:
-                ray.init(address=self.address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+                ray.init(address=self.address, logging_level="WARNING")
             else:
                 # workers import what this process imports (e.g. a pipeline defined in a script's folder)
                 path = os.pathsep.join(p for p in [os.environ.get("PYTHONPATH", ""), *sys.path] if p and os.path.isdir(p))
-                ray.init(num_cpus=max(self.requested, 1), include_dashboard=False, _node_ip_address="127.0.0.1",
-                         logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": path}})
+                with _loopback_only():
+                    ray.init(num_cpus=max(self.requested, 1), include_dashboard=False, logging_level="WARNING",
+                             runtime_env={"env_vars": {"PYTHONPATH": path}})
             self.started_ray = True
+        self.node_ip = ray.util.get_node_ip_address()
         from analyses.pipelines.runner import CaseWorker
 
         n = self.requested if self.requested > 0 else max(int(ray.cluster_resources().get("CPU", 1)), 1)
@@ -88,4 +116,5 @@ class RayRun:
             self.started_ray = False
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "ray", "address": self.address or "local", "workers": len(self.pids), "worker_pids": self.pids}
+        return {"backend": "ray", "address": self.address or "local", "workers": len(self.pids), "worker_pids": self.pids,
+                "node_ip": self.node_ip}

@@ -183,6 +183,14 @@ def test_run_records_failures_resumes_and_writes_manifest(tmp_path, monkeypatch)
     assert list(load_failures(out)["case_id"]) == ["case-2", "bad"]
     assert [r["counts"]["done"] for r in again.manifest["previous_runs"]] == [2]
 
+    # the failed case's file is repaired: the retry succeeds and it leaves the failure table
+    from PIL import Image
+    Image.open(tmp_path / "images/img_001.png").save(tmp_path / "images/corrupt.png", format="PNG")
+    repaired = run_pipeline(DEMO, path, out, _config())
+    assert repaired.counts == {"total": 4, "selected": 4, "done": 1, "failed": 1, "skipped": 2}
+    assert list(load_results(out)["case_id"]) == ["c000", "bad", "c002"]
+    assert list(load_failures(out)["case_id"]) == ["case-2"]
+
     # other options -> refused (not mixed); a changed case -> refused; overwrite starts over
     with pytest.raises(ConfigMismatchError, match=r"differs in: config\['options'\].*pass --overwrite"):
         run_pipeline(DEMO, path, out, _config(options={"templates": 2}))
@@ -255,11 +263,19 @@ def test_ray_two_local_workers_give_the_serial_results(tmp_path):
     parallel = run_pipeline(DEMO, data, tmp_path / "ray", _config(workers=2))
     assert parallel.counts == serial.counts == {"total": 4, "selected": 4, "done": 4, "failed": 0, "skipped": 0}
     workers = parallel.manifest["workers"]
-    assert workers["backend"] == "ray" and workers["workers"] == 2
+    assert workers["backend"] == "ray" and workers["workers"] == 2 and workers["node_ip"] == "127.0.0.1"
     assert len(set(workers["worker_pids"])) == 2 and os.getpid() not in workers["worker_pids"]
     assert not ray.is_initialized()  # the local Ray started by the run was stopped
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ  # the loopback switch was undone
     pd.testing.assert_frame_equal(_values(parallel.results()), _values(serial.results()))
     assert parallel.manifest["model"]["fingerprint"] == serial.manifest["model"]["fingerprint"]
+
+
+def test_workers_without_ray_installed_say_how_to_install(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "data", 1)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(ImportError, match=r'Ray is not installed; `pip install "hooked-vlm\[ray\]"`'):
+        run_pipeline(DEMO, data, tmp_path / "out", _config(workers=2))
 
 
 # ------------------------------------------------------------------------------------------ helpers
