@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -225,7 +226,7 @@ def _parse(path: Path, raw: bytes, fmt: str) -> list[tuple[int, Any]]:
             raise DatasetError(f"{path}: expected a JSON list of case objects at the top level, got {type(data).__name__}.")
         return [(i, obj if isinstance(obj, dict) else _not_object(str(path), i, obj)) for i, obj in enumerate(data)]
     if fmt == "csv":
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         rows = []
         for row_no, row in enumerate(reader, start=1):
             if None in row:
