@@ -14,19 +14,10 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-__all__ = ["RayRun", "ray_available"]
+__all__ = ["RayRun"]
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 INSTALL_HINT = "Ray is not installed; `pip install \"hooked-vlm[ray]\"` (or run without --workers / --ray-address)."
-
-
-def ray_available() -> bool:
-    """Whether ``import ray`` works here."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _import_ray() -> Any:
@@ -35,6 +26,21 @@ def _import_ray() -> Any:
     except ImportError:
         raise ImportError(INSTALL_HINT) from None
     return ray
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables while Ray starts its processes (they inherit them), then restore them."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -47,17 +53,13 @@ def _loopback_only() -> Iterator[None]:
     """
     from ray._private import ray_constants
 
-    old_env, old_flag = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[LOOPBACK_ENV] = "0"
+    old_flag = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        yield
+        with _environ(**{LOOPBACK_ENV: "0"}):
+            yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = old_flag
-        if old_env is None:
-            os.environ.pop(LOOPBACK_ENV, None)
-        else:
-            os.environ[LOOPBACK_ENV] = old_env
 
 
 class RayRun:
@@ -79,9 +81,8 @@ class RayRun:
             else:
                 # workers import what this process imports (e.g. a pipeline defined in a script's folder)
                 path = os.pathsep.join(p for p in [os.environ.get("PYTHONPATH", ""), *sys.path] if p and os.path.isdir(p))
-                with _loopback_only():
-                    ray.init(num_cpus=max(self.requested, 1), include_dashboard=False, logging_level="WARNING",
-                             runtime_env={"env_vars": {"PYTHONPATH": path}})
+                with _loopback_only(), _environ(PYTHONPATH=path):
+                    ray.init(num_cpus=max(self.requested, 1), include_dashboard=False, logging_level="WARNING")
             self.started_ray = True
         self.node_ip = ray.util.get_node_ip_address()
         from analyses.pipelines.runner import CaseWorker

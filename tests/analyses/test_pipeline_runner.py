@@ -260,6 +260,7 @@ def test_ray_two_local_workers_give_the_serial_results(tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is in the dev extra; install hooked-vlm[dev]")
     data = make_dataset(tmp_path / "data", 4)
     serial = run_pipeline(DEMO, data, tmp_path / "serial", _config())
+    pythonpath = os.environ.get("PYTHONPATH")
     parallel = run_pipeline(DEMO, data, tmp_path / "ray", _config(workers=2))
     assert parallel.counts == serial.counts == {"total": 4, "selected": 4, "done": 4, "failed": 0, "skipped": 0}
     workers = parallel.manifest["workers"]
@@ -267,6 +268,7 @@ def test_ray_two_local_workers_give_the_serial_results(tmp_path):
     assert len(set(workers["worker_pids"])) == 2 and os.getpid() not in workers["worker_pids"]
     assert not ray.is_initialized()  # the local Ray started by the run was stopped
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ  # the loopback switch was undone
+    assert os.environ.get("PYTHONPATH") == pythonpath
     pd.testing.assert_frame_equal(_values(parallel.results()), _values(serial.results()))
     assert parallel.manifest["model"]["fingerprint"] == serial.manifest["model"]["fingerprint"]
 
