@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.pipelines.datasets import Case, CaseError, Dataset, InvalidCase, Schema, read_dataset
+from analyses.pipelines.datasets import Case, Dataset, InvalidCase, Schema, read_dataset
 from analyses.pipelines.provenance import atomic_write_json, model_fingerprint, package_versions, plain, resolve_device, resolve_dtype
 from analyses.results_store import CellStore, ConfigMismatchError
 
@@ -301,7 +301,7 @@ def run_pipeline(
         results, failures = _stores(out, store_config, config.overwrite)
         atomic_write_json(out / MANIFEST, manifest)
         _check_unchanged(results, [r for r in rows if isinstance(r, Case)])
-        _record_invalid(failures, invalid, run_id, counts, config.strict)
+        _record_invalid(failures, invalid, run_id, counts)
         todo = [r for r in rows if isinstance(r, Case) and not results.is_done({"case_id": r.id})]
         counts["skipped"] = sum(isinstance(r, Case) for r in rows) - len(todo)
         _run_cases(executor, todo, results, failures, run_id, counts, config, pipeline.name)
@@ -341,7 +341,7 @@ def _check_unchanged(results: CellStore, cases: Sequence[Case]) -> None:
         )
 
 
-def _record_invalid(failures: CellStore, invalid: Sequence[InvalidCase], run_id: str, counts: dict[str, int], strict: bool) -> None:
+def _record_invalid(failures: CellStore, invalid: Sequence[InvalidCase], run_id: str, counts: dict[str, int]) -> None:
     records = []
     for row in invalid:
         rec = _failure(row.id, row.index, row.source, "validate", row.error)

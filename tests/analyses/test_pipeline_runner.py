@@ -23,7 +23,6 @@ from analyses.pipelines import (
 )
 from analyses.results_store import ConfigMismatchError
 
-import pipeline_demo
 from pipeline_demo import DEMO, make_dataset
 
 HERE = Path(__file__).resolve().parent
