@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-__all__ = ["RayRun"]
+__all__ = ["RayRun", "gpus_per_actor"]
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 INSTALL_HINT = "Ray is not installed; `pip install \"hooked-vlm[ray]\"` (or run without --workers / --ray-address)."
@@ -62,6 +62,18 @@ def _loopback_only() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = old_flag
 
 
+def gpus_per_actor(device: str, cluster_gpus: float, actors: int) -> float:
+    """GPUs each actor asks Ray for: 0 on CPU; one each, or an equal share when actors outnumber GPUs.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` per actor, so actors use ``cuda`` (their first visible device).
+    """
+    if not device.startswith("cuda"):
+        return 0.0
+    if cluster_gpus <= 0:
+        raise RuntimeError(f"--device {device} was asked for, but the Ray cluster has no GPU; use --device cpu or add GPU nodes.")
+    return min(1.0, cluster_gpus / actors)
+
+
 class RayRun:
     """A set of Ray actors running cases; starts (and later stops) a local Ray when none is running."""
 
@@ -88,7 +100,7 @@ class RayRun:
         from analyses.pipelines.runner import CaseWorker
 
         n = self.requested if self.requested > 0 else max(int(ray.cluster_resources().get("CPU", 1)), 1)
-        gpus = 1 if self.device.startswith("cuda") else 0
+        gpus = gpus_per_actor(self.device, ray.cluster_resources().get("GPU", 0.0), n)
         actor_class = ray.remote(num_cpus=1, num_gpus=gpus)(CaseWorker)
         self.actors = [actor_class.remote(*self.worker_args) for _ in range(n)]
         fingerprints = ray.get([a.fingerprint.remote() for a in self.actors])

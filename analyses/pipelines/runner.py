@@ -272,7 +272,7 @@ def run_pipeline(
     config.check()
     out = Path(output_dir)
     started, t0 = _now(), time.perf_counter()
-    spec = ModelSpec(config.model, resolve_device(config.device), config.dtype, config.seed)
+    spec = ModelSpec(config.model, _run_device(config), config.dtype, config.seed)
     data = dataset if isinstance(dataset, Dataset) else read_dataset(dataset, pipeline.schema, root=config.root)
     rows = data.rows()[: config.limit] if config.limit else data.rows()
     invalid = [r for r in rows if isinstance(r, InvalidCase)]
@@ -321,6 +321,13 @@ def run_pipeline(
         if out.is_dir():
             atomic_write_json(out / MANIFEST, manifest)
     return RunSummary(out, counts, manifest)
+
+
+def _run_device(config: RunConfig) -> str:
+    """The device cases run on: checked here for local runs; on Ray, CUDA is Ray's per-actor GPU (``cuda``)."""
+    if (config.workers > 0 or config.ray_address is not None) and config.device.startswith("cuda"):
+        return "cuda"  # the driver may have no GPU; Ray assigns one per actor (CUDA_VISIBLE_DEVICES)
+    return resolve_device(config.device)
 
 
 def _now() -> str:

@@ -279,6 +279,14 @@ def test_workers_without_ray_installed_say_how_to_install(tmp_path, monkeypatch)
         run_pipeline(DEMO, data, tmp_path / "out", _config(workers=2))
 
 
+def test_gpu_share_per_ray_actor():
+    from analyses.pipelines.ray_backend import gpus_per_actor
+
+    assert [gpus_per_actor("cpu", 8, 2), gpus_per_actor("cuda", 8, 2), gpus_per_actor("cuda:0", 1, 4)] == [0.0, 1.0, 0.25]
+    with pytest.raises(RuntimeError, match="--device cuda was asked for, but the Ray cluster has no GPU; use --device cpu"):
+        gpus_per_actor("cuda", 0, 2)
+
+
 # ------------------------------------------------------------------------------------------ helpers
 def test_model_fingerprint_tracks_weights_and_config():
     from hooked_vlm.tiny import tiny_model
