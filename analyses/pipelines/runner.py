@@ -43,6 +43,8 @@ __all__ = [
 
 RESERVED = ("case_id", "case_index", "case_sha")
 CASES, FAILURES, MANIFEST = "cases", "failures", "manifest.json"
+#: a finished run merges its one-part-per-case files into one when there are more than this many
+CONSOLIDATE_ABOVE = 200
 
 
 class CaseFailedError(RuntimeError):
@@ -305,6 +307,9 @@ def run_pipeline(
         todo = [r for r in rows if isinstance(r, Case) and not results.is_done({"case_id": r.id})]
         counts["skipped"] = sum(isinstance(r, Case) for r in rows) - len(todo)
         _run_cases(executor, todo, results, failures, run_id, counts, config, pipeline.name)
+        for store in (results, failures):
+            if len(list(store.cells_dir.glob("part-*"))) > CONSOLIDATE_ABOVE:
+                store.consolidate()  # one file instead of one per case; crash-safe (load de-duplicates)
         manifest["status"] = "finished"
     except KeyboardInterrupt:
         manifest["status"] = "interrupted"

@@ -185,9 +185,13 @@ def test_run_records_failures_resumes_and_writes_manifest(tmp_path, monkeypatch)
     # the failed case's file is repaired: the retry succeeds and it leaves the failure table
     from PIL import Image
     Image.open(tmp_path / "images/img_001.png").save(tmp_path / "images/corrupt.png", format="PNG")
+    assert len(list((out / "cases/cells").glob("part-*.parquet"))) == 2  # one part per finished case
+    monkeypatch.setattr("analyses.pipelines.runner.CONSOLIDATE_ABOVE", 1)
     repaired = run_pipeline(DEMO, path, out, _config())
     assert repaired.counts == {"total": 4, "selected": 4, "done": 1, "failed": 1, "skipped": 2}
+    assert len(list((out / "cases/cells").glob("part-*.parquet"))) == 1  # consolidated at the end
     assert list(load_results(out)["case_id"]) == ["c000", "bad", "c002"]
+    pd.testing.assert_frame_equal(load_results(out).drop(index=1).reset_index(drop=True), results)
     assert list(load_failures(out)["case_id"]) == ["case-2"]
 
     # other options -> refused (not mixed); a changed case -> refused; overwrite starts over
