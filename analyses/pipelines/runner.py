@@ -295,14 +295,16 @@ def run_pipeline(
     counts = {"total": len(data), "selected": len(rows), "done": 0, "failed": 0, "skipped": 0}
     manifest["counts"] = counts
     executor = _Executor(pipeline, spec, config, out)
+    owns_folder = False  # the manifest is written only once the folder's results are ours to extend
     try:
         fingerprint = executor.start()
         manifest["model"]["fingerprint"] = fingerprint
         store_config = {"pipeline": pipeline.name, "pipeline_version": pipeline.version, "model": spec.name,
                         "model_fingerprint": fingerprint, "dtype": spec.dtype, "seed": spec.seed, "options": config.options}
         results, failures = _stores(out, store_config, config.overwrite)
-        atomic_write_json(out / MANIFEST, manifest)
         _check_unchanged(results, [r for r in rows if isinstance(r, Case)])
+        owns_folder = True
+        atomic_write_json(out / MANIFEST, manifest)
         _record_invalid(failures, invalid, run_id, counts)
         todo = [r for r in rows if isinstance(r, Case) and not results.is_done({"case_id": r.id})]
         counts["skipped"] = sum(isinstance(r, Case) for r in rows) - len(todo)
@@ -323,7 +325,7 @@ def run_pipeline(
         manifest["finished_at"] = _now()
         manifest["elapsed_s"] = round(time.perf_counter() - t0, 3)
         manifest["workers"] = executor.describe()
-        if out.is_dir():
+        if owns_folder:
             atomic_write_json(out / MANIFEST, manifest)
     return RunSummary(out, counts, manifest)
 

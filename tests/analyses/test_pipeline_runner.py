@@ -202,6 +202,7 @@ def test_run_records_failures_resumes_and_writes_manifest(tmp_path, monkeypatch)
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigMismatchError, match=r"1 case\(s\) changed in the dataset since they were computed \(e.g. \['c002'\]\)"):
         run_pipeline(DEMO, path, out, _config())
+    assert json.loads((out / "manifest.json").read_text())["run_id"] == repaired.manifest["run_id"]  # refused runs leave it
     fresh = run_pipeline(DEMO, path, out, _config(overwrite=True, limit=1))
     assert fresh.counts == {"total": 4, "selected": 1, "done": 1, "failed": 0, "skipped": 0}
     assert list(load_results(out)["case_id"]) == ["c000"]
