@@ -77,7 +77,7 @@ class Pipeline:
     """A research pipeline as the runner sees it.
 
     ``run_case(model, case, ctx) -> dict`` computes one case's record (flat: scalars, strings, lists;
-    tensors and arrays are converted). ``load_model(spec)`` builds what ``run_case`` receives as
+    tensors and arrays become lists, dicts JSON text). ``load_model(spec)`` builds what ``run_case`` receives as
     ``model`` (once per process / Ray worker). ``version`` is stored with the results: bump it when the
     per-case computation changes, so old results are not resumed into new ones. For Ray, both functions
     must be importable module-level functions (or picklable objects).
