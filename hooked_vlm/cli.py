@@ -204,8 +204,12 @@ def _load_processor(folder: Path) -> Any:
 def load_model(name: str, dtype: torch.dtype, device: str, seed: int) -> LoadedModel:
     """A hooked model with its tokenizer (and processor) from a built-in name, a folder or a hub id."""
     from hooked_vlm.loading import builtin_models
+    from hooked_vlm.organisms import ORGANISMS, checkpoint_dir
 
     builtin = builtin_models().get(name)
+    folder_name = name
+    if name in ORGANISMS and not Path(name).exists():  # a shipped checkpoint folder: its processor comes too
+        builtin, folder_name = None, str(checkpoint_dir(name))
     if builtin is not None and not Path(name).exists():
         model = builtin.load(seed=seed, dtype=dtype, device=device)
         return LoadedModel(model, model.tokenizer, None, None, True, name)
@@ -213,7 +217,7 @@ def load_model(name: str, dtype: torch.dtype, device: str, seed: int) -> LoadedM
 
     from hooked_vlm.model import HookedVLM
 
-    folder = _resolve_checkpoint(name)
+    folder = _resolve_checkpoint(folder_name)
     model = HookedVLM.from_pretrained(str(folder), dtype=dtype, device=device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return LoadedModel(model, tokenizer, _load_processor(folder), folder, False, name)

@@ -84,7 +84,10 @@ class RadGemma3(RadOrganism):
         from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
         proc = Gemma3ImageProcessorPil(size={"height": SIZE, "width": SIZE})
-        return {"preprocessor_config.json": json.dumps(proc.to_dict(), indent=2, default=str) + "\n"}
+        # processor_config.json: Gemma3Processor otherwise expands each image to its default 256 tokens, not MM_TOKENS
+        processor = {"processor_class": "Gemma3Processor", "image_seq_length": MM_TOKENS}
+        return {"preprocessor_config.json": json.dumps(proc.to_dict(), indent=2, default=str) + "\n",
+                "processor_config.json": json.dumps(processor, indent=2) + "\n"}
 
 
 def organism(name: str = "rad-gemma3") -> RadGemma3:
