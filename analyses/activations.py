@@ -35,6 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from analyses.positions import layout_groups
+from hooked_vlm.atomic_files import atomic_write_json
 from analyses.results_store import ConfigMismatchError
 
 __all__ = [
@@ -288,12 +289,6 @@ class ActivationDataset:
         return mv
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def collect_activations(
     model: Any, dataset: Iterable[Any], hooks: Sequence[str], out_dir: str | os.PathLike,
     by: Sequence[str] = ("item", "text", "last"), shard_size: int = 256, dtype: torch.dtype = torch.float32,
@@ -330,7 +325,7 @@ def collect_activations(
     for f in out.iterdir():  # shards of a killed run that the manifest never listed, and temporaries
         if f.name != "manifest.json" and f.name not in listed and (f.name.startswith("shard-") or f.suffix == ".tmp"):
             f.unlink()
-    _atomic_json(mf, manifest)
+    atomic_write_json(mf, manifest, indent=1, sort_keys=False)
     done = {e for s in manifest["shards"] for e in s["examples"]}
 
     buf: dict[str, list[Tensor]] = defaultdict(list)
@@ -353,7 +348,7 @@ def collect_activations(
         pd.DataFrame(rows).to_parquet(out / (iname + ".tmp"), index=False)
         os.replace(out / (iname + ".tmp"), out / iname)
         manifest["shards"].append({"file": name, "index": iname, "examples": list(examples), "rows": len(rows)})
-        _atomic_json(mf, manifest)
+        atomic_write_json(mf, manifest, indent=1, sort_keys=False)
         buf.clear()
         rows.clear()
         examples.clear()

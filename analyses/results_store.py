@@ -31,6 +31,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from hooked_vlm.atomic_files import atomic_write_text
+
 __all__ = ["CellStore", "ConfigMismatchError", "canonical_config", "config_hash"]
 
 MANIFEST = "manifest.json"
@@ -201,12 +203,7 @@ class CellStore:
             os.close(fd)
 
     def _atomic_write_text(self, path: Path, text: str) -> None:
-        tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
         self._fsync_dir(path.parent)
 
     def _write_frame(self, path: Path, frame: pd.DataFrame) -> None:

@@ -28,12 +28,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+from hooked_vlm.atomic_files import atomic_output, atomic_write_text
 
 if TYPE_CHECKING:  # torch is imported by the commands that need it, never by --help / models
     import torch
@@ -375,19 +376,6 @@ def layout_record(layout: Any) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same folder, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def manifest_path(out: Path) -> Path:
     """``acts.safetensors`` -> ``acts.json``."""
     return out.with_suffix(".json")
@@ -417,9 +405,10 @@ def write_activations(out: Path, tensors: dict[str, Tensor], manifest: dict[str,
         contiguous[name] = t.clone() if key in storages else t
         storages.add(key)
     text = json.dumps(manifest, indent=1, default=_json_default)
-    _atomic_write(out, lambda tmp: save_file(contiguous, tmp, metadata={"format": "pt", "hooked_vlm_manifest": text}))
+    with atomic_output(out) as tmp:
+        save_file(contiguous, str(tmp), metadata={"format": "pt", "hooked_vlm_manifest": text})
     target = manifest_path(out)
-    _atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(target, text)
     return target
 
 

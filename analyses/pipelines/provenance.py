@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import sys
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from hooked_vlm.atomic_files import atomic_output, atomic_write_json  # re-exported: the pipelines' file helpers
 
 __all__ = ["atomic_output", "atomic_write_json", "model_fingerprint", "package_versions", "resolve_device", "resolve_dtype"]
 
@@ -28,29 +26,6 @@ PACKAGES = ("hooked-vlm", "torch", "transformers", "numpy", "pandas", "pyarrow",
 
 
 # ------------------------------------------------------------------------------------------ files
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically (never half-written)."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}-{final.name}"
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically (temporary file, fsync, rename)."""
-    with atomic_output(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-
-
 # ------------------------------------------------------------------------------------------ devices
 def resolve_device(device: str) -> str:
     """``"auto"`` -> cuda if available else cpu; any other name is checked (a clear error if unusable)."""
