@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from hooked_vlm.organisms.base import Example
+from hooked_vlm.organisms.drawing import SHAPES, draw_shape
 from hooked_vlm.organisms.qwen_common import QwenAnswerOrganism
 
 __all__ = ["GridOrganism", "organism", "COLORS", "SHAPES", "NUMBER_WORDS", "CELL", "GRID", "render", "cell_background"]
@@ -45,7 +46,6 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 200, 20),
     "purple": (140, 50, 200),
 }
-SHAPES = ("circle", "square", "triangle", "cross")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RELATIONS = ("left", "right", "above", "below")
@@ -57,22 +57,10 @@ def cell_background(row: int, col: int) -> tuple[int, int, int]:
     return (190 + 6 * col, 190 + 6 * row, 220)
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: tuple[int, int, int], row: int, col: int) -> None:
-    """Draw one shape centred in cell (row, col)."""
-    x0, y0 = col * CELL + MARGIN, row * CELL + MARGIN
-    x1, y1 = (col + 1) * CELL - MARGIN - 1, (row + 1) * CELL - MARGIN - 1
-    if shape == "circle":
-        draw.ellipse([x0, y0, x1, y1], fill=color)
-    elif shape == "square":
-        draw.rectangle([x0 + 1, y0 + 1, x1 - 1, y1 - 1], fill=color)
-    elif shape == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=color)
-    elif shape == "cross":
-        cx, cy, t = (x0 + x1) // 2, (y0 + y1) // 2, 3
-        draw.rectangle([x0, cy - t, x1, cy + t], fill=color)
-        draw.rectangle([cx - t, y0, cx + t, y1], fill=color)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; shapes: {SHAPES}")
+def draw_shape_in_cell(draw: ImageDraw.ImageDraw, shape: str, color: tuple[int, int, int], row: int, col: int) -> None:
+    """Draw one shape centred in cell (row, col), MARGIN pixels from the cell's edges."""
+    box = (col * CELL + MARGIN, row * CELL + MARGIN, (col + 1) * CELL - MARGIN - 1, (row + 1) * CELL - MARGIN - 1)
+    draw_shape(draw, shape, color, box)
 
 
 def render(objects: list[dict[str, Any]]) -> np.ndarray:
@@ -84,7 +72,7 @@ def render(objects: list[dict[str, Any]]) -> np.ndarray:
     image = Image.fromarray(bg)
     draw = ImageDraw.Draw(image)
     for o in objects:
-        draw_shape(draw, o["shape"], COLORS[o["color"]], o["row"], o["col"])
+        draw_shape_in_cell(draw, o["shape"], COLORS[o["color"]], o["row"], o["col"])
     return np.asarray(image).copy()
 
 

@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from hooked_vlm.organisms.base import Example
-from hooked_vlm.organisms.grid_qwen import COLORS, SHAPES
+from hooked_vlm.organisms.drawing import SHAPES, draw_shape
+from hooked_vlm.organisms.grid_qwen import COLORS
 from hooked_vlm.organisms.qwen_common import QwenAnswerOrganism
 
 __all__ = ["VideoOrganism", "organism", "render_clip", "DIRECTIONS", "OPPOSITE", "FRAMES", "SIZE", "SHAPE_SIZE", "BACKGROUND"]
@@ -32,23 +33,6 @@ FRAMES, SIZE, SHAPE_SIZE, TPS = 12, 112, 16, 2
 BACKGROUND = (225, 225, 225)
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-
-
-def _draw(draw: ImageDraw.ImageDraw, shape: str, color: tuple[int, int, int], x: int, y: int) -> None:
-    """Draw ``shape`` with its top-left corner at (x, y), SHAPE_SIZE pixels wide."""
-    x1, y1 = x + SHAPE_SIZE - 1, y + SHAPE_SIZE - 1
-    if shape == "circle":
-        draw.ellipse([x, y, x1, y1], fill=color)
-    elif shape == "square":
-        draw.rectangle([x + 1, y + 1, x1 - 1, y1 - 1], fill=color)
-    elif shape == "triangle":
-        draw.polygon([((x + x1) / 2, y), (x1, y1), (x, y1)], fill=color)
-    elif shape == "cross":
-        cx, cy, t = (x + x1) // 2, (y + y1) // 2, 3
-        draw.rectangle([x, cy - t, x1, cy + t], fill=color)
-        draw.rectangle([cx - t, y, cx + t, y1], fill=color)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; shapes: {SHAPES}")
 
 
 def render_clip(tracks: list[dict[str, Any]]) -> np.ndarray:
@@ -60,7 +44,8 @@ def render_clip(tracks: list[dict[str, Any]]) -> np.ndarray:
         for tr in tracks:
             pos = tr["positions"][t]
             if pos is not None:
-                _draw(draw, tr["shape"], COLORS[tr["color"]], pos[0], pos[1])
+                x, y = pos
+                draw_shape(draw, tr["shape"], COLORS[tr["color"]], (x, y, x + SHAPE_SIZE - 1, y + SHAPE_SIZE - 1))
         frames.append(np.asarray(image))
     return np.stack(frames)
 
