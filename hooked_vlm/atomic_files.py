@@ -24,6 +24,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:  # whatever wrote it (safetensors, pandas, ...) may not have synced
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would create it (safetensors writes 0600)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
@@ -39,3 +40,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2, sort_keys: bool = True) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (non-JSON values as ``str``)."""
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str))
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

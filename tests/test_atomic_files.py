@@ -31,10 +31,16 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
-def test_permissions_follow_the_umask(tmp_path):
+def test_permissions_follow_the_umask_whatever_wrote_the_file(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_output(tmp_path / "a.safetensors") as tmp:  # safetensors itself creates 0600 files
+            save_file({"x": torch.zeros(2)}, str(tmp))
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o644
