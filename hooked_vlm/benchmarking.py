@@ -76,3 +76,11 @@ def tl_bridge(hf_model: Any, architecture: str | None = None, copy_model: bool =
         return build_bridge_from_module(model, architecture or type(model).__name__, hf_config=model.config)
     finally:
         ArchitectureAdapter._check_required_libraries = original
+
+
+def append_jsonl(path: str | None, rows: list[dict[str, Any]]) -> None:
+    """Append benchmark rows to a JSON-lines file (``--out``), one object per line; nothing when no path."""
+    if path:
+        with open(path, "a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")

@@ -98,7 +98,7 @@ def main() -> None:
     if a.cell:
         print(json.dumps(cell(a.cell, a.frames, a.side, a.repeats)))
         return
-    from hooked_vlm.benchmarking import run_cell_in_subprocess
+    from hooked_vlm.benchmarking import append_jsonl, run_cell_in_subprocess
 
     env_extra = ["--frames", str(a.frames), "--side", str(a.side), "--repeats", str(a.repeats)]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -122,10 +122,7 @@ def main() -> None:
                    "delta_ratio": m["delta_mib"] / max(f["delta_mib"], 1e-9), "hf_eager_predicted_gib": pred}
         print(json.dumps(summary))
         rows.append(summary)
-    if a.out:
-        with open(a.out, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
+    append_jsonl(a.out, rows)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def main() -> None:
     if a.cell:
         print(json.dumps(cell(a.cell, a.side, a.steps, a.batch, a.repeats)))
         return
-    from hooked_vlm.benchmarking import run_cell_in_subprocess
+    from hooked_vlm.benchmarking import append_jsonl, run_cell_in_subprocess
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     extra = ["--side", str(a.side), "--steps", str(a.steps), "--batch", str(a.batch), "--repeats", str(a.repeats)]
@@ -109,10 +109,7 @@ def main() -> None:
              "delta_ratio_ours_over_captum": rows[1]["delta_mib"] / max(rows[2]["delta_mib"], 1e-9)}
         print(json.dumps(s))
         rows.append(s)
-    if a.out:
-        with open(a.out, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
+    append_jsonl(a.out, rows)
 
 
 if __name__ == "__main__":
