@@ -36,6 +36,7 @@ ARCHITECTURE_MODULES: dict[str, str] = {
     "LlavaLlamaForCausalLM": "hooked_vlm.families.llava",
     "LlavaMistralForCausalLM": "hooked_vlm.families.llava",
     "Gemma3ForConditionalGeneration": "hooked_vlm.families.gemma3",
+    "PaliGemmaForConditionalGeneration": "hooked_vlm.families.paligemma.model",  # i10b: new family
     **{arch: "hooked_vlm.families.clip" for arch in (
         "CLIPModel", "CLIPVisionModel", "CLIPTextModel", "CLIPVisionModelWithProjection",
         "CLIPTextModelWithProjection", "SiglipModel", "SiglipVisionModel", "SiglipTextModel",
