@@ -706,7 +706,8 @@ def cmd_models(args: argparse.Namespace, stdout: TextIO) -> int:
 
 #: families whose inputs inspect builds without importing them here: LLaVA / Gemma 3 register their builders when
 #: their family module loads; CLIP / SigLIP go through hooked_vlm.cli_two_tower
-_FAMILY_BUILDER_MODULES = ("llava", "llava_next", "llava_onevision", "llava_next_video", "gemma3", "clip", "siglip")
+_FAMILY_BUILDER_MODULES = ("llava", "llava_next", "llava_onevision", "llava_next_video", "gemma3", "clip", "siglip",
+                           "paligemma")  # i10b: new families
 
 
 # --------------------------------------------------------------------------------------------

@@ -252,7 +252,8 @@ register_tiny("tiny-llava-dinov2", llava_dinov2_config, _hf_class("LlavaForCondi
 
 
 # ----- PaliGemma / PaliGemma 2 (hooked_vlm.families.paligemma) ---------------------------------------------------
-def paligemma_config(text: str = "gemma", image_size: int = 56, vision_layers: int = 2, **text_overrides: Any):
+def paligemma_config(text: str = "gemma", image_size: int = 56, vision_layers: int = 2, image_token_index: int = 100,
+                     **text_overrides: Any):
     """Tiny PaliGemma: SigLIP 56 px / 14 px patches = 16 image tokens, Gemma text (``text="gemma2"``: PaliGemma 2,
     Gemma 2 text with four norms, query_pre_attn_scalar 24 != head_dim, attention / final soft-capping 50 / 30,
     layer 0 sliding (window 40: longer than a two-image prefix, shorter than a long answer) and layer 1 full). Image token 100, bos 0."""
@@ -269,7 +270,7 @@ def paligemma_config(text: str = "gemma", image_size: int = 56, vision_layers: i
         raise ValueError(f"text must be 'gemma' (PaliGemma) or 'gemma2' (PaliGemma 2), got {text!r}")
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
                                 image_size=image_size, patch_size=14, vision_use_head=False)
-    return PaliGemmaConfig(vision_config=vision, text_config=text_cfg, image_token_index=100, projection_dim=64,
+    return PaliGemmaConfig(vision_config=vision, text_config=text_cfg, image_token_index=image_token_index, projection_dim=64,
                            hidden_size=64, vocab_size=128)
 
 
