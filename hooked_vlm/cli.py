@@ -13,10 +13,9 @@ token per cell), or none (``--image none``: text only). CLIP / SigLIP models rep
 image-text similarities instead of next tokens.
 
 Subcommands live in :data:`COMMANDS` (name -> module, help); a module is imported only when its
-subcommand runs, so ``--help``, ``--version`` and ``models`` never import torch. Families plug in two
-things: a tiny model (``hooked_vlm.tiny.register_tiny``) and an input builder
-(``register_input_builder`` here), which turns an :class:`InputRequest` into the family's HF keyword
-tensors.
+subcommand runs, so ``--help``, ``--version`` and ``models`` never import torch. Families plug in through
+their registration (``hooked_vlm.families.<family>.FAMILY``): its tiny models and its input builder, which turns
+an :class:`InputRequest` into the family's HF keyword tensors (``register_input_builder`` overrides one at run time).
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ if TYPE_CHECKING:  # torch is imported by the commands that need it, never by --
     import torch
     from torch import Tensor
 
-__all__ = ["InputRequest", "register_input_builder", "INPUT_BUILDERS", "COMMANDS", "Command", "build_parser", "main"]
+__all__ = ["InputRequest", "register_input_builder", "input_builder_for", "INPUT_BUILDERS", "COMMANDS", "Command", "build_parser", "main"]
 
 #: subcommand -> ("module" or "module:attribute", one-line help). The target is an object (or module) with
 #: ``add_arguments(parser)`` and ``run(args, stdout) -> int``; it is imported only when its subcommand is
@@ -88,11 +87,31 @@ class InputRequest:
     checkpoint: Path | None = None
     tiny: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    family: str = ""  # the model's ``cfg.family`` (one builder serves every variant of a family)
 
 
 InputBuilder = Callable[[InputRequest], "dict[str, Tensor]"]
-#: ``cfg.family`` -> builder; LLaVA / Gemma / CLIP modules add theirs with ``register_input_builder``.
-INPUT_BUILDERS: dict[str, InputBuilder] = {}
+class _InputBuilders(dict):
+    """``cfg.family`` -> builder: run-time registrations first, else the family registration's own builder
+    (``hooked_vlm.families.<family>.FAMILY.input_builder``, imported on first use)."""
+
+    def __missing__(self, config_family: str) -> InputBuilder:
+        from hooked_vlm.families.registry import family_of
+
+        fam = family_of(config_family)
+        builder = None if fam is None else fam.load_input_builder()
+        if builder is None:
+            raise KeyError(config_family)
+
+        def build(request: InputRequest) -> dict[str, Tensor]:
+            # one builder serves every variant of a family: it reads the variant from request.family
+            return builder(request if request.family else dataclasses.replace(request, family=config_family))
+
+        return build
+
+
+#: ``cfg.family`` -> input builder (see :class:`_InputBuilders`; ``register_input_builder`` overrides one).
+INPUT_BUILDERS: dict[str, InputBuilder] = _InputBuilders()
 
 
 def register_input_builder(families: str | Sequence[str], builder: InputBuilder) -> InputBuilder:
@@ -102,25 +121,12 @@ def register_input_builder(families: str | Sequence[str], builder: InputBuilder)
     return builder
 
 
-def _qwen_builder(request: InputRequest) -> dict[str, Tensor]:
-    """Qwen2-VL / Qwen2.5-VL: the checkpoint's processor if it could be built, else the exact hand path."""
-    from hooked_vlm.inputs import build_qwen_inputs, qwen_processing_kwargs
-
-    kwargs: dict[str, Any] = {}
-    if request.checkpoint is not None and (request.checkpoint / "preprocessor_config.json").is_file():
-        kwargs.update(qwen_processing_kwargs(request.checkpoint))
-    if request.tiny:  # keep tiny-model videos tiny: no upsizing to HF's 128-token floor
-        kwargs["video_min_pixels"] = 56 * 56
-    options = dict(request.options)
-    if "min_pixels" in options:
-        kwargs["min_pixels"] = kwargs["video_min_pixels"] = options.pop("min_pixels")
-    if "max_pixels" in options:
-        kwargs["max_pixels"] = kwargs["video_max_pixels"] = options.pop("max_pixels")
-    kwargs.update(options)  # fps, num_frames
-    return build_qwen_inputs(request.tokenizer, request.prompt, request.images, request.videos, processor=request.processor, **kwargs)
-
-
-register_input_builder(("qwen2_vl", "qwen2_5_vl"), _qwen_builder)
+def input_builder_for(config_family: str) -> InputBuilder | None:
+    """The input builder of a model family (``cfg.family``): a run-time registration, else its family's own."""
+    try:
+        return INPUT_BUILDERS[config_family]
+    except KeyError:
+        return None
 
 
 def _generic_processor_builder(request: InputRequest) -> dict[str, Tensor]:
@@ -587,9 +593,10 @@ def _build_inputs(args: argparse.Namespace, loaded: LoadedModel, prompt: str, so
         options["fps"] = [fps * d["frames"] / d.get("source_frames", d["frames"]) for d in sources.descriptions if d["kind"] == "video"]
         if len(options["fps"]) == 1:
             options["fps"] = options["fps"][0]
-    request = InputRequest(loaded.tokenizer, prompt, sources.images, sources.videos, loaded.processor, loaded.checkpoint, loaded.tiny, options)
     family = loaded.model.cfg.family
-    builder = INPUT_BUILDERS.get(family)
+    request = InputRequest(loaded.tokenizer, prompt, sources.images, sources.videos, loaded.processor, loaded.checkpoint, loaded.tiny,
+                           options, family)
+    builder = input_builder_for(family)
     if builder is None:
         if loaded.processor is None:
             raise UnsupportedModelError(
@@ -699,15 +706,12 @@ def cmd_models(args: argparse.Namespace, stdout: TextIO) -> int:
     print("\nSupported checkpoint architectures:", file=stdout)
     for arch, module in sorted(ARCHITECTURE_MODULES.items()):
         print(f"  {arch:<42} {module}", file=stdout)
-    families = sorted(set(INPUT_BUILDERS) | set(_FAMILY_BUILDER_MODULES))
-    print("\nInput builders for families: " + ", ".join(families), file=stdout)
+    from hooked_vlm.families.registry import families
+
+    # CLIP / SigLIP have no builder entry: hooked_vlm.cli_two_tower builds their inputs
+    names = {f for fam in families() for f in fam.config_families}
+    print("\nInput builders for families: " + ", ".join(sorted(names | set(INPUT_BUILDERS))), file=stdout)
     return 0
-
-
-#: families whose inputs inspect builds without importing them here: LLaVA / Gemma 3 register their builders when
-#: their family module loads; CLIP / SigLIP go through hooked_vlm.cli_two_tower
-_FAMILY_BUILDER_MODULES = ("llava", "llava_next", "llava_onevision", "llava_next_video", "gemma3", "clip", "siglip",
-                           "paligemma")  # i10b: new families
 
 
 # --------------------------------------------------------------------------------------------

@@ -267,62 +267,10 @@ def _check_frame(frame: int, it: VisualItem) -> None:
         )
 
 
-def mrope_position_ids(
-    input_ids: Int[Tensor, "batch pos"],
-    mm_token_type_ids: Int[Tensor, "batch pos"],
-    image_grid_thw: Tensor | None,
-    video_grid_thw: Tensor | None,
-    attention_mask: Tensor | None,
-    spatial_merge_size: int,
-    second_per_grid_ts: Tensor | None = None,
-    tokens_per_second: float | None = None,
-    rule: Literal["transformers-5.23", "official"] = "transformers-5.23",
-) -> tuple[Int[Tensor, "3 batch pos"], Int[Tensor, "batch"]]:
-    """Qwen M-RoPE position ids and rope deltas, exactly as transformers 5.23 ``get_rope_index``.
+def __getattr__(name: str):
+    """Deprecated alias: ``mrope_position_ids`` is Qwen's rule and moved to :mod:`hooked_vlm.families.qwen_vl.layout`."""
+    if name == "mrope_position_ids":
+        from hooked_vlm.families.qwen_vl.layout import mrope_position_ids
 
-    Runs of equal ``mm_token_type_ids`` are walked in order; a text run of n takes ``cur..cur+n-1``
-    on all three axes; a vision run at ``s = cur`` takes T = s + scaled slice index, H = s + row,
-    W = s + col. ``rule="transformers-5.23"`` then continues at ``s + max(h', w')``; ``rule="official"``
-    (transformers 4.x / the Qwen reference code) continues at ``max(all ids of the run) + 1``. They
-    differ only when scaled video time exceeds the spatial extent. Padding positions get 0.
-    """
-    b, length = input_ids.shape
-    pos = torch.zeros(3, b, length, dtype=torch.long, device=input_ids.device)
-    grids = {
-        IMAGE: iter(image_grid_thw.tolist()) if image_grid_thw is not None else iter(()),
-        VIDEO: iter(video_grid_thw.tolist()) if video_grid_thw is not None else iter(()),
-    }
-    seconds = iter(second_per_grid_ts.tolist()) if second_per_grid_ts is not None else None
-    deltas = []
-    for bi in range(b):
-        valid = attention_mask[bi].bool() if attention_mask is not None else torch.ones(length, dtype=torch.bool)
-        types = mm_token_type_ids[bi][valid.to(mm_token_type_ids.device)].tolist()
-        chunks, cur = [], 0
-        for key, grp in itertools.groupby(types):
-            n = len(list(grp))
-            if key == TEXT:
-                chunks.append(torch.arange(n).expand(3, -1) + cur)
-                cur += n
-                continue
-            try:
-                t, h, w = next(grids[key])
-            except StopIteration:
-                raise ValueError(
-                    f"prompt {bi} has more {KIND_NAMES[key]} placeholder runs than grids in "
-                    f"{'image' if key == IMAGE else 'video'}_grid_thw"
-                ) from None
-            gh, gw = h // spatial_merge_size, w // spatial_merge_size
-            interval = 1.0
-            if key == VIDEO and tokens_per_second is not None:
-                sec = next(seconds) if seconds is not None else 1.0
-                interval = tokens_per_second * sec
-            tt = (torch.arange(t) * interval).long()
-            tt, hh, ww = torch.meshgrid(tt, torch.arange(gh), torch.arange(gw), indexing="ij")
-            ids = torch.stack([tt.flatten() + cur, hh.flatten() + cur, ww.flatten() + cur])
-            chunks.append(ids)
-            cur = cur + max(gh, gw) if rule == "transformers-5.23" else int(ids.max()) + 1
-        flat = torch.cat(chunks, dim=1) if chunks else torch.zeros(3, 0, dtype=torch.long)
-        pos[:, bi, valid.to(pos.device)] = flat.to(pos.device)
-        n_valid = int(valid.sum())
-        deltas.append((int(flat.max()) + 1 if flat.numel() else 0) - n_valid)
-    return pos, torch.tensor(deltas, dtype=torch.long, device=input_ids.device)
+        return mrope_position_ids
+    raise AttributeError(f"module 'hooked_vlm.layout' has no attribute {name!r}")

@@ -6,7 +6,6 @@ code ever runs. Architectures are looked up in a registry that each family modul
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Callable
@@ -24,24 +23,15 @@ if TYPE_CHECKING:  # torch and the model classes load when a model is built, not
 
 _REGISTRY: dict[str, type[HookedVLM]] = {}
 
-#: Hugging Face architecture -> the family module that reimplements it (and registers it on import).
-#: Listing architectures reads this table without importing torch; a test checks it against the registry.
-ARCHITECTURE_MODULES: dict[str, str] = {
-    "Qwen2VLForConditionalGeneration": "hooked_vlm.families.qwen_vl",
-    "Qwen2_5_VLForConditionalGeneration": "hooked_vlm.families.qwen_vl",
-    "LlavaForConditionalGeneration": "hooked_vlm.families.llava",
-    "LlavaNextForConditionalGeneration": "hooked_vlm.families.llava",
-    "LlavaOnevisionForConditionalGeneration": "hooked_vlm.families.llava",
-    "LlavaNextVideoForConditionalGeneration": "hooked_vlm.families.llava",
-    "LlavaLlamaForCausalLM": "hooked_vlm.families.llava",
-    "LlavaMistralForCausalLM": "hooked_vlm.families.llava",
-    "Gemma3ForConditionalGeneration": "hooked_vlm.families.gemma3",
-    "PaliGemmaForConditionalGeneration": "hooked_vlm.families.paligemma.model",  # i10b: new family
-    **{arch: "hooked_vlm.families.clip" for arch in (
-        "CLIPModel", "CLIPVisionModel", "CLIPTextModel", "CLIPVisionModelWithProjection",
-        "CLIPTextModelWithProjection", "SiglipModel", "SiglipVisionModel", "SiglipTextModel",
-    )},
-}
+def _architecture_modules() -> dict[str, str]:
+    from hooked_vlm.families.registry import families
+
+    return {arch: fam.module for fam in families() for arch in fam.architectures}
+
+
+#: Hugging Face architecture -> the module of the class that reimplements it, read from the families'
+#: registrations (``hooked_vlm.families.<family>.FAMILY``) without importing torch.
+ARCHITECTURE_MODULES: dict[str, str] = _architecture_modules()
 
 
 # ----- built-in models -------------------------------------------------------------------------------
@@ -113,38 +103,25 @@ def _load_organism(name: str) -> Callable[..., Any]:
 
 
 def register(cls: type[HookedVLM]) -> type[HookedVLM]:
-    """Register a HookedVLM subclass for each of its ``hf_architectures`` (also keyed by model_type)."""
+    """Register an extra HookedVLM subclass for each of its ``hf_architectures`` (for classes outside
+    ``hooked_vlm.families``; a family folder registers through its ``FAMILY`` object instead)."""
     for arch in cls.hf_architectures:
         _REGISTRY[arch] = cls
     return cls
 
 
 def supported_architectures() -> list[str]:
-    """Architecture names checkpoints may have (read from :data:`ARCHITECTURE_MODULES`; no torch import)."""
-    return sorted(ARCHITECTURE_MODULES)
-
-
-def _ensure_families() -> None:
-    import hooked_vlm.families.qwen_vl as qwen
-
-    register(qwen.HookedQwenVL)
-    for mod in sorted(set(ARCHITECTURE_MODULES.values())):
-        importlib.import_module(mod)
+    """Architecture names checkpoints may have (read from the family registrations; no torch import)."""
+    return sorted(set(ARCHITECTURE_MODULES) | set(_REGISTRY))
 
 
 def model_class_for(architecture: str) -> type[HookedVLM]:
-    if architecture in ARCHITECTURE_MODULES:
-        importlib.import_module(ARCHITECTURE_MODULES[architecture])
-        import hooked_vlm.families.qwen_vl as qwen
+    """The hooked class for a Hugging Face architecture name (from its family's registration)."""
+    from hooked_vlm.families.registry import family_for_architecture
 
-        register(qwen.HookedQwenVL)
-    else:
-        _ensure_families()
-    if architecture not in _REGISTRY:
-        raise UnsupportedModelError(
-            f"architecture {architecture!r} is not supported by hooked_vlm; supported: {supported_architectures()}"
-        )
-    return _REGISTRY[architecture]
+    if architecture in _REGISTRY:
+        return _REGISTRY[architecture]
+    return family_for_architecture(architecture).load_class()
 
 
 def build(architecture: str, hf_config: Any, state_dict: dict[str, Tensor], dtype: torch.dtype | None, device: Any) -> HookedVLM:
@@ -266,11 +243,11 @@ def _folder_tokenizer(path: Path) -> Any:
 
 
 def _arch_from_model_type(model_type: str | None) -> str:
-    _ensure_families()
-    guesses = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
-    guesses["gemma3"] = "Gemma3ForConditionalGeneration"
-    if model_type in guesses:
-        return guesses[model_type]
+    from hooked_vlm.families.registry import architecture_for_model_type
+
+    arch = architecture_for_model_type(model_type)
+    if arch is not None:
+        return arch
     raise UnsupportedModelError(f"config.json names no architectures and model_type {model_type!r} is not supported; supported: {supported_architectures()}")
 
 

@@ -9,7 +9,7 @@ mapping from Hugging Face weight names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from jaxtyping import Float, Int
@@ -24,6 +24,9 @@ from hooked_vlm.hook_management import CheckedHooksMixin
 from hooked_vlm.layout import TokenLayout
 from hooked_vlm.tl_surface import TransformerLensSurface
 from kernels.mask import MaskSpec
+
+if TYPE_CHECKING:
+    from hooked_vlm.families.registry import InputSchema
 
 #: What ``forward`` can return (TransformerLens's return types, plus "resid": the final normalised residual).
 RETURN_TYPES = ("logits", "loss", "both", "resid", None)
@@ -101,13 +104,103 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
     def _extra_hooks(self) -> None:
         """Register family-specific top-level hook points (before ``setup``)."""
 
+    # ----- the forward skeleton (run once here; a family overrides the steps that differ) -----------------
     def _prepare(self, inputs: dict[str, Any], cache: KVCache | None) -> LMInput:
-        """Validate inputs, run the vision tower, inject features and build rotary tables and masks."""
+        """Everything the blocks need: checks -> layout -> token embeddings -> vision features (``vision.hook_out``)
+        injected at the visual positions -> ``hook_embed`` -> position ids -> masks -> rotary tables.
+
+        The skeleton is the same for every family; a family overrides :meth:`_check_inputs`, :meth:`_layout`,
+        :meth:`_embed_tokens`, :meth:`_vision_features`, :meth:`_position_ids`, :meth:`_attention_masks` and
+        :meth:`_rotary_tables` where it differs. ``vision.hook_out`` fires here and nowhere else.
+        """
+        past = cache.seq_len() if cache is not None else 0
+        self._check_inputs(inputs, past)
+        layout = None
+        if past == 0:
+            layout = self._layout(inputs)
+        elif any(inputs.get(k) is not None for k in self._pixel_inputs() + ("vision_features",)):
+            raise InputError("pixel inputs can only be given with the prompt (prefill), not at a decode step")
+        embeds = self._embed_tokens(inputs["input_ids"])
+        if layout is not None and layout.items:
+            embeds = self._inject(embeds, self._vision_output(inputs, layout), layout)
+        embeds = self.hook_embed(embeds)
+        positions = self._position_ids(inputs, layout, past)
+        masks = self._attention_masks(inputs, layout, past)
+        return LMInput(embeds=embeds, rotary=self._rotary_tables(positions, masks), masks=masks, layout=layout)
+
+    def _check_inputs(self, inputs: dict[str, Any], past: int) -> None:
+        """Validate the keyword inputs (token ids, devices, grids, options); raise :class:`InputError`."""
+
+    def _layout(self, inputs: dict[str, Any]) -> TokenLayout:
+        """The token layout of validated inputs (see :meth:`layout`)."""
         raise NotImplementedError
 
-    def layout(self, **inputs: Any) -> TokenLayout:
-        """Describe every position of the given inputs (see :class:`hooked_vlm.layout.TokenLayout`)."""
+    def _pixel_inputs(self) -> tuple[str, ...]:
+        """The pixel keyword inputs (from the family's input schema)."""
+        return self.input_schema().pixels
+
+    def _embed_tokens(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """Token embeddings; ids outside the vocabulary (placeholders replaced by vision features) embed as id 0."""
+        outside = (ids < 0) | (ids >= self.cfg.d_vocab)
+        return self.embed(ids.masked_fill(outside, 0) if bool(outside.any()) else ids)
+
+    def _vision_features(self, inputs: dict[str, Any], layout: TokenLayout) -> Float[Tensor, "batch m d_model"]:
+        """Run the vision tower (and projector): one row per prompt, one vector per visual token in sequence order."""
         raise NotImplementedError
+
+    def _vision_output(self, inputs: dict[str, Any], layout: TokenLayout) -> Float[Tensor, "batch m d_model"]:
+        """``vision.hook_out``: the tower's features, or ``vision_features=`` (validated here for every family)."""
+        feats = inputs.get("vision_features")
+        if feats is None:
+            feats = self._vision_features(inputs, layout)
+        else:
+            from hooked_vlm.input_checks import check_vision_features
+
+            per_row = [int((layout.item[bi] >= 0).sum()) for bi in range(layout.batch_size)]
+            check_vision_features(feats, layout.batch_size, per_row, self.cfg.d_model)
+        return self.vision.hook_out(feats)
+
+    def _inject(self, embeds: Tensor, feats: Tensor, layout: TokenLayout) -> Tensor:
+        """Write each prompt's features into its visual positions (in sequence order)."""
+        embeds = embeds.clone()
+        for bi in range(embeds.shape[0]):
+            pos = (layout.item[bi] >= 0).nonzero().flatten()
+            if pos.numel():
+                embeds[bi, pos] = feats[bi, : pos.numel()].to(embeds.dtype)
+        return embeds
+
+    def _position_ids(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> Tensor:
+        """Rotary position ids (``position_ids=`` when given, else ``past .. past + L - 1``)."""
+        raise NotImplementedError
+
+    def _attention_masks(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> dict[str, MaskSpec]:
+        """One :class:`MaskSpec` per layer type: causal, padding keys hidden, a window on sliding layers."""
+        raise NotImplementedError
+
+    def _rotary_tables(self, positions: Tensor, masks: dict[str, MaskSpec]) -> dict[str, tuple[Tensor, Tensor]]:
+        """cos / sin per layer type."""
+        raise NotImplementedError
+
+    def encode_vision(self, **inputs: Any) -> Float[Tensor, "batch m d_model"]:
+        """Run only the vision tower (and projector): ``vision.hook_out``, one row per prompt; pass it back as
+        ``vision_features=`` to skip the tower."""
+        layout = self._layout(dict(inputs))
+        return self.vision.hook_out(self._vision_features(inputs, layout))
+
+    def layout(self, **inputs: Any) -> TokenLayout:
+        """Describe every position of the given inputs (see :class:`hooked_vlm.layout.TokenLayout`), validated."""
+        return self._layout(dict(inputs))
+
+    @classmethod
+    def input_schema(cls) -> "InputSchema":
+        """Which keyword inputs this family takes and how they are laid out (its registration's schema)."""
+        from hooked_vlm.errors import UnsupportedModelError
+        from hooked_vlm.families.registry import InputSchema, family_for_architecture
+
+        try:
+            return family_for_architecture(cls.hf_architectures[0]).input_schema
+        except (UnsupportedModelError, IndexError):  # a class outside hooked_vlm.families: its input_names
+            return InputSchema(per_sequence=tuple(cls.input_names))
 
     @classmethod
     def convert_hf_state_dict(cls, hf_config: Any, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

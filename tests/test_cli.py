@@ -170,7 +170,7 @@ def test_register_input_builder_is_used(monkeypatch):
 
     def builder(request: cli.InputRequest):
         seen["prompt"], seen["tiny"] = request.prompt, request.tiny
-        return cli._qwen_builder(request)
+        return cli.input_builder_for("qwen2_5_vl")(request)  # the family's registered builder
 
     monkeypatch.setitem(cli.INPUT_BUILDERS, "qwen2_vl", builder)
     code, _ = run_cli("--prompt", "what ?", "--hooks", "none", "--hook-table", "none")
@@ -261,8 +261,13 @@ def test_models_lists_builtins_through_the_resolver_and_the_registry_table_is_co
     assert code == 0
     for name, entry in loading.builtin_models().items():
         assert f"  {name:<24} {entry.description}" in text
-    loading._ensure_families()
-    assert sorted(loading._REGISTRY) == sorted(loading.ARCHITECTURE_MODULES)  # the torch-free table is the registry
+    from hooked_vlm.families.registry import families
+
+    # the torch-free table is the families' registrations, and each architecture's class really serves it
+    assert sorted(loading.ARCHITECTURE_MODULES) == sorted(a for fam in families() for a in fam.architectures)
+    for arch, module in loading.ARCHITECTURE_MODULES.items():
+        cls = loading.model_class_for(arch)
+        assert cls.__module__ == module and arch in cls.hf_architectures
 
 
 def test_a_new_subcommand_is_one_table_entry(tmp_path, monkeypatch):

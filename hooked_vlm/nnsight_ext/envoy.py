@@ -51,14 +51,28 @@ _FAMILIES: dict[str, Callable[[dict[str, Any], int | None], nn.Module]] = {}
 #: Load keywords an NDIF server passes that mean nothing to a CPU-built hooked model.
 _IGNORED_LOAD_KWARGS = ("device_map", "max_memory", "trust_remote_code", "revision", "low_cpu_mem_usage")
 
-#: Per-position inputs shaped ``[batch, seq]`` and what to pad them with (None: the pad token id).
-_SEQUENCE_INPUTS: dict[str, int | None] = {
-    "input_ids": None,
-    "attention_mask": 0,
-    "token_type_ids": 0,
-    "mm_token_type_ids": 0,
-    "labels": -100,
-}
+#: Generic per-position inputs and their padding (None: the pad token id); a family's own ``[batch, seq]``
+#: inputs come from its input schema (``hooked_vlm.families.<family>.FAMILY.input_schema``).
+_GENERIC_SEQUENCE_INPUTS: dict[str, int | None] = {"input_ids": None, "attention_mask": 0, "labels": -100}
+
+
+def _sequence_inputs(schema: Any) -> dict[str, int | None]:
+    """``[batch, seq]`` inputs -> padding value: the schema's (every registered family's when None)."""
+    from hooked_vlm.families.registry import families
+
+    schemas = [schema] if schema is not None else [fam.input_schema for fam in families()]
+    out = dict(_GENERIC_SEQUENCE_INPUTS)
+    for sch in schemas:
+        for name in sch.per_sequence:
+            out.setdefault(name, sch.pad_value(name))
+    return out
+
+
+def _padded_pixels(schema: Any) -> tuple[str, ...]:
+    from hooked_vlm.families.registry import families
+
+    schemas = [schema] if schema is not None else [fam.input_schema for fam in families()]
+    return tuple(name for sch in schemas for name in sch.padded_pixels)
 
 
 def register_family(name: str, build: Callable[[dict[str, Any], int | None], nn.Module]) -> None:
@@ -342,10 +356,12 @@ class HookedVLMEnvoy(Remotable):
             return tuple(), {}
         if len(invokes) == 1:
             return invokes[0]
+        schema = getattr(self._module, "input_schema", None)
         return (), batch_inputs(
             [_as_kwargs(args, kwargs) for args, kwargs in invokes],
             pad_token_id=self._hvlm_pad_token_id or 0,
             padding_side=self.padding_side,
+            schema=schema() if callable(schema) else None,
         )
 
 
@@ -366,19 +382,22 @@ def _rows(inputs: dict[str, Any]) -> int:
 
 
 def batch_inputs(
-    invokes: list[dict[str, Any]], *, pad_token_id: int = 0, padding_side: str = "left"
+    invokes: list[dict[str, Any]], *, pad_token_id: int = 0, padding_side: str = "left", schema: Any = None
 ) -> dict[str, Any]:
     """Merge several invokes' Hugging Face keyword inputs into one batch.
 
-    * ``[batch, seq]`` inputs (``input_ids``, ``attention_mask``, ``token_type_ids``,
-      ``mm_token_type_ids``, ``labels``) are padded to the longest sequence on ``padding_side``
+    ``schema``: the model's :class:`~hooked_vlm.families.registry.InputSchema` (``model.input_schema()``);
+    None = the union of every registered family's schema.
+
+    * ``[batch, seq]`` inputs (``input_ids``, ``attention_mask``, ``labels`` and the schema's
+      ``per_sequence`` inputs) are padded to the longest sequence on ``padding_side``
       (an ``attention_mask`` of ones is made for invokes without one when padding is needed) and
       concatenated on the batch dimension;
     * ``position_ids`` (``[batch, seq]`` or M-RoPE's ``[3, batch, seq]``) are concatenated on their
       batch dimension and must not need padding;
-    * every other tensor (``pixel_values``, ``image_grid_thw``, ``pixel_values_videos``,
-      ``video_grid_thw``, ``second_per_grid_ts``, ...) is concatenated on dim 0 in invoke order;
-      invokes without it contribute nothing (text-only rows next to image rows);
+    * every other tensor (the schema's pixels, structure and per-prompt inputs) is concatenated on dim 0 in
+      invoke order; invokes without it contribute nothing (text-only rows next to image rows); pixel inputs
+      the schema lists as ``padded_pixels`` (crops per image) are zero-padded on dim 1 first;
     * lists are concatenated; any other value must be equal across the invokes that give it.
     """
     if padding_side not in ("left", "right"):
@@ -392,6 +411,8 @@ def batch_inputs(
     if needs_padding and "attention_mask" not in keys:
         keys.append("attention_mask")
 
+    sequence_inputs = _sequence_inputs(schema)
+    padded_pixels = _padded_pixels(schema)
     merged: dict[str, Any] = {}
     for key in keys:
         values = [inv.get(key) for inv in invokes]
@@ -399,7 +420,7 @@ def batch_inputs(
         if not present and key != "attention_mask":
             merged[key] = None
             continue
-        if key in _SEQUENCE_INPUTS or key == "inputs_embeds":
+        if key in sequence_inputs or key == "inputs_embeds":
             parts = []
             for inv, value, length in zip(invokes, values, lengths):
                 if value is None:
@@ -407,7 +428,7 @@ def batch_inputs(
                         raise ValueError(f"{key!r} is given for some invokes but not for others")
                     device = inv.get("input_ids", inv.get("inputs_embeds")).device
                     value = torch.ones(_rows(inv), length, dtype=torch.long, device=device)
-                fill = _SEQUENCE_INPUTS.get(key, 0)
+                fill = sequence_inputs.get(key, 0)
                 parts.append(_pad_seq(value, longest, pad_token_id if fill is None else fill, padding_side))
             merged[key] = torch.cat(parts, dim=0)
         elif key == "position_ids":
@@ -417,7 +438,7 @@ def batch_inputs(
                 raise ValueError("explicit position_ids cannot be padded: give invokes of equal length")
             merged[key] = torch.cat(values, dim=1 if values[0].dim() == 3 else 0)
         elif isinstance(present[0], Tensor):
-            merged[key] = _cat_rows(key, present, crops_padded="image_sizes" in keys)
+            merged[key] = _cat_rows(key, present, crops_padded=key in padded_pixels)
         elif isinstance(present[0], (list, tuple)):
             merged[key] = [item for value in present for item in value]
         else:
@@ -428,12 +449,12 @@ def batch_inputs(
 
 
 def _cat_rows(key: str, values: list[Tensor], crops_padded: bool) -> Tensor:
-    """Concatenate on dim 0; LLaVA-NeXT-style ``pixel_values [n, crops, C, H, W]`` (with
-    ``image_sizes``) are zero-padded to the larger crop count first, as the processor does for one
-    batch (the model reads each image's true crop count from ``image_sizes``)."""
+    """Concatenate on dim 0; crop-padded pixel inputs (any-resolution ``[n, crops, C, H, W]``, whose true crop
+    count the model reads from the image sizes) are zero-padded to the larger crop count first, as the
+    processor does for one batch."""
     trailing = {tuple(v.shape[1:]) for v in values}
     if len(trailing) > 1:
-        if key == "pixel_values" and crops_padded and len({(v.dim(), *v.shape[2:]) for v in values}) == 1:
+        if crops_padded and len({(v.dim(), *v.shape[2:]) for v in values}) == 1:
             crops = max(v.shape[1] for v in values)
             values = [torch.cat([v, v.new_zeros(v.shape[0], crops - v.shape[1], *v.shape[2:])], dim=1) for v in values]
         else:

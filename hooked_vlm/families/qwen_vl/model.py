@@ -20,16 +20,17 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from hooked_vlm.components.attention import Attention, KVCache
+from hooked_vlm.components.attention import Attention
 from hooked_vlm.components.block import TransformerBlock
 from hooked_vlm.components.mlp import MLP, GatedMLP
 from hooked_vlm.components.norms import LayerNorm, RMSNorm
 from hooked_vlm.components.rotary import inverse_frequencies, mrope_cos_sin, vision_2d_cos_sin
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import InputError
-from hooked_vlm.families.decoder import convert_decoder_key
+from hooked_vlm.families.qwen_vl import FAMILY
+from hooked_vlm.families.decoder import convert_decoder_key, decoder_masks
 from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, VIDEO, TokenLayout, VisualItem
-from hooked_vlm.model import HookedVLM, LMInput
+from hooked_vlm.model import HookedVLM
 from kernels.mask import MaskSpec
 
 
@@ -210,23 +211,14 @@ class QwenVisionTower(nn.Module):
         for j, block in enumerate(self.blocks):
             x = block(x, cos, sin, self.block_mask(j, plan))
         merged = self.merger(x, plan.merge_index)
-        return self.hook_out(merged * plan.merged_valid[..., None].to(merged.dtype))
+        return merged * plan.merged_valid[..., None].to(merged.dtype)  # HookedVLM._vision_output fires hook_out
 
 
 class HookedQwenVL(HookedVLM):
     """Qwen2-VL / Qwen2.5-VL with hooks on both towers. Inputs are the Hugging Face keyword tensors."""
 
     hf_architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    input_names = (
-        "input_ids",
-        "attention_mask",
-        "pixel_values",
-        "image_grid_thw",
-        "pixel_values_videos",
-        "video_grid_thw",
-        "second_per_grid_ts",
-        "mm_token_type_ids",
-    )
+    input_names = FAMILY.input_schema.names
 
     # ----- configuration ---------------------------------------------------------------------------------
     @classmethod
@@ -338,47 +330,19 @@ class HookedQwenVL(HookedVLM):
             return {pre + rest: v}
         raise KeyError(f"unexpected vision weight {k!r}")
 
-    # ----- inputs ------------------------------------------------------------------------------------------
-    def layout(self, **inputs: Any) -> TokenLayout:
-        """Token layout of the given Hugging Face inputs, validated; includes HF's M-RoPE position ids."""
-        return self._layout(dict(inputs))
+    # ----- the steps of the forward skeleton that differ (HookedVLM._prepare runs them) --------------------
+    def _check_inputs(self, inputs: dict[str, Any], past: int) -> None:
+        from hooked_vlm.families.qwen_vl.layout import check_common_inputs
+
+        check_common_inputs(self, inputs, past)
 
     def _layout(self, inputs: dict[str, Any]) -> TokenLayout:
-        from hooked_vlm.families.qwen_inputs import build_qwen_layout
+        """Token layout of the given Hugging Face inputs, validated; includes HF's M-RoPE position ids."""
+        from hooked_vlm.families.qwen_vl.layout import build_qwen_layout
 
         return build_qwen_layout(self, inputs)
 
-    def _prepare(self, inputs: dict[str, Any], cache: KVCache | None) -> LMInput:
-        from hooked_vlm.families.qwen_inputs import check_common_inputs
-
-        ids = inputs["input_ids"]
-        past = cache.seq_len() if cache is not None else 0
-        check_common_inputs(self, inputs, past)
-        am = inputs.get("attention_mask")
-        embeds = self.embed(ids)
-        layout = None
-        if past == 0:
-            layout = self._layout(inputs)
-            if layout.items:
-                embeds = self._inject(embeds, inputs, layout)
-        elif any(inputs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
-            raise InputError("pixel inputs can only be given with the prompt (prefill), not at a decode step")
-        embeds = self.hook_embed(embeds)
-        positions = self._positions(inputs, layout, past)
-        cos, sin = mrope_cos_sin(positions, self.inv_freq, self.mrope_section)
-        key_valid = None
-        if am is not None and not bool(am.bool().all()):
-            key_valid = am.bool()
-        masks = {
-            "full_attention": MaskSpec(causal=True, key_valid=key_valid, q_offset=past),
-        }
-        if "sliding_attention" in self.cfg.layer_types:
-            window = self.cfg.hf_config["text_config"].get("sliding_window") or 0
-            masks["sliding_attention"] = MaskSpec(causal=True, window=window, key_valid=key_valid, q_offset=past)
-        rotary = {kind: (cos, sin) for kind in masks}
-        return LMInput(embeds=embeds, rotary=rotary, masks=masks, layout=layout)
-
-    def _positions(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> Int[Tensor, "3 batch pos"]:
+    def _position_ids(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> Int[Tensor, "3 batch pos"]:
         ids = inputs["input_ids"]
         pos = inputs.get("position_ids")
         if pos is not None:
@@ -395,10 +359,13 @@ class HookedQwenVL(HookedVLM):
         b, length = ids.shape
         return (torch.arange(length, device=ids.device) + past).view(1, 1, -1).expand(3, b, -1)
 
-    def encode_vision(self, **inputs: Any) -> Float[Tensor, "batch m d_model"]:
-        """Run only the vision tower; the result can be passed back as ``vision_features=`` to skip it."""
-        layout = self._layout(dict(inputs))
-        return self._vision_features(inputs, layout)
+    def _attention_masks(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> dict[str, MaskSpec]:
+        window = self.cfg.hf_config["text_config"].get("sliding_window") or 0
+        return decoder_masks(self.cfg.layer_types, inputs.get("attention_mask"), past, window)
+
+    def _rotary_tables(self, positions: Tensor, masks: dict[str, MaskSpec]) -> dict[str, tuple[Tensor, Tensor]]:
+        cos_sin = mrope_cos_sin(positions, self.inv_freq, self.mrope_section)
+        return {kind: cos_sin for kind in masks}
 
     def _vision_features(self, inputs: dict[str, Any], layout: TokenLayout) -> Tensor:
         pv, pvv = inputs.get("pixel_values"), inputs.get("pixel_values_videos")
@@ -406,24 +373,6 @@ class HookedQwenVL(HookedVLM):
         pixels = torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=0)
         plan = build_vision_plan(layout, self.vision_spec, 0 if pv is None else pv.shape[0], pixels.device)
         return self.vision(pixels, plan)
-
-    def _inject(self, embeds: Tensor, inputs: dict[str, Any], layout: TokenLayout) -> Tensor:
-        feats = inputs.get("vision_features")
-        if feats is None:
-            feats = self._vision_features(inputs, layout)
-        else:
-            from hooked_vlm.input_checks import check_vision_features
-
-            per_row = [int((layout.item[bi] >= 0).sum()) for bi in range(embeds.shape[0])]
-            check_vision_features(feats, embeds.shape[0], per_row, embeds.shape[2])
-            feats = self.vision.hook_out(feats)
-        b = embeds.shape[0]
-        embeds = embeds.clone()
-        for bi in range(b):
-            pos = (layout.item[bi] >= 0).nonzero().flatten()
-            if pos.numel():
-                embeds[bi, pos] = feats[bi, : pos.numel()].to(embeds.dtype)
-        return embeds
 
     def _generation_positions(self, input_ids: Tensor, attention_mask: Tensor, inputs: dict[str, Any]) -> Tensor:
         if inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None:

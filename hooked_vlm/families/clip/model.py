@@ -613,14 +613,6 @@ def convert_text_state_dict(sd: Mapping[str, Tensor], prefix: str = "") -> dict[
     return out
 
 
-def _register() -> None:
-    from hooked_vlm import loading
-
-    loading.register(HookedCLIP)  # type: ignore[arg-type]
-
-
-_register()
-
 __all__ = [
     "HookedCLIP",
     "HookedTextTower",

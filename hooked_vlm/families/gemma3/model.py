@@ -35,18 +35,18 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from hooked_vlm.components.attention import Attention, KVCache
+from hooked_vlm.components.attention import Attention
 from hooked_vlm.components.block import TransformerBlock
 from hooked_vlm.components.mlp import GatedMLP
 from hooked_vlm.components.norms import RMSNorm
 from hooked_vlm.components.rotary import inverse_frequencies, rope_cos_sin
 from hooked_vlm.config import HookedVLMConfig
-from hooked_vlm import loading
 from hooked_vlm.errors import InputError
+from hooked_vlm.families.gemma3 import FAMILY
 from hooked_vlm.families.decoder import convert_decoder_key
 from hooked_vlm.families.vit import HookedViT, ViTSpec, convert_vit_state_dict
 from hooked_vlm.layout import TokenLayout
-from hooked_vlm.model import HookedVLM, LMInput
+from hooked_vlm.model import HookedVLM
 from kernels.mask import MaskSpec
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -151,7 +151,7 @@ class HookedGemma3(HookedVLM):
     """
 
     hf_architectures = ("Gemma3ForConditionalGeneration",)
-    input_names = ("input_ids", "attention_mask", "pixel_values", "token_type_ids")
+    input_names = FAMILY.input_schema.names
 
     # ----- configuration ---------------------------------------------------------------------------------
     @classmethod
@@ -275,43 +275,39 @@ class HookedGemma3(HookedVLM):
         out["unembed.weight"] = out["embed.weight"]
         return out
 
-    # ----- inputs ------------------------------------------------------------------------------------------
-    def layout(self, **inputs: Any) -> TokenLayout:
-        """Token layout of the given inputs, validated (see :func:`build_gemma3_layout`)."""
-        return self._layout(dict(inputs))
+    # ----- the steps of the forward skeleton that differ (HookedVLM._prepare runs them) --------------------
+    def _check_inputs(self, inputs: dict[str, Any], past: int) -> None:
+        from hooked_vlm.families.gemma3.layout import check_common_inputs
+
+        check_common_inputs(self, inputs, past)
 
     def _layout(self, inputs: dict[str, Any]) -> TokenLayout:
-        from hooked_vlm.families.gemma3_inputs import build_gemma3_layout
+        """Token layout of the given inputs, validated (see :func:`build_gemma3_layout`)."""
+        from hooked_vlm.families.gemma3.layout import build_gemma3_layout
 
         return build_gemma3_layout(self, inputs)
 
-    def _prepare(self, inputs: dict[str, Any], cache: KVCache | None) -> LMInput:
-        from hooked_vlm.families.gemma3_inputs import check_common_inputs
+    def _embed_tokens(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return self._embed_text(ids)
 
-        ids = inputs["input_ids"]
-        past = cache.seq_len() if cache is not None else 0
-        check_common_inputs(self, inputs, past)
+    def _attention_masks(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> dict[str, MaskSpec]:
+        """Causal + padding; the tokens of one image see each other (``bidir_ids``, prefill only), in full and
+        sliding layers alike."""
+        bidir = None
+        if layout is not None and self.bidirectional_images:
+            bidir = layout.meta["bidir_ids"]
+            bidir = bidir if bool((bidir >= 0).any()) else None
         am = inputs.get("attention_mask")
-        layout, bidir = None, None
-        if past == 0:
-            layout = self._layout(inputs)
-            if self.bidirectional_images:
-                bidir = layout.meta["bidir_ids"]
-                bidir = bidir if bool((bidir >= 0).any()) else None
-        elif inputs.get("pixel_values") is not None or inputs.get("vision_features") is not None:
-            raise InputError("pixel inputs can only be given with the prompt (prefill), not at a decode step")
-        embeds = self._embed_text(ids)
-        if layout is not None and layout.items:
-            embeds = self._inject(embeds, inputs, layout)
-        embeds = self.hook_embed(embeds)
-        positions = self._positions(inputs, past)
         key_valid = am.bool() if am is not None and not bool(am.bool().all()) else None
-        masks, rotary = {}, {}
-        for kind in set(self.cfg.layer_types):
-            window = self.sliding_window if kind == SLIDING else 0
-            masks[kind] = MaskSpec(causal=True, window=window, key_valid=key_valid, bidir_ids=bidir, q_offset=past)
-            rotary[kind] = rope_cos_sin(positions, getattr(self, f"inv_freq_{kind}"), self.rope_scaling[kind])
-        return LMInput(embeds=embeds, rotary=rotary, masks=masks, layout=layout)
+        return {
+            kind: MaskSpec(causal=True, window=self.sliding_window if kind == SLIDING else 0, key_valid=key_valid,
+                           bidir_ids=bidir, q_offset=past)
+            for kind in set(self.cfg.layer_types)
+        }
+
+    def _rotary_tables(self, positions: Tensor, masks: dict[str, MaskSpec]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per layer type: local RoPE theta on sliding layers, global (optionally scaled) on full ones."""
+        return {kind: rope_cos_sin(positions, getattr(self, f"inv_freq_{kind}"), self.rope_scaling[kind]) for kind in masks}
 
     def _embed_text(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         """Token embeddings times ``sqrt(d_model)`` (the scale cast to the weight dtype first, as transformers).
@@ -323,7 +319,7 @@ class HookedGemma3(HookedVLM):
         scale = torch.tensor(self.cfg.d_model**0.5, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
         return self.embed(ids) * scale
 
-    def _positions(self, inputs: dict[str, Any], past: int) -> Int[Tensor, "batch pos"]:
+    def _position_ids(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> Int[Tensor, "batch pos"]:
         ids = inputs["input_ids"]
         pos = inputs.get("position_ids")
         if pos is not None:
@@ -342,14 +338,8 @@ class HookedGemma3(HookedVLM):
         out = self.vision(pixel_values)
         return self.projector(out.last_hidden_state)
 
-    def encode_vision(self, **inputs: Any) -> Float[Tensor, "batch m d_model"]:
-        """Run only the vision tower and projector; the result (per prompt, as ``vision.hook_out``) can be
-        passed back as ``vision_features=`` to skip them."""
-        layout = self._layout(dict(inputs))
-        return self._vision_features(inputs, layout)
-
     def _vision_features(self, inputs: dict[str, Any], layout: TokenLayout) -> Float[Tensor, "batch m d_model"]:
-        from hooked_vlm.families.gemma3_inputs import vision_row_index
+        from hooked_vlm.families.gemma3.layout import vision_row_index
 
         feats = self.image_features(inputs["pixel_values"])  # n M d
         per = self.vision_spec.tokens_per_image
@@ -357,25 +347,6 @@ class HookedGemma3(HookedVLM):
         image, slot = image.to(feats.device), slot.to(feats.device)
         rows = feats[image.clamp(min=0), slot]
         return rows * (image >= 0)[..., None].to(rows.dtype)
-
-    def _inject(self, embeds: Tensor, inputs: dict[str, Any], layout: TokenLayout) -> Tensor:
-        feats = inputs.get("vision_features")
-        if feats is None:
-            feats = self._vision_features(inputs, layout)
-        else:
-            need = max([sum(1 for it in layout.items if it.batch == b) for b in range(layout.batch_size)]) * self.vision_spec.tokens_per_image
-            if feats.dim() != 3 or feats.shape[0] != embeds.shape[0] or feats.shape[1] < need or feats.shape[2] != embeds.shape[2]:
-                raise InputError(
-                    f"vision_features must be [B, >= {need}, {embeds.shape[2]}] (one row per prompt, as vision.hook_out / "
-                    f"encode_vision return); got {tuple(feats.shape)}"
-                )
-        feats = self.vision.hook_out(feats)
-        embeds = embeds.clone()
-        for bi in range(embeds.shape[0]):
-            pos = (layout.item[bi] >= 0).nonzero().flatten()
-            if pos.numel():
-                embeds[bi, pos] = feats[bi, : pos.numel()].to(embeds.dtype)
-        return embeds
 
     def image_grid(self, activation: Tensor, image: int) -> Tensor:
         """A per-image activation (vision tower ``[n, N, ...]`` or projector ``[n, M, ...]``) of image ``image``
@@ -424,15 +395,3 @@ GEMMA3_NORMS: dict[str, str] = {
 
 
 __all__ = ["HookedGemma3", "Gemma3Projector", "Gemma3SiglipTower", "Gemma3VisionSpec"]
-
-loading.register(HookedGemma3)
-
-
-def _register_cli_builder() -> None:
-    from hooked_vlm.cli import register_input_builder
-    from hooked_vlm.families.gemma3_inputs import cli_input_builder
-
-    register_input_builder("gemma3", cli_input_builder)
-
-
-_register_cli_builder()

@@ -38,16 +38,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from hooked_vlm.components.attention import Attention, KVCache
+from hooked_vlm.components.attention import Attention
 from hooked_vlm.components.block import TransformerBlock
 from hooked_vlm.components.mlp import MLP
 from hooked_vlm.components.norms import LayerNorm, RMSNorm
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import CheckpointError, InputError, UnsupportedModelError
+from hooked_vlm.families.llava import FAMILY
 from hooked_vlm.families.decoder import (
     DecoderSpec,
     build_decoder_block,
@@ -58,7 +59,7 @@ from hooked_vlm.families.decoder import (
     rope_inverse_frequencies,
     rope_tables,
 )
-from hooked_vlm.families.llava_inputs import (
+from hooked_vlm.families.llava.layout import (
     LlavaGeometry,
     LlavaItem,
     LlavaLayout,
@@ -74,7 +75,8 @@ from hooked_vlm.families.vit import (
     normalize_layer,
     select_image_features,
 )
-from hooked_vlm.model import HookedVLM, LMInput
+from hooked_vlm.model import HookedVLM
+from kernels.mask import MaskSpec
 
 ARCHITECTURES = {
     "llava": "LlavaForConditionalGeneration",
@@ -233,18 +235,7 @@ class HookedLlava(HookedVLM):
     """
 
     hf_architectures = tuple(ARCHITECTURES.values()) + ORIGINAL_ARCHITECTURES
-    input_names = (
-        "input_ids",
-        "attention_mask",
-        "pixel_values",
-        "image_sizes",
-        "pixel_values_videos",
-        "image_sizes_videos",
-        "batch_num_images",
-        "vision_feature_layer",
-        "vision_feature_select_strategy",
-        "vision_aspect_ratio",
-    )
+    input_names = FAMILY.input_schema.names
     #: Run every vision block as transformers does (False: stop after the deepest feature layer; the skipped
     #: blocks cannot change the output, but their hooks then do not fire).
     vision_run_all_blocks: bool = True
@@ -385,10 +376,34 @@ class HookedLlava(HookedVLM):
 
         return AutoConfig.for_model(**raw)
 
-    # ----- inputs ------------------------------------------------------------------------------------------
+    # ----- the steps of the forward skeleton that differ (HookedVLM._prepare runs them) --------------------
+    def _layout(self, inputs: dict[str, Any]) -> LlavaLayout:
+        """Token layout of the given inputs (validated): image / video tokens, crops, newlines, frames, grid cells."""
+        return build_llava_layout(self, inputs)
+
     def layout(self, **inputs: Any) -> LlavaLayout:
         """Token layout of the given inputs (validated): image / video tokens, crops, newlines, frames, grid cells."""
-        return build_llava_layout(self, dict(inputs))
+        return self._layout(dict(inputs))
+
+    def _check_inputs(self, inputs: dict[str, Any], past: int) -> None:
+        check_common_inputs(self, inputs, past)
+        self._check_options(inputs)
+
+    def _position_ids(self, inputs: dict[str, Any], layout: LlavaLayout | None, past: int) -> Int[Tensor, "batch pos"]:
+        ids = inputs["input_ids"]
+        pos = inputs.get("position_ids")
+        if pos is None:
+            return default_position_ids(ids, past)
+        if pos.dim() != 2:
+            raise InputError(f"position_ids must be [batch, seq] for LLaVA (1-D RoPE); got {tuple(pos.shape)}")
+        return pos.to(ids.device)
+
+    def _attention_masks(self, inputs: dict[str, Any], layout: LlavaLayout | None, past: int) -> dict[str, MaskSpec]:
+        return decoder_masks(self.cfg.layer_types, inputs.get("attention_mask"), past, self.decoder_spec.sliding_window)
+
+    def _rotary_tables(self, positions: Tensor, masks: dict[str, MaskSpec]) -> dict[str, tuple[Tensor, Tensor]]:
+        cos_sin = rope_tables(positions, self.inv_freq, self.rope_attention_scaling)
+        return {kind: cos_sin for kind in masks}
 
     def _check_options(self, inputs: dict[str, Any]) -> None:
         layers = inputs.get("vision_feature_layer")
@@ -413,40 +428,7 @@ class HookedLlava(HookedVLM):
                 "set model.cfg.hf_config['vision_aspect_ratio'] instead"
             )
 
-    def _prepare(self, inputs: dict[str, Any], cache: KVCache | None) -> LMInput:
-        ids = inputs["input_ids"]
-        past = cache.seq_len() if cache is not None else 0
-        check_common_inputs(self, inputs, past)
-        self._check_options(inputs)
-        am = inputs.get("attention_mask")
-        visual_ids = ids == self.image_token_id
-        if self.video_token_id is not None:
-            visual_ids |= ids == self.video_token_id
-        safe_ids = ids.masked_fill(visual_ids | (ids < 0) | (ids >= self.cfg.d_vocab), 0) if not (0 <= self.image_token_id < self.cfg.d_vocab) else ids
-        embeds = self.embed(safe_ids)
-        layout = None
-        if past == 0:
-            layout = build_llava_layout(self, inputs)
-            if layout.items:
-                embeds = self._inject(embeds, inputs, layout)
-        elif any(inputs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
-            raise InputError("pixel inputs can only be given with the prompt (prefill), not at a decode step")
-        embeds = self.hook_embed(embeds)
-        pos = inputs.get("position_ids")
-        if pos is None:
-            pos = default_position_ids(ids, past)
-        elif pos.dim() != 2:
-            raise InputError(f"position_ids must be [batch, seq] for LLaVA (1-D RoPE); got {tuple(pos.shape)}")
-        cos, sin = rope_tables(pos.to(ids.device), self.inv_freq, self.rope_attention_scaling)
-        masks = decoder_masks(self.cfg.layer_types, am, past, self.decoder_spec.sliding_window)
-        return LMInput(embeds=embeds, rotary={k: (cos, sin) for k in masks}, masks=masks, layout=layout)
-
     # ----- vision ------------------------------------------------------------------------------------------
-    def encode_vision(self, **inputs: Any) -> Float[Tensor, "batch m d_model"]:
-        """Run the tower, projector and packing only: ``vision.hook_out``; pass it back as ``vision_features=``."""
-        layout = build_llava_layout(self, dict(inputs))
-        return self._vision_features(inputs, layout)
-
     def _tower_rows(self, inputs: dict[str, Any], layout: LlavaLayout) -> tuple[Tensor, int]:
         pv, pvv = inputs.get("pixel_values"), inputs.get("pixel_values_videos")
         parts = []
@@ -498,7 +480,7 @@ class HookedLlava(HookedVLM):
             if r:
                 cat = torch.cat(r, dim=0)
                 feats[bi, : cat.shape[0]] = cat
-        return self.vision.hook_out(feats)
+        return feats  # HookedVLM._vision_output fires vision.hook_out
 
     def _pack_image(self, f: Float[Tensor, "crops n d"], it: LlavaItem, geom: LlavaGeometry) -> Float[Tensor, "tokens d"]:
         """Base crop (+ the unpadded any-res grid with a newline per row, or one newline)."""
@@ -518,25 +500,6 @@ class HookedLlava(HookedVLM):
         gr = grid.shape[0]
         grid = torch.cat([grid, newline[None, None].expand(gr, 1, d)], dim=1).reshape(-1, d)
         return torch.cat([f[0], grid], dim=0)
-
-    def _inject(self, embeds: Tensor, inputs: dict[str, Any], layout: LlavaLayout) -> Tensor:
-        feats = inputs.get("vision_features")
-        if feats is None:
-            feats = self._vision_features(inputs, layout)
-        else:
-            from hooked_vlm.input_checks import check_vision_features
-
-            per_row = [int((layout.item[bi] >= 0).sum()) for bi in range(embeds.shape[0])]
-            check_vision_features(feats, embeds.shape[0], per_row, embeds.shape[2])
-            feats = self.vision.hook_out(feats)
-        embeds = embeds.clone()
-        for bi in range(embeds.shape[0]):
-            pos = (layout.item[bi] >= 0).nonzero().flatten()
-            if pos.numel():
-                if feats.shape[1] < pos.numel():
-                    raise InputError(f"vision_features row {bi} holds {feats.shape[1]} vectors but prompt {bi} has {pos.numel()} visual tokens")
-                embeds[bi, pos] = feats[bi, : pos.numel()].to(embeds.dtype)
-        return embeds
 
     # ----- original checkpoints ------------------------------------------------------------------------------
     @classmethod
@@ -619,7 +582,7 @@ def original_llava_config(raw: dict[str, Any], sd: dict[str, Tensor]) -> Any:
     (``model.vision_tower.vision_tower.vision_model.*``; heads from ``mm_vision_tower``: ViT-L 16, ViT-B 12, else
     width / 64), or from a ``vision_config`` dict in ``config.json`` / the tower folder given to
     :meth:`HookedLlava.from_original_checkpoint`. The image placeholder is the
-    original ``-200``, repeated once per feature (:func:`hooked_vlm.families.llava_inputs.expand_placeholders`).
+    original ``-200``, repeated once per feature (:func:`hooked_vlm.families.llava.preprocess.expand_placeholders`).
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, MistralConfig
 
@@ -661,22 +624,5 @@ def original_llava_config(raw: dict[str, Any], sd: dict[str, Tensor]) -> Any:
         return LlavaNextConfig(image_grid_pinpoints=raw["image_grid_pinpoints"], **common)
     return LlavaConfig(**common)
 
-
-from hooked_vlm import loading  # noqa: E402
-
-loading.register(HookedLlava)
-
-
-def _register_cli_builders() -> None:
-    from functools import partial
-
-    from hooked_vlm.cli import register_input_builder
-    from hooked_vlm.families.llava_inputs import cli_input_builder
-
-    for family in ARCHITECTURES:
-        register_input_builder(family, partial(cli_input_builder, family=family))
-
-
-_register_cli_builders()
 
 __all__ = ["HookedLlava", "LlavaProjector", "VideoPool", "Dinov2Tower", "LayerScale", "TowerShape", "original_llava_config", "ARCHITECTURES", "ORIGINAL_ARCHITECTURES"]
