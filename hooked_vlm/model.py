@@ -44,8 +44,8 @@ class LMInput:
     rotary: dict[str, tuple[Tensor, Tensor]]
     masks: dict[str, MaskSpec]
     layout: TokenLayout | None = None
-    next_text_position: Int[Tensor, "batch"] | None = None
-    extras: dict = field(default_factory=dict)
+    #: family-specific vision outputs besides ``vision.hook_out`` (see ``HookedVLM._vision_features``)
+    vision_extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Unembed(nn.Linear):
@@ -121,12 +121,15 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         elif any(inputs.get(k) is not None for k in self._pixel_inputs() + ("vision_features",)):
             raise InputError("pixel inputs can only be given with the prompt (prefill), not at a decode step")
         embeds = self._embed_tokens(inputs["input_ids"])
+        vision_extras: dict[str, Tensor] = {}
         if layout is not None and layout.items:
-            embeds = self._inject(embeds, self._vision_output(inputs, layout), layout)
+            feats, vision_extras = self._vision_output(inputs, layout)
+            embeds = self._inject(embeds, feats, layout)
         embeds = self.hook_embed(embeds)
         positions = self._position_ids(inputs, layout, past)
         masks = self._attention_masks(inputs, layout, past)
-        return LMInput(embeds=embeds, rotary=self._rotary_tables(positions, masks), masks=masks, layout=layout)
+        return LMInput(embeds=embeds, rotary=self._rotary_tables(positions, masks), masks=masks, layout=layout,
+                       vision_extras=vision_extras)
 
     def _check_inputs(self, inputs: dict[str, Any], past: int) -> None:
         """Validate the keyword inputs (token ids, devices, grids, options); raise :class:`InputError`."""
@@ -144,21 +147,29 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         outside = (ids < 0) | (ids >= self.cfg.d_vocab)
         return self.embed(ids.masked_fill(outside, 0) if bool(outside.any()) else ids)
 
-    def _vision_features(self, inputs: dict[str, Any], layout: TokenLayout) -> Float[Tensor, "batch m d_model"]:
-        """Run the vision tower (and projector): one row per prompt, one vector per visual token in sequence order."""
+    def _vision_features(
+        self, inputs: dict[str, Any], layout: TokenLayout
+    ) -> Float[Tensor, "batch m d_model"] | tuple[Tensor, dict[str, Tensor]]:
+        """Run the vision tower (and projector): one row per prompt, one vector per visual token in sequence order.
+
+        A family whose tower has more outputs than the injected features (e.g. features added to later layers)
+        returns ``(features, extras)``; ``extras`` reaches the blocks as ``LMInput.vision_extras``."""
         raise NotImplementedError
 
-    def _vision_output(self, inputs: dict[str, Any], layout: TokenLayout) -> Float[Tensor, "batch m d_model"]:
-        """``vision.hook_out``: the tower's features, or ``vision_features=`` (validated here for every family)."""
+    def _vision_output(self, inputs: dict[str, Any], layout: TokenLayout) -> tuple[Float[Tensor, "batch m d_model"], dict[str, Tensor]]:
+        """``vision.hook_out``: the tower's features, or ``vision_features=`` (validated here for every family),
+        and the tower's extra outputs (empty when ``vision_features=`` was given)."""
         feats = inputs.get("vision_features")
+        extras: dict[str, Tensor] = {}
         if feats is None:
-            feats = self._vision_features(inputs, layout)
+            out = self._vision_features(inputs, layout)
+            feats, extras = out if isinstance(out, tuple) else (out, {})
         else:
             from hooked_vlm.input_checks import check_vision_features
 
             per_row = [int((layout.item[bi] >= 0).sum()) for bi in range(layout.batch_size)]
             check_vision_features(feats, layout.batch_size, per_row, self.cfg.d_model)
-        return self.vision.hook_out(feats)
+        return self.vision.hook_out(feats), extras
 
     def _inject(self, embeds: Tensor, feats: Tensor, layout: TokenLayout) -> Tensor:
         """Write each prompt's features into its visual positions (in sequence order)."""
@@ -185,7 +196,14 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         """Run only the vision tower (and projector): ``vision.hook_out``, one row per prompt; pass it back as
         ``vision_features=`` to skip the tower."""
         layout = self._layout(dict(inputs))
-        return self.vision.hook_out(self._vision_features(inputs, layout))
+        out = self._vision_features(inputs, layout)
+        return self.vision.hook_out(out[0] if isinstance(out, tuple) else out)
+
+    def _after_block(self, index: int, resid: Float[Tensor, "batch pos d_model"], prep: LMInput) -> Float[Tensor, "batch pos d_model"]:
+        """What enters block ``index + 1`` given block ``index``'s output (default: unchanged). A family that adds
+        to the residual between blocks (e.g. DeepStack visual features) overrides this and fires a named hook
+        on what it adds, so the residual decomposition stays exact."""
+        return resid
 
     def layout(self, **inputs: Any) -> TokenLayout:
         """Describe every position of the given inputs (see :class:`hooked_vlm.layout.TokenLayout`), validated."""
@@ -286,7 +304,7 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
                 resid = block(resid, cos, sin, prep.masks[kind], cache, last_queries=final_positions)
             else:
                 resid = block(resid, cos, sin, prep.masks[kind], cache)
-        self._last_prepared = prep if cache is not None else None
+            resid = self._after_block(i, resid, prep)
         if stop_at_layer == len(self.blocks):
             return resid
         normed = self.ln_final(resid)

@@ -137,7 +137,11 @@ def rope_inverse_frequencies(t: dict[str, Any]) -> tuple[Float[Tensor, "half"], 
 def rope_tables(
     position_ids: Int[Tensor, "batch pos"], inv_freq: Tensor, attention_scaling: float = 1.0
 ) -> tuple[Float[Tensor, "batch pos d_head"], Float[Tensor, "batch pos d_head"]]:
-    """cos / sin of 1-D RoPE at the given positions (fp32)."""
+    """Deprecated alias of :func:`hooked_vlm.components.rotary.rope_cos_sin` (kept for one release)."""
+    import warnings
+
+    warnings.warn("hooked_vlm.families.decoder.rope_tables is deprecated; use hooked_vlm.components.rotary.rope_cos_sin",
+                  DeprecationWarning, stacklevel=2)
     return rope_cos_sin(position_ids, inv_freq, attention_scaling)
 
 

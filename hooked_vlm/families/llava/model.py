@@ -46,6 +46,7 @@ from hooked_vlm.components.attention import Attention
 from hooked_vlm.components.block import TransformerBlock
 from hooked_vlm.components.mlp import MLP
 from hooked_vlm.components.norms import LayerNorm, RMSNorm
+from hooked_vlm.components.rotary import rope_cos_sin
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import CheckpointError, InputError, UnsupportedModelError
 from hooked_vlm.families.llava import FAMILY
@@ -57,7 +58,6 @@ from hooked_vlm.families.decoder import (
     decoder_masks,
     default_position_ids,
     rope_inverse_frequencies,
-    rope_tables,
 )
 from hooked_vlm.families.llava.layout import (
     LlavaGeometry,
@@ -402,7 +402,7 @@ class HookedLlava(HookedVLM):
         return decoder_masks(self.cfg.layer_types, inputs.get("attention_mask"), past, self.decoder_spec.sliding_window)
 
     def _rotary_tables(self, positions: Tensor, masks: dict[str, MaskSpec]) -> dict[str, tuple[Tensor, Tensor]]:
-        cos_sin = rope_tables(positions, self.inv_freq, self.rope_attention_scaling)
+        cos_sin = rope_cos_sin(positions, self.inv_freq, self.rope_attention_scaling)
         return {kind: cos_sin for kind in masks}
 
     def _check_options(self, inputs: dict[str, Any]) -> None:
