@@ -33,8 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from hooked_vlm import loading
-from hooked_vlm.components.attention import Attention, KVCache
+from hooked_vlm.components.attention import Attention
 from hooked_vlm.components.block import TransformerBlock
 from hooked_vlm.components.mlp import GatedMLP
 from hooked_vlm.components.norms import RMSNorm
@@ -42,11 +41,12 @@ from hooked_vlm.components.rotary import rope_cos_sin
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import InputError
 from hooked_vlm.families.decoder import FULL, SLIDING, convert_decoder_key, rope_inverse_frequencies
-from hooked_vlm.families.gemma3 import Gemma3SiglipTower
+from hooked_vlm.families.gemma3.model import Gemma3SiglipTower
 from hooked_vlm.families.paligemma.softcap import SoftcapAttention, SoftcapUnembed
 from hooked_vlm.families.vit import ViTSpec, convert_vit_state_dict
+from hooked_vlm.families.paligemma import FAMILY
 from hooked_vlm.layout import TokenLayout
-from hooked_vlm.model import HookedVLM, LMInput
+from hooked_vlm.model import HookedVLM
 from kernels.mask import MaskSpec
 
 #: Gemma's two per-layer norms and Gemma 2's four (the rest maps as in any decoder).
@@ -79,7 +79,7 @@ class HookedPaliGemma(HookedVLM):
     """
 
     hf_architectures = ("PaliGemmaForConditionalGeneration",)
-    input_names = ("input_ids", "attention_mask", "pixel_values", "token_type_ids")
+    input_names = FAMILY.input_schema.names
 
     # ----- configuration ---------------------------------------------------------------------------------
     @classmethod
@@ -211,56 +211,19 @@ class HookedPaliGemma(HookedVLM):
         out["unembed.weight"] = out["embed.weight"] if tied or lm_head is None else lm_head
         return out
 
-    # ----- inputs ------------------------------------------------------------------------------------------
-    def layout(self, **inputs: Any) -> TokenLayout:
-        """Token layout of the given inputs, validated (see :func:`~hooked_vlm.families.paligemma.layout.build_paligemma_layout`)."""
-        return self._layout(dict(inputs))
+    # ----- the steps of the forward skeleton that differ (HookedVLM._prepare runs them) --------------------
+    def _check_inputs(self, inputs: dict[str, Any], past: int) -> None:
+        from hooked_vlm.families.paligemma.layout import check_common_inputs
+
+        check_common_inputs(self, inputs, past)
 
     def _layout(self, inputs: dict[str, Any]) -> TokenLayout:
+        """Token layout of the given inputs, validated (see :func:`~hooked_vlm.families.paligemma.layout.build_paligemma_layout`)."""
         from hooked_vlm.families.paligemma.layout import build_paligemma_layout
 
         return build_paligemma_layout(self, inputs)
 
-    def _prepare(self, inputs: dict[str, Any], cache: KVCache | None) -> LMInput:
-        from hooked_vlm.families.paligemma.layout import check_common_inputs
-
-        ids = inputs["input_ids"]
-        past = cache.seq_len() if cache is not None else 0
-        check_common_inputs(self, inputs, past)
-        am = inputs.get("attention_mask")
-        layout, bidir = None, None
-        if past == 0:
-            layout = self._layout(inputs)
-            bidir = layout.meta["bidir_ids"]
-            self._warn_without_token_types(inputs, layout)
-        elif inputs.get("pixel_values") is not None or inputs.get("vision_features") is not None:
-            raise InputError("pixel inputs can only be given with the prompt (prefill), not at a decode step")
-        embeds = self._embed_text(ids)
-        if layout is not None and layout.items:
-            embeds = self._inject(embeds, inputs, layout)
-        embeds = self.hook_embed(embeds)
-        positions = self._positions(inputs, past)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_attention_scaling)
-        key_valid = am.bool() if am is not None and not bool(am.bool().all()) else None
-        masks = {}
-        for kind in set(self.cfg.layer_types):
-            window = self.sliding_window if kind == SLIDING else 0
-            if window and bidir is not None:
-                _check_prefix_fits_window(bidir if am is None else bidir.masked_fill(am == 0, -1), window)
-            masks[kind] = MaskSpec(causal=True, window=window, key_valid=key_valid, bidir_ids=bidir, q_offset=past)
-        return LMInput(embeds=embeds, rotary={kind: (cos, sin) for kind in masks}, masks=masks, layout=layout)
-
-    def _warn_without_token_types(self, inputs: dict[str, Any], layout: TokenLayout) -> None:
-        if inputs.get("token_type_ids") is None and layout.items and not self._warned_token_types:
-            warnings.warn(
-                "token_type_ids was not given, so every position attends causally (as transformers' PaliGemma without "
-                "token_type_ids). PaliGemmaProcessor / build_paligemma_inputs return it: 0 on the image + prompt prefix, "
-                "which then attends to itself bidirectionally (the prefix-LM mask PaliGemma was trained with).",
-                stacklevel=4,
-            )
-            self._warned_token_types = True
-
-    def _embed_text(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+    def _embed_tokens(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         """Token embeddings times ``sqrt(d_model)`` (cast to the weight dtype first, as transformers); ids outside
         the vocabulary (an image token id >= vocab size) embed as id 0 and are replaced by image features."""
         w = self.embed.weight
@@ -268,7 +231,38 @@ class HookedPaliGemma(HookedVLM):
         scale = torch.tensor(self.cfg.d_model**0.5, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
         return self.embed(ids) * scale
 
-    def _positions(self, inputs: dict[str, Any], past: int) -> Int[Tensor, "batch pos"]:
+    def _attention_masks(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> dict[str, MaskSpec]:
+        """Causal + padding; at prefill the prefix (``token_type_ids == 0``) is one bidirectional block (``bidir_ids``),
+        in full and sliding layers; sliding layers bound the past by ``sliding_window``."""
+        am = inputs.get("attention_mask")
+        bidir = None
+        if layout is not None:
+            bidir = layout.meta["bidir_ids"]
+            self._warn_without_token_types(inputs, layout)
+        key_valid = am.bool() if am is not None and not bool(am.bool().all()) else None
+        masks = {}
+        for kind in set(self.cfg.layer_types):
+            window = self.sliding_window if kind == SLIDING else 0
+            if window and bidir is not None:
+                _check_prefix_fits_window(bidir if am is None else bidir.masked_fill(am == 0, -1), window)
+            masks[kind] = MaskSpec(causal=True, window=window, key_valid=key_valid, bidir_ids=bidir, q_offset=past)
+        return masks
+
+    def _rotary_tables(self, positions: Tensor, masks: dict[str, MaskSpec]) -> dict[str, tuple[Tensor, Tensor]]:
+        cos_sin = rope_cos_sin(positions, self.inv_freq, self.rope_attention_scaling)
+        return {kind: cos_sin for kind in masks}
+
+    def _warn_without_token_types(self, inputs: dict[str, Any], layout: TokenLayout) -> None:
+        if inputs.get("token_type_ids") is None and layout.items and not self._warned_token_types:
+            warnings.warn(
+                "token_type_ids was not given, so every position attends causally (as transformers' PaliGemma without "
+                "token_type_ids). PaliGemmaProcessor / build_paligemma_inputs return it: 0 on the image + prompt prefix, "
+                "which then attends to itself bidirectionally (the prefix-LM mask PaliGemma was trained with).",
+                stacklevel=5,
+            )
+            self._warned_token_types = True
+
+    def _position_ids(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> Int[Tensor, "batch pos"]:
         """``position_ids`` if given, else ``past + 1 .. past + L`` (PaliGemma counts from 1)."""
         ids = inputs["input_ids"]
         pos = inputs.get("position_ids")
@@ -290,36 +284,16 @@ class HookedPaliGemma(HookedVLM):
         """SigLIP tower + projector, per image (transformers' ``get_image_features(...).pooler_output``)."""
         return self.projector(self.vision(pixel_values).last_hidden_state)
 
-    def encode_vision(self, **inputs: Any) -> Float[Tensor, "batch m d_model"]:
-        """Run only the vision tower and projector; the result (per prompt, as ``vision.hook_out``) can be
-        passed back as ``vision_features=`` to skip them."""
-        return self._vision_features(inputs, self._layout(dict(inputs)))
-
     def _vision_features(self, inputs: dict[str, Any], layout: TokenLayout) -> Float[Tensor, "batch m d_model"]:
-        from hooked_vlm.families.gemma3_inputs import vision_row_index
+        """Per prompt, its images' projected patches in sequence order (zero-padded); ``vision.hook_out`` is fired
+        by the skeleton."""
+        from hooked_vlm.families.gemma3.layout import vision_row_index
 
         feats = self.image_features(inputs["pixel_values"])  # n N d
         image, slot = vision_row_index(layout, self.tokens_per_image)
         image, slot = image.to(feats.device), slot.to(feats.device)
         rows = feats[image.clamp(min=0), slot]
         return rows * (image >= 0)[..., None].to(rows.dtype)
-
-    def _inject(self, embeds: Tensor, inputs: dict[str, Any], layout: TokenLayout) -> Tensor:
-        feats = inputs.get("vision_features")
-        if feats is None:
-            feats = self._vision_features(inputs, layout)
-        else:
-            from hooked_vlm.input_checks import check_vision_features
-
-            per_row = [int((layout.item[bi] >= 0).sum()) for bi in range(embeds.shape[0])]
-            check_vision_features(feats, embeds.shape[0], per_row, embeds.shape[2])
-        feats = self.vision.hook_out(feats)
-        embeds = embeds.clone()
-        for bi in range(embeds.shape[0]):
-            pos = (layout.item[bi] >= 0).nonzero().flatten()
-            if pos.numel():
-                embeds[bi, pos] = feats[bi, : pos.numel()].to(embeds.dtype)
-        return embeds
 
 
 def _check_prefix_fits_window(bidir: Tensor, window: int) -> None:
@@ -343,14 +317,4 @@ def _check_prefix_fits_window(bidir: Tensor, window: int) -> None:
 
 __all__ = ["HookedPaliGemma", "PaliGemmaProjector", "GEMMA_NORMS", "GEMMA2_NORMS"]
 
-loading.register(HookedPaliGemma)
 
-
-def _register_cli_builder() -> None:
-    from hooked_vlm.cli import register_input_builder
-    from hooked_vlm.families.paligemma.preprocess import cli_input_builder
-
-    register_input_builder("paligemma", cli_input_builder)
-
-
-_register_cli_builder()

@@ -98,7 +98,7 @@ def cli_input_builder(request: Any) -> dict[str, Tensor]:
     if request.checkpoint is not None:
         vision = json.loads((request.checkpoint / "config.json").read_text())["vision_config"]
     else:
-        from hooked_vlm.tiny import paligemma_config
+        from hooked_vlm.families.paligemma.tiny import paligemma_config
 
         vision = paligemma_config().vision_config.to_dict()
     size = vision.get("image_size", 224)
