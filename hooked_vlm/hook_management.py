@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 
@@ -79,6 +80,33 @@ class HookedActivationCache(ActivationCache):
             raise HookNameError(
                 f"{hint}" + (f" Closest cached names: {close}." if close else f" Cached: {cached[:6]}{' ...' if len(cached) > 6 else ''}.")
             ) from err
+
+    # --- i10b: residual writers besides attention and MLP (e.g. Qwen3-VL's DeepStack) ---------------------
+    def decompose_resid(self, layer=None, mlp_input=False, mode="all", apply_ln=False, pos_slice=None, incl_embeds=True,
+                        return_labels=False):  # type: ignore[override]
+        """TransformerLens's decomposition, plus (``mode="all"``) each ``blocks.{l}.<hook>`` named in the model's
+        ``extra_residual_hooks`` (what a family adds to the residual after block ``l``), so the components still
+        sum exactly to the residual stream. Such a hook must be cached like ``attn_out`` / ``mlp_out``."""
+        from transformer_lens.utilities.slice import Slice
+
+        extra = tuple(getattr(self.model, "extra_residual_hooks", ()))
+        if not extra or mode != "all":
+            return super().decompose_resid(layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels)
+        components, labels = super().decompose_resid(layer, mlp_input, mode, False, pos_slice, incl_embeds, return_labels=True)
+        n = self.model.cfg.n_layers if layer is None or layer == -1 else layer
+        pieces, names = list(components), list(labels)
+        sliced = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        for l in range(n):
+            for hook in extra:
+                name = f"blocks.{l}.{hook}"
+                if name in self.model.hook_dict:
+                    after = max(i for i, label in enumerate(names) if label.startswith(f"{l}_")) + 1
+                    pieces.insert(after, sliced.apply(self[name], dim=-2))
+                    names.insert(after, f"{l}_{hook.removeprefix('hook_')}")
+        stacked = torch.stack(pieces, dim=0)
+        if apply_ln:
+            stacked = self.apply_ln_to_stack(stacked, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+        return (stacked, names) if return_labels else stacked
 
 
 class CheckedHooksMixin(HookedRootModule):

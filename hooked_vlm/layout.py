@@ -123,7 +123,10 @@ class TokenLayout:
         if not (0 <= row < gh and 0 <= col < gw):
             raise IndexError(f"cell ({row}, {col}) outside the {gh}x{gw} grid of {it.kind} {it.index}")
         _check_frame(frame, it)
-        return it.start + frame * gh * gw + row * gw + col
+        # looked up, not computed from ``start``: a video's slices may be separated by text (Qwen3-VL timestamps)
+        b = it.batch
+        sel = (self.item[b] == item_id) & (self.frame[b] == frame) & (self.row[b] == row) & (self.col[b] == col)
+        return int(sel.nonzero()[0, 0])
 
     def pixel_box(self, batch: int, pos: int) -> tuple[int, int, int, int] | None:
         """(y0, x0, y1, x1) in resized-image pixels covered by a visual token, or None for other tokens."""

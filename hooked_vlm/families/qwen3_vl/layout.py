@@ -21,6 +21,11 @@ from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, VIDEO, TokenLayout, Vis
 if TYPE_CHECKING:
     from hooked_vlm.families.qwen3_vl.model import HookedQwen3VL
 
+DEEPSTACK_NEEDS_PIXELS = (
+    "Qwen3-VL adds DeepStack features of the vision tower to the first language-model blocks, so vision_features= "
+    "(which replaces vision.hook_out) needs the pixel inputs as well; pass pixel_values / pixel_values_videos and their "
+    "grids with it (edit blocks.{k}.hook_deepstack to change the DeepStack part)"
+)
 HOW_TO_BUILD = "hooked_vlm.families.qwen3_vl.preprocess.build_qwen3_vl_inputs or Qwen3VLProcessor"
 
 
@@ -52,6 +57,8 @@ def build_qwen3_vl_layout(model: "HookedQwen3VL", inputs: dict[str, Any]) -> Tok
     ids: Tensor = inputs["input_ids"]
     am: Tensor | None = inputs.get("attention_mask")
     igrid, vgrid = inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
+    if inputs.get("vision_features") is not None and all(inputs.get(k) is None for k in ("pixel_values", "pixel_values_videos")):
+        raise InputError(DEEPSTACK_NEEDS_PIXELS)
     _check_grid("image_grid_thw", igrid, inputs.get("pixel_values"), "pixel_values", spec)
     _check_grid("video_grid_thw", vgrid, inputs.get("pixel_values_videos"), "pixel_values_videos", spec)
     if inputs.get("vision_features") is not None and igrid is None and vgrid is None:

@@ -214,6 +214,8 @@ class HookedQwen3VL(HookedVLM):
 
     hf_architectures = ("Qwen3VLForConditionalGeneration",)
     input_names = FAMILY.input_schema.names
+    #: what DeepStack adds after each of the first blocks (listed by ActivationCache.decompose_resid)
+    extra_residual_hooks = ("hook_deepstack",)
 
     # ----- configuration ---------------------------------------------------------------------------------
     @classmethod
@@ -329,11 +331,9 @@ class HookedQwen3VL(HookedVLM):
         if inputs.get("vision_features") is None:
             return super()._vision_output(inputs, layout)
         if all(inputs.get(k) is None for k in ("pixel_values", "pixel_values_videos")):
-            raise InputError(
-                "Qwen3-VL adds DeepStack features of the vision tower to the first language-model blocks, so "
-                "vision_features= (which replaces vision.hook_out) needs the pixel inputs as well; pass pixel_values / "
-                "pixel_values_videos with it (edit blocks.{k}.hook_deepstack to change the DeepStack part)"
-            )
+            from hooked_vlm.families.qwen3_vl.layout import DEEPSTACK_NEEDS_PIXELS
+
+            raise InputError(DEEPSTACK_NEEDS_PIXELS)
         feats, _ = super()._vision_output(inputs, layout)
         _, extras = self._vision_features({k: v for k, v in inputs.items() if k != "vision_features"}, layout)
         return feats, extras
