@@ -9,6 +9,7 @@ import torch
 
 VLM_FAMILIES = [
     "qwen2-vl-image", "qwen2.5-vl-video", "llava", "llava-next", "llava-onevision", "llava-next-video", "gemma3",
+    "qwen3-vl-video", "paligemma",  # i10b: new families (PaliGemma 2's soft-capped attention has no kernels path)
 ]
 
 
@@ -50,6 +51,19 @@ def case(name: str):
         hf = tiny_hf_model("tiny-gemma3")
         inputs = build_gemma3_inputs(tok, "what color is <start_of_image> the circle ?", [_image((40, 70))],
                                      image_size=56, mm_tokens_per_image=4)
+    elif name == "qwen3-vl-video":
+        from hooked_vlm.families.qwen3_vl.preprocess import build_qwen3_vl_inputs
+
+        hf = tiny_hf_model("tiny-qwen3-vl")
+        frames = np.stack([_image((56, 84), s) for s in range(4)])
+        inputs = build_qwen3_vl_inputs(tok, "<image> and <video> where does it go", [_image((56, 56))], [frames], patch_size=14,
+                                       video_min_pixels=56 * 84, video_max_pixels=56 * 84)
+    elif name == "paligemma":
+        from hooked_vlm.families.paligemma.preprocess import build_paligemma_inputs
+
+        hf = tiny_hf_model("tiny-paligemma")
+        inputs = build_paligemma_inputs(tok, "what color is the circle ?", [_image((40, 70))], answers="red", image_size=56,
+                                        tokens_per_image=16)
     elif name.startswith("llava"):
         from hooked_vlm.families.llava_inputs import build_llava_inputs
 
