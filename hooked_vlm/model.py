@@ -8,6 +8,7 @@ mapping from Hugging Face weight names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,6 +28,7 @@ from kernels.mask import MaskSpec
 
 if TYPE_CHECKING:
     from hooked_vlm.families.registry import InputSchema
+    from kernels.mask import Knockout
 
 #: What ``forward`` can return (TransformerLens's return types, plus "resid": the final normalised residual).
 RETURN_TYPES = ("logits", "loss", "both", "resid", None)
@@ -208,6 +210,39 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
     def layout(self, **inputs: Any) -> TokenLayout:
         """Describe every position of the given inputs (see :class:`hooked_vlm.layout.TokenLayout`), validated."""
         return self._layout(dict(inputs))
+
+    # ----- capability queries (what analyses may rely on; public, no private state) ----------------------
+    #: ``forward`` takes ``past_key_values`` (a :class:`KVCache`): generation and prefix reuse work.
+    supports_kv_cache: ClassVar[bool] = True
+    #: every block broadcasts positions and masks over the batch, so a batch-1 residual may be expanded to n
+    #: rows at any block (the sweeps' layer skip).
+    blocks_broadcast_batch: ClassVar[bool] = True
+    #: attention edges can be knocked out by mask (:meth:`knockout`), no L x L matrix needed.
+    supports_mask_knockout: ClassVar[bool] = True
+
+    def prefix_reuse_problem(self, **inputs: Any) -> str | None:
+        """Why the keys and values of a prefix of these inputs could NOT be reused for an edited continuation
+        (None: they can). Reuse is exact when every language-model mask is causal with no bidirectional spans
+        or segments, because then no prefix position sees a later one. Cheap: builds the layout, not the tower."""
+        inputs = dict(inputs)
+        self._check_inputs(inputs, 0)
+        masks = self._attention_masks(inputs, self._layout(inputs), 0)
+        for kind, spec in masks.items():
+            if not spec.causal or spec.bidir_ids is not None or spec.doc_ids is not None:
+                return f"the language model's {kind} mask is not purely causal (bidirectional spans or segments)"
+        return None
+
+    def can_reuse_prefix(self, **inputs: Any) -> bool:
+        """Whether a prefix's key/value cache stays exact under edits of later positions (see
+        :meth:`prefix_reuse_problem`)."""
+        return self.prefix_reuse_problem(**inputs) is None
+
+    def knockout(self, knockout: "Knockout", layers: Sequence[int] | None = None, tower: str = "lm") -> Any:
+        """Context manager: remove the attention edges of ``knockout`` (a :class:`kernels.mask.Knockout` over
+        this run's positions) in ``layers`` (None = all) of ``tower`` for the enclosed runs, by mask."""
+        from hooked_vlm.components.attn_stats import knockout as knockout_context
+
+        return knockout_context(self, knockout, layers, tower)
 
     @classmethod
     def input_schema(cls) -> "InputSchema":
