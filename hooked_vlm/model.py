@@ -27,6 +27,7 @@ from hooked_vlm.tl_surface import TransformerLensSurface
 from kernels.mask import MaskSpec
 
 if TYPE_CHECKING:
+    from hooked_vlm.families.decoder import DecoderSpec
     from hooked_vlm.families.registry import InputSchema
     from kernels.mask import Knockout
 
@@ -81,6 +82,7 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
     def __init__(self, cfg: HookedVLMConfig):
         super().__init__()
         self.cfg = cfg
+        self.decoder = self._parse_decoder()  # parsed once here, read by the blocks, embeddings, masks and rotary
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()
         self.vision = self._build_vision()
@@ -90,6 +92,7 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         self.tokenizer: Any = None  # set by from_pretrained / set_tokenizer (to_tokens, to_str_tokens, ...)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.weight
+        self._register_rope()
         self._extra_hooks()
         self.setup()
 
@@ -97,11 +100,38 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
     def _build_vision(self) -> nn.Module | None:
         return None
 
+    def _parse_decoder(self) -> "DecoderSpec | None":
+        """The language model's :class:`~hooked_vlm.families.decoder.DecoderSpec` (from ``text_config``)."""
+        from hooked_vlm.families.decoder import DecoderSpec
+
+        text = (self.cfg.hf_config or {}).get("text_config")
+        return None if text is None else DecoderSpec.from_text_config(text)
+
     def _build_block(self, index: int) -> TransformerBlock:
-        raise NotImplementedError
+        """Decoder block ``index`` as the decoder description says."""
+        from hooked_vlm.families.decoder import build_decoder_block
+
+        return build_decoder_block(self.cfg, self.decoder, index)
 
     def _build_final_norm(self) -> nn.Module:
-        raise NotImplementedError
+        from hooked_vlm.components.norms import RMSNorm
+
+        return RMSNorm(self.cfg.d_model, self.cfg.eps, offset=self.decoder.norm_offset)
+
+    def _register_rope(self) -> None:
+        """Inverse frequencies ``inv_freq_{layer_type}`` and attention scaling ``rope_scaling[layer_type]`` of the
+        1-D RoPE, per layer type (the same tables for every type unless the decoder gives each its own)."""
+        from hooked_vlm.families.decoder import rope_inverse_frequencies
+
+        if self.decoder is None:
+            return
+        text = self.cfg.hf_config["text_config"]
+        self.rope_scaling: dict[str, float] = {}
+        shared = None if self.decoder.rope_per_layer_type else rope_inverse_frequencies(text)
+        for kind in dict.fromkeys(self.cfg.layer_types):
+            inv_freq, scaling = shared or rope_inverse_frequencies(text, kind)
+            self.register_buffer(f"inv_freq_{kind}", inv_freq, persistent=False)
+            self.rope_scaling[kind] = scaling
 
     def _extra_hooks(self) -> None:
         """Register family-specific top-level hook points (before ``setup``)."""
@@ -145,9 +175,15 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         return self.input_schema().pixels
 
     def _embed_tokens(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        """Token embeddings; ids outside the vocabulary (placeholders replaced by vision features) embed as id 0."""
+        """Token embeddings (times the decoder's ``embed_scale``, cast to the weight dtype first, as transformers);
+        ids outside the vocabulary (placeholders replaced by vision features) embed as id 0."""
         outside = (ids < 0) | (ids >= self.cfg.d_vocab)
-        return self.embed(ids.masked_fill(outside, 0) if bool(outside.any()) else ids)
+        embeds = self.embed(ids.masked_fill(outside, 0) if bool(outside.any()) else ids)
+        if self.decoder is None or self.decoder.embed_scale is None:
+            return embeds
+        w = self.embed.weight
+        scale = torch.tensor(self.decoder.embed_scale, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
+        return embeds * scale
 
     def _vision_features(
         self, inputs: dict[str, Any], layout: TokenLayout
@@ -187,12 +223,25 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         raise NotImplementedError
 
     def _attention_masks(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> dict[str, MaskSpec]:
-        """One :class:`MaskSpec` per layer type: causal, padding keys hidden, a window on sliding layers."""
-        raise NotImplementedError
+        """One :class:`MaskSpec` per layer type: causal, padding keys hidden, a window on sliding layers, and the
+        family's bidirectional spans (:meth:`_bidirectional_ids`)."""
+        from hooked_vlm.families.decoder import decoder_masks
+
+        return decoder_masks(self.cfg.layer_types, inputs.get("attention_mask"), past, self.decoder.sliding_window,
+                             bidir_ids=self._bidirectional_ids(layout))
+
+    def _bidirectional_ids(self, layout: TokenLayout | None) -> Tensor | None:
+        """``[B, L]`` ids: positions sharing an id >= 0 see each other (e.g. one image's tokens); None = causal."""
+        return None
 
     def _rotary_tables(self, positions: Tensor, masks: dict[str, MaskSpec]) -> dict[str, tuple[Tensor, Tensor]]:
-        """cos / sin per layer type."""
-        raise NotImplementedError
+        """cos / sin per layer type (1-D RoPE from :meth:`_register_rope`'s tables)."""
+        from hooked_vlm.components.rotary import rope_cos_sin
+
+        tables: dict[str, tuple[Tensor, Tensor]] = {}
+        for kind in masks:
+            tables[kind] = rope_cos_sin(positions, getattr(self, f"inv_freq_{kind}"), self.rope_scaling[kind])
+        return tables
 
     def encode_vision(self, **inputs: Any) -> Float[Tensor, "batch m d_model"]:
         """Run only the vision tower (and projector): ``vision.hook_out``, one row per prompt; pass it back as
