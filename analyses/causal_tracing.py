@@ -38,11 +38,11 @@ from scipy import stats
 from torch import Tensor
 
 from .metrics import as_metric
-from .patching import PositionsArg, default_plan, resolve_groups
+from .patching import PositionsArg, resolve_groups
 from .results_store import CellStore
 from .sites import available_layers, get_site
-from .sweep import fingerprint_inputs, fingerprint_model, open_store, run_cells
-from .variants import Edit, ForwardPlan, VariantRunner, expand_inputs
+from .sweep import SweepOptions, fingerprint_inputs, fingerprint_model, open_store, run_cells
+from .variants import Edit, ForwardPlan, expand_inputs
 
 __all__ = ["causal_trace", "TracingResult", "TRACE_KEYS", "t_interval"]
 
@@ -128,6 +128,7 @@ def causal_trace(
     progress: bool = True,
     plan: Callable[[Mapping[str, Any], int], ForwardPlan] | None | str = "auto",
     prefix_reuse: bool | str = "auto",
+    options: SweepOptions | None = None,
 ) -> TracingResult:
     """Noise-and-restore tracing; see the module docstring for the recipe and the noise default.
 
@@ -140,8 +141,12 @@ def causal_trace(
         kinds: which states to restore: ``"resid"`` (residual entering layer l), ``"mlp"``, ``"attn"``
             (outputs of the ``window`` layers centred on l).
         severed: freeze ``"mlp"`` or ``"attn"`` outputs to corrupted values when restoring ``"resid"``.
+        options: a :class:`~analyses.sweep.SweepOptions` (how the sweep runs); when given it replaces
+            ``batch_size`` / ``store`` / ``progress`` / ``plan`` / ``prefix_reuse`` (/ ``layer_skip``).
         n_samples, seed: noise draws from ``torch.Generator().manual_seed(seed)``.
     """
+    opts = SweepOptions.resolve(options, batch_size=batch_size, store=store, progress=progress, plan=plan, prefix_reuse=prefix_reuse)
+    batch_size, store, progress, plan, prefix_reuse = opts.batch_size, opts.store, opts.progress, opts.plan, opts.prefix_reuse
     if (noise_positions is None) == (pixel_rows is None):
         raise ValueError("give exactly one of noise_positions (embeddings) or pixel_rows (pixels)")
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
@@ -192,8 +197,7 @@ def causal_trace(
         noise_edits = [Edit(embed, emb[s]) for s in range(n_samples)]
         noise_desc = {"target": pixel_key, "rows": rows.tolist()}
 
-    runner = VariantRunner(model, inputs, batch_size, plan=default_plan(model) if plan == "auto" else plan,
-                           prefix_reuse=prefix_reuse)
+    runner = opts.runner(model, inputs)
     sever_site = get_site(_KIND_SITE[severed]) if severed else None
     sever_names = [sever_site.hook_name(l) for l in range(n_layers)] if sever_site else []
     corrupt_vals, corrupt_cache = runner.run([[e] for e in noise_edits], metric, capture=sever_names)

@@ -5,7 +5,7 @@ weight on every blocked edge is exactly 0 and the remaining weights renormalise 
 unlike writing ``False`` into an additive float mask (which means "attend"). Two exact methods:
 
 * ``"mask"`` (default on hooked_vlm models): a :class:`kernels.mask.Knockout` added to the layers'
-  ``MaskSpec`` through ``hooked_vlm.components.attention.attn_stats_request``; no ``L x L`` matrix is
+  ``MaskSpec`` through ``model.knockout`` (``hooked_vlm.components.attn_stats.knockout``); no ``L x L`` matrix is
   materialised, so it scales to long videos. Each row of a batched forward gets its own edge set
   (per-row region ids), so many cells still share one forward.
 * ``"scores"``: edit ``blocks.{l}.attn.hook_attn_scores`` to ``-inf`` on the blocked edges (any model
@@ -34,8 +34,8 @@ from torch import Tensor
 from .metrics import as_metric
 from .results_store import CellStore
 from .sites import available_layers, get_site
-from .sweep import fingerprint_inputs, fingerprint_model, open_store, run_cells
-from .variants import Edit, ForwardPlan, VariantRunner, knockout_mask
+from .sweep import SweepOptions, fingerprint_inputs, fingerprint_model, open_store, run_cells
+from .variants import Edit, ForwardPlan, VariantRunner, is_hooked_vlm, knockout_mask
 
 __all__ = ["knockout_sweep", "knockout_edits", "layer_windows", "KNOCKOUT_KEYS"]
 
@@ -102,6 +102,7 @@ def knockout_sweep(
     plan: Callable[[Mapping[str, Any], int], ForwardPlan] | None | str = "auto",
     prefix_reuse: bool | str = "auto",
     method: Literal["auto", "mask", "scores"] = "auto",
+    options: SweepOptions | None = None,
 ) -> pd.DataFrame:
     """Block each named edge set over each layer window and record the metric.
 
@@ -111,14 +112,16 @@ def knockout_sweep(
         window / windows: sliding windows of ``window`` layers (every ``stride``), or explicit
             ``(first, last)`` inclusive windows. Default: each layer alone.
         heads: restrict the knockout to these heads (default all; needs ``method="scores"``).
+        options: a :class:`~analyses.sweep.SweepOptions` (how the sweep runs); when given it replaces
+            ``batch_size`` / ``store`` / ``progress`` / ``plan`` / ``prefix_reuse`` (/ ``layer_skip``).
         method: ``"mask"`` (MaskSpec knockout, no L x L), ``"scores"`` (score-hook edit) or ``"auto"``
             (mask when the model supports it and no ``heads`` are given).
 
     Returns a DataFrame with ``edges, first_layer, last_layer, value, base_value, effect`` (``effect =
     value - base_value``).
     """
-    from .patching import default_plan
-
+    opts = SweepOptions.resolve(options, batch_size=batch_size, store=store, progress=progress, plan=plan, prefix_reuse=prefix_reuse)
+    batch_size, store, progress, plan, prefix_reuse = opts.batch_size, opts.store, opts.progress, opts.plan, opts.prefix_reuse
     metric = as_metric(metric)
     site = get_site("attn_scores")
     n_layers_avail = available_layers(model.hook_dict, site)
@@ -142,8 +145,7 @@ def knockout_sweep(
         "model": fingerprint_model(model),
     }
     cell_store = open_store(store, config, KNOCKOUT_KEYS)
-    runner = VariantRunner(model, inputs, batch_size, plan=default_plan(model) if plan == "auto" else plan,
-                           prefix_reuse=prefix_reuse)
+    runner = opts.runner(model, inputs)
     base_value = float(metric(runner.base_logits()).float().mean())
 
     use_mask = method == "mask" or (method == "auto" and heads is None and _mask_knockout_available(model))
@@ -169,12 +171,8 @@ def knockout_sweep(
 
 
 def _mask_knockout_available(model: Any) -> bool:
-    try:
-        from hooked_vlm.components.attention import attn_stats_request  # noqa: F401
-    except ImportError:
-        return False
-    blocks = getattr(model, "blocks", None)
-    return blocks is not None and all(hasattr(b.attn, "stats_request") for b in blocks)
+    """The model can knock out attention edges by mask (``model.knockout``), a public capability."""
+    return is_hooked_vlm(model) and model.supports_mask_knockout
 
 
 def _evaluate_with_mask(
@@ -186,7 +184,6 @@ def _evaluate_with_mask(
     length: int,
 ) -> Tensor:
     """Cells sharing a layer window run together; each batch row carries its own edge set."""
-    from hooked_vlm.components.attention import AttnStatsRequest, attn_stats_request
     from kernels.mask import Knockout
 
     b = runner.base_batch
@@ -207,8 +204,7 @@ def _evaluate_with_mask(
                 q[rows, qi] = r
                 k[rows, ki] = r
             ko = Knockout(q, k, torch.eye(count, dtype=torch.bool, device=device))
-            request = AttnStatsRequest(layers=[], knockout=ko, knockout_layers=list(range(first, last + 1)))
-            return attn_stats_request(model, request)
+            return model.knockout(ko, layers=range(first, last + 1))
 
         values, _ = runner.run([[] for _ in idx], metric, context=context)
         assert values is not None

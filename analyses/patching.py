@@ -33,8 +33,8 @@ from torch import Tensor
 from .metrics import as_metric, normalized_recovery
 from .results_store import CellStore
 from .sites import Site, available_layers, get_site
-from .sweep import fingerprint_inputs, fingerprint_model, open_store, run_cells
-from .variants import Edit, ForwardPlan, VariantRunner, VisionReusePlan
+from .sweep import SweepOptions, default_plan, fingerprint_inputs, fingerprint_model, open_store, run_cells  # noqa: F401
+from .variants import Edit, ForwardPlan, VariantRunner, VisionReusePlan, input_schema_of  # noqa: F401
 
 __all__ = [
     "activation_patching",
@@ -55,9 +55,17 @@ class LayoutMismatchError(ValueError):
 
 
 # ----------------------------------------------------------------------------- inputs
-_SAME_VALUES = ("attention_mask", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "token_type_ids",
-                "image_sizes", "position_ids")
-_SAME_SHAPES = ("input_ids", "input", "tokens", "pixel_values", "pixel_values_videos", "inputs_embeds")
+#: Inputs compared by shape / by value whatever the model (the family's own come from its input schema).
+_GENERIC_SAME_VALUES = ("attention_mask", "position_ids")
+_GENERIC_SAME_SHAPES = ("input_ids", "input", "tokens", "inputs_embeds")
+
+
+def _same_shapes_and_values(model: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(inputs that must match in shape, inputs that must match exactly), read from the model's input schema."""
+    schema = input_schema_of(model)
+    same_values = _GENERIC_SAME_VALUES + tuple(k for k in schema.must_match if k not in _GENERIC_SAME_VALUES)
+    same_shapes = _GENERIC_SAME_SHAPES + tuple(k for k in schema.pixels if k not in _GENERIC_SAME_SHAPES)
+    return same_shapes, same_values
 
 
 def check_compatible_inputs(model: Any, clean: Mapping[str, Any], corrupt: Mapping[str, Any]) -> None:
@@ -73,7 +81,8 @@ def check_compatible_inputs(model: Any, clean: Mapping[str, Any], corrupt: Mappi
             f"clean and corrupted inputs have different keys: only clean {sorted(ka - kb)}, only corrupt "
             f"{sorted(kb - ka)}. Build both with the same processor call (same number of images/videos)."
         )
-    for k in _SAME_SHAPES + _SAME_VALUES:
+    same_shapes, same_values = _same_shapes_and_values(model)
+    for k in same_shapes + same_values:
         a, b = clean.get(k), corrupt.get(k)
         if isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape != b.shape:
             raise LayoutMismatchError(
@@ -81,7 +90,7 @@ def check_compatible_inputs(model: Any, clean: Mapping[str, Any], corrupt: Mappi
                 "needs identical layouts: the same text length (pad or re-word the prompt to the same "
                 "token count) and the same image sizes / frame counts."
             )
-    for k in _SAME_VALUES:
+    for k in same_values:
         a, b = clean.get(k), corrupt.get(k)
         if isinstance(a, Tensor) and isinstance(b, Tensor) and not torch.equal(a, b):
             raise LayoutMismatchError(
@@ -133,20 +142,6 @@ def resolve_groups(positions: PositionsArg, length: int) -> dict[str, list[int]]
         if not pos:
             raise ValueError(f"position group {name!r} is empty")
     return groups
-
-
-def default_plan(model: Any) -> Callable[[Mapping[str, Any], int], ForwardPlan] | None:
-    """How to batch forwards so the vision tower runs once per input.
-
-    A model's own ``vision_reuse_plan`` wins; models with ``encode_vision`` (the hooked VLMs) get a
-    :class:`~analyses.variants.VisionReusePlan`; otherwise None (inputs are simply repeated).
-    """
-    fn = getattr(model, "vision_reuse_plan", None)
-    if callable(fn):
-        return fn
-    if callable(getattr(model, "encode_vision", None)):
-        return VisionReusePlan(model)
-    return None
 
 
 # ----------------------------------------------------------------------------- results
@@ -223,6 +218,7 @@ def activation_patching(
     prefix_reuse: bool | Literal["auto"] = "auto",
     layer_skip: bool | Literal["auto"] = "auto",
     check_layout: bool = True,
+    options: SweepOptions | None = None,
 ) -> PatchingResult:
     """Patch each (site, layer, head, position group) cell and record ``metric``.
 
@@ -249,8 +245,12 @@ def activation_patching(
             Cells are then evaluated in tiles of nearby positions so batches share long prefixes.
         layer_skip: run the blocks below a batch's lowest patched block once and expand to the
             variants there (base batch 1; ``"auto"`` = on for hooked_vlm models). Exact.
+        options: a :class:`~analyses.sweep.SweepOptions` (how the sweep runs); when given it replaces
+            ``batch_size`` / ``store`` / ``progress`` / ``plan`` / ``prefix_reuse`` (/ ``layer_skip``).
         check_layout: verify that the two inputs share a layout (disable only if you know they do).
     """
+    opts = SweepOptions.resolve(options, batch_size=batch_size, store=store, progress=progress, plan=plan, prefix_reuse=prefix_reuse, layer_skip=layer_skip)
+    batch_size, store, progress, plan, prefix_reuse, layer_skip = opts.batch_size, opts.store, opts.progress, opts.plan, opts.prefix_reuse, opts.layer_skip
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     if check_layout:
@@ -280,8 +280,7 @@ def activation_patching(
         site_layers[s.name] = ls
         names.update(s.hook_name(l) for l in ls)
 
-    runner = VariantRunner(model, base_inputs, batch_size, plan=default_plan(model) if plan == "auto" else plan,
-                           prefix_reuse=prefix_reuse, layer_skip=layer_skip)
+    runner = opts.runner(model, base_inputs)
     with torch.no_grad():
         source_logits, source_cache = model.run_with_cache(**source_inputs, names_filter=lambda n: n in names)
     base_logits = runner.base_logits()

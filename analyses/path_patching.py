@@ -28,11 +28,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .metrics import as_metric, normalized_recovery
-from .patching import check_compatible_inputs, default_plan
+from .patching import check_compatible_inputs
 from .results_store import CellStore
 from .sites import available_layers, get_site
-from .sweep import fingerprint_inputs, fingerprint_model, open_store, run_cells
-from .variants import Edit, ForwardPlan, VariantRunner
+from .sweep import SweepOptions, fingerprint_inputs, fingerprint_model, open_store, run_cells
+from .variants import Edit, ForwardPlan
 
 __all__ = ["Node", "path_patching", "PATH_KEYS"]
 
@@ -97,15 +97,20 @@ def path_patching(
     progress: bool = True,
     plan: Callable[[Mapping[str, Any], int], ForwardPlan] | None | str = "auto",
     prefix_reuse: bool | str = "auto",
+    options: SweepOptions | None = None,
 ) -> pd.DataFrame:
     """Path-patch every (sender, receiver) pair; returns ``sender, receiver, value, recovery``.
 
     Args:
         senders / receivers: :class:`Node` s (labels must be unique; pass ``name=`` to choose them).
+        options: a :class:`~analyses.sweep.SweepOptions` (how the sweep runs); when given it replaces
+            ``batch_size`` / ``store`` / ``progress`` / ``plan`` / ``prefix_reuse`` (/ ``layer_skip``).
         freeze: sites held at their base values in step 1 at every layer (default ``("z",)``: all
             attention heads, so paths through other heads are cut; add ``"mlp_out"`` to cut MLPs too).
             The sender's and receiver's own heads are never frozen.
     """
+    opts = SweepOptions.resolve(options, batch_size=batch_size, store=store, progress=progress, plan=plan, prefix_reuse=prefix_reuse)
+    batch_size, store, progress, plan, prefix_reuse = opts.batch_size, opts.store, opts.progress, opts.plan, opts.prefix_reuse
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     check_compatible_inputs(model, clean_inputs, corrupt_inputs)
@@ -142,8 +147,7 @@ def path_patching(
         "model": fingerprint_model(model),
     }
     cell_store = open_store(store, config, PATH_KEYS)
-    runner = VariantRunner(model, base_inputs, batch_size, plan=default_plan(model) if plan == "auto" else plan,
-                           prefix_reuse=prefix_reuse)
+    runner = opts.runner(model, base_inputs)
     cells = [{"sender": s, "receiver": r} for s in s_by for r in r_by]
 
     def freeze_edits(exclude: Sequence[Node]) -> list[Edit]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -19,8 +20,65 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .results_store import CellStore
+from .variants import ForwardPlan, VariantRunner, VisionReusePlan
 
-__all__ = ["run_cells", "fingerprint_inputs", "fingerprint_model", "open_store"]
+__all__ = ["SweepOptions", "run_cells", "fingerprint_inputs", "fingerprint_model", "open_store", "default_plan"]
+
+PlanArg = Callable[[Mapping[str, Any], int], ForwardPlan] | None | str
+
+
+def default_plan(model: Any) -> Callable[[Mapping[str, Any], int], ForwardPlan] | None:
+    """How to batch forwards so the vision tower runs once per input.
+
+    A model's own ``vision_reuse_plan`` wins; models with ``encode_vision`` (the hooked VLMs) get a
+    :class:`~analyses.variants.VisionReusePlan`; otherwise None (inputs are simply repeated).
+    """
+    fn = getattr(model, "vision_reuse_plan", None)
+    if callable(fn):
+        return fn
+    if callable(getattr(model, "encode_vision", None)):
+        return VisionReusePlan(model)
+    return None
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """How a sweep runs (not what it measures): one object shared by activation patching, path patching,
+    causal tracing and attention knockout.
+
+    * ``batch_size``: variants per forward; ``plan``: how a batch is built (``"auto"``: the vision tower runs
+      once per input, see :func:`default_plan`; None: repeat every input; or a callable);
+    * ``prefix_reuse``: compute only the positions after the first edited one against a cached prefix
+      (``"auto"``: when the model says a prefix is reusable, ``HookedVLM.can_reuse_prefix``);
+    * ``layer_skip``: run the layers below the first edited one once (``"auto"``: on for hooked_vlm models);
+    * ``store``: a directory (or :class:`CellStore`) to write finished cells to and resume from;
+    * ``progress``: show a progress bar.
+    """
+
+    batch_size: int = 16
+    plan: PlanArg = "auto"
+    prefix_reuse: bool | str = "auto"
+    layer_skip: bool | str = "auto"
+    store: str | os.PathLike | CellStore | None = None
+    progress: bool = True
+
+    def runner(self, model: Any, inputs: Mapping[str, Any]) -> VariantRunner:
+        """The :class:`VariantRunner` these options describe, for ``inputs``."""
+        plan = default_plan(model) if self.plan == "auto" else self.plan
+        return VariantRunner(model, inputs, self.batch_size, plan=plan, prefix_reuse=self.prefix_reuse,  # type: ignore[arg-type]
+                             layer_skip=self.layer_skip)
+
+    def open_store(self, config: Mapping[str, Any] | Callable[[], Mapping[str, Any]], key_columns: Sequence[str]) -> CellStore | None:
+        return open_store(self.store, config, key_columns)
+
+    @classmethod
+    def resolve(cls, options: "SweepOptions | None", **keywords: Any) -> "SweepOptions":
+        """``options`` when given (it replaces the individual keywords), else the options the keywords name."""
+        if options is not None:
+            if not isinstance(options, SweepOptions):
+                raise TypeError(f"options must be a SweepOptions, got {type(options).__name__}")
+            return options
+        return cls(**keywords)
 
 
 def fingerprint_inputs(inputs: Mapping[str, Any]) -> str:

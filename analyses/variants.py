@@ -71,6 +71,38 @@ class Edit:
         return tuple(idx)
 
 
+def is_hooked_vlm(model: Any) -> bool:
+    """A hooked_vlm decoder VLM (its public capability queries and input schema are available)."""
+    from hooked_vlm.model import HookedVLM
+
+    return isinstance(model, HookedVLM)
+
+
+def input_schema_of(model: Any) -> Any:
+    """The model's :class:`~hooked_vlm.families.registry.InputSchema`; for other models the union of every
+    registered family's (so their Hugging Face twins are read the same way)."""
+    from hooked_vlm.families.registry import InputSchema, families
+
+    if is_hooked_vlm(model):
+        return model.input_schema()
+    union = InputSchema(per_sequence=(), pad_values=())
+    for fam in families():
+        sch = fam.input_schema
+        union = InputSchema(
+            per_sequence=union.per_sequence + tuple(n for n in sch.per_sequence if n not in union.per_sequence),
+            pixels=union.pixels + tuple(n for n in sch.pixels if n not in union.pixels),
+            structure=union.structure + tuple(n for n in sch.structure if n not in union.structure),
+            per_prompt=union.per_prompt + tuple(n for n in sch.per_prompt if n not in union.per_prompt),
+            options=union.options + tuple(n for n in sch.options if n not in union.options),
+        )
+    return union
+
+
+def pixel_tensor(inputs: Mapping[str, Any], schema: Any) -> Tensor | None:
+    """The first pixel input present (by the schema), or None for text-only inputs."""
+    return next((inputs[k] for k in schema.pixels if isinstance(inputs.get(k), Tensor)), None)
+
+
 def expand_inputs(inputs: Mapping[str, Any], n: int) -> dict[str, Any]:
     """Repeat every tensor input ``n`` times along its first axis.
 
@@ -106,6 +138,7 @@ class VisionReusePlan:
 
     def __init__(self, model: Any) -> None:
         self.model = model
+        self._schema = input_schema_of(model)
         self._features: Tensor | None = None
         self._key: int | None = None
         self.n_encodes = 0
@@ -113,12 +146,13 @@ class VisionReusePlan:
     def seed(self, inputs: Mapping[str, Any], features: Tensor) -> None:
         """Use ``features`` (``vision.hook_out`` of an unedited run on ``inputs``) instead of encoding."""
         self._features = features
-        self._key = id(inputs.get("pixel_values", inputs.get("pixel_values_videos")))
+        self._key = id(pixel_tensor(inputs, self._schema))
 
     def __call__(self, inputs: Mapping[str, Any], n: int) -> ForwardPlan:
-        if not any(isinstance(inputs.get(k), Tensor) for k in ("pixel_values", "pixel_values_videos")):
+        pixels = pixel_tensor(inputs, self._schema)
+        if pixels is None:
             return ForwardPlan(expand_inputs(inputs, n), [])
-        key = id(inputs.get("pixel_values", inputs.get("pixel_values_videos")))
+        key = id(pixels)
         if self._features is None or self._key != key:
             with torch.no_grad():
                 self._features = self.model.encode_vision(**inputs)
@@ -171,8 +205,8 @@ class VariantRunner:
         self.base_batch = _batch_size_of(self.inputs)
         self._want_prefix = prefix_reuse
         # batch expansion at the first edited layer: layers below it run once, not once per variant
-        hooked_vlm_like = callable(getattr(model, "_prepare", None))
-        self.layer_skip = bool(layer_skip) and (layer_skip is True or hooked_vlm_like) and self.base_batch == 1
+        broadcasts = is_hooked_vlm(model) and model.blocks_broadcast_batch
+        self.layer_skip = bool(layer_skip) and (layer_skip is True or broadcasts) and self.base_batch == 1
         self._base: _BaseRun | None = None
         self._prefix: _BaseRun | None = None
         if prefix_reuse or isinstance(plan, VisionReusePlan):
@@ -459,15 +493,14 @@ class _BaseRun:
 
             return hook
 
+        self.schema = input_schema_of(model)
         hooks = [("hook_embed", grab("embed"))]
-        if "vision.hook_out" in getattr(model, "hook_dict", {}) and any(
-            isinstance(inputs.get(k), Tensor) for k in ("pixel_values", "pixel_values_videos")
-        ):
+        if "vision.hook_out" in getattr(model, "hook_dict", {}) and pixel_tensor(inputs, self.schema) is not None:
             hooks.append(("vision.hook_out", grab("vision")))
         extra: dict[str, Any] = {}
         self.cache = None
         self.position_ids = None
-        self.kv = kv and callable(getattr(model, "_prepare", None)) and callable(getattr(model, "layout", None))
+        self.kv = kv and is_hooked_vlm(model) and model.supports_kv_cache
         if self.kv:
             from hooked_vlm.components.attention import KVCache
 
@@ -491,16 +524,7 @@ class _BaseRun:
         if not self.kv:
             why = "the model is not a hooked_vlm model (no key/value-cache forward)"
         else:
-            try:
-                prep_inputs = dict(self.inputs)
-                if self.vision_features is not None:
-                    prep_inputs["vision_features"] = self.vision_features
-                prep = self.model._prepare(prep_inputs, None)
-                for spec in prep.masks.values():
-                    if not spec.causal or spec.bidir_ids is not None or spec.doc_ids is not None:
-                        why = "the language model is not purely causal (bidirectional spans)"
-            except Exception as exc:  # any missing piece disables the optimisation
-                why = f"{type(exc).__name__}: {exc}"
+            why = self.model.prefix_reuse_problem(**self.inputs)
         if why is not None and strict:
             raise ValueError(f"prefix reuse is not available for this model: {why}")
         return why is None
@@ -532,9 +556,10 @@ class _BaseRun:
             "position_ids": cat(self.position_ids[..., start:], self.position_ids.dim() - 2),
         }
         if isinstance(self.inputs.get("attention_mask"), Tensor):
-            inputs["attention_mask"] = cat(self.inputs["attention_mask"])
-        if isinstance(self.inputs.get("mm_token_type_ids"), Tensor):
-            inputs["mm_token_type_ids"] = cat(self.inputs["mm_token_type_ids"][:, start:])
+            inputs["attention_mask"] = cat(self.inputs["attention_mask"])  # covers the cached prefix too
+        for name in self.schema.per_sequence:  # the family's other [B, L] inputs: the suffix's positions
+            if name not in inputs and isinstance(self.inputs.get(name), Tensor):
+                inputs[name] = cat(self.inputs[name][:, start:])
         suffix_embed = cat(self.embed[:, start:])
 
         def put_embed(act: Tensor, hook: Any = None) -> Tensor:

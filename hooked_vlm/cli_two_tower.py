@@ -9,7 +9,6 @@ SigLIP pads to its position count without one (as its processor does).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, TextIO

@@ -8,6 +8,7 @@ mapping from Hugging Face weight names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -26,7 +27,9 @@ from hooked_vlm.tl_surface import TransformerLensSurface
 from kernels.mask import MaskSpec
 
 if TYPE_CHECKING:
+    from hooked_vlm.families.decoder import DecoderSpec
     from hooked_vlm.families.registry import InputSchema
+    from kernels.mask import Knockout
 
 #: What ``forward`` can return (TransformerLens's return types, plus "resid": the final normalised residual).
 RETURN_TYPES = ("logits", "loss", "both", "resid", None)
@@ -79,6 +82,7 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
     def __init__(self, cfg: HookedVLMConfig):
         super().__init__()
         self.cfg = cfg
+        self.decoder = self._parse_decoder()  # parsed once here, read by the blocks, embeddings, masks and rotary
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()
         self.vision = self._build_vision()
@@ -88,6 +92,7 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         self.tokenizer: Any = None  # set by from_pretrained / set_tokenizer (to_tokens, to_str_tokens, ...)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.weight
+        self._register_rope()
         self._extra_hooks()
         self.setup()
 
@@ -95,11 +100,38 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
     def _build_vision(self) -> nn.Module | None:
         return None
 
+    def _parse_decoder(self) -> "DecoderSpec | None":
+        """The language model's :class:`~hooked_vlm.families.decoder.DecoderSpec` (from ``text_config``)."""
+        from hooked_vlm.families.decoder import DecoderSpec
+
+        text = (self.cfg.hf_config or {}).get("text_config")
+        return None if text is None else DecoderSpec.from_text_config(text)
+
     def _build_block(self, index: int) -> TransformerBlock:
-        raise NotImplementedError
+        """Decoder block ``index`` as the decoder description says."""
+        from hooked_vlm.families.decoder import build_decoder_block
+
+        return build_decoder_block(self.cfg, self.decoder, index)
 
     def _build_final_norm(self) -> nn.Module:
-        raise NotImplementedError
+        from hooked_vlm.components.norms import RMSNorm
+
+        return RMSNorm(self.cfg.d_model, self.cfg.eps, offset=self.decoder.norm_offset)
+
+    def _register_rope(self) -> None:
+        """Inverse frequencies ``inv_freq_{layer_type}`` and attention scaling ``rope_scaling[layer_type]`` of the
+        1-D RoPE, per layer type (the same tables for every type unless the decoder gives each its own)."""
+        from hooked_vlm.families.decoder import rope_inverse_frequencies
+
+        if self.decoder is None:
+            return
+        text = self.cfg.hf_config["text_config"]
+        self.rope_scaling: dict[str, float] = {}
+        shared = None if self.decoder.rope_per_layer_type else rope_inverse_frequencies(text)
+        for kind in dict.fromkeys(self.cfg.layer_types):
+            inv_freq, scaling = shared or rope_inverse_frequencies(text, kind)
+            self.register_buffer(f"inv_freq_{kind}", inv_freq, persistent=False)
+            self.rope_scaling[kind] = scaling
 
     def _extra_hooks(self) -> None:
         """Register family-specific top-level hook points (before ``setup``)."""
@@ -143,9 +175,15 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         return self.input_schema().pixels
 
     def _embed_tokens(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        """Token embeddings; ids outside the vocabulary (placeholders replaced by vision features) embed as id 0."""
+        """Token embeddings (times the decoder's ``embed_scale``, cast to the weight dtype first, as transformers);
+        ids outside the vocabulary (placeholders replaced by vision features) embed as id 0."""
         outside = (ids < 0) | (ids >= self.cfg.d_vocab)
-        return self.embed(ids.masked_fill(outside, 0) if bool(outside.any()) else ids)
+        embeds = self.embed(ids.masked_fill(outside, 0) if bool(outside.any()) else ids)
+        if self.decoder is None or self.decoder.embed_scale is None:
+            return embeds
+        w = self.embed.weight
+        scale = torch.tensor(self.decoder.embed_scale, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
+        return embeds * scale
 
     def _vision_features(
         self, inputs: dict[str, Any], layout: TokenLayout
@@ -185,12 +223,25 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         raise NotImplementedError
 
     def _attention_masks(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> dict[str, MaskSpec]:
-        """One :class:`MaskSpec` per layer type: causal, padding keys hidden, a window on sliding layers."""
-        raise NotImplementedError
+        """One :class:`MaskSpec` per layer type: causal, padding keys hidden, a window on sliding layers, and the
+        family's bidirectional spans (:meth:`_bidirectional_ids`)."""
+        from hooked_vlm.families.decoder import decoder_masks
+
+        return decoder_masks(self.cfg.layer_types, inputs.get("attention_mask"), past, self.decoder.sliding_window,
+                             bidir_ids=self._bidirectional_ids(layout))
+
+    def _bidirectional_ids(self, layout: TokenLayout | None) -> Tensor | None:
+        """``[B, L]`` ids: positions sharing an id >= 0 see each other (e.g. one image's tokens); None = causal."""
+        return None
 
     def _rotary_tables(self, positions: Tensor, masks: dict[str, MaskSpec]) -> dict[str, tuple[Tensor, Tensor]]:
-        """cos / sin per layer type."""
-        raise NotImplementedError
+        """cos / sin per layer type (1-D RoPE from :meth:`_register_rope`'s tables)."""
+        from hooked_vlm.components.rotary import rope_cos_sin
+
+        tables: dict[str, tuple[Tensor, Tensor]] = {}
+        for kind in masks:
+            tables[kind] = rope_cos_sin(positions, getattr(self, f"inv_freq_{kind}"), self.rope_scaling[kind])
+        return tables
 
     def encode_vision(self, **inputs: Any) -> Float[Tensor, "batch m d_model"]:
         """Run only the vision tower (and projector): ``vision.hook_out``, one row per prompt; pass it back as
@@ -208,6 +259,39 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
     def layout(self, **inputs: Any) -> TokenLayout:
         """Describe every position of the given inputs (see :class:`hooked_vlm.layout.TokenLayout`), validated."""
         return self._layout(dict(inputs))
+
+    # ----- capability queries (what analyses may rely on; public, no private state) ----------------------
+    #: ``forward`` takes ``past_key_values`` (a :class:`KVCache`): generation and prefix reuse work.
+    supports_kv_cache: ClassVar[bool] = True
+    #: every block broadcasts positions and masks over the batch, so a batch-1 residual may be expanded to n
+    #: rows at any block (the sweeps' layer skip).
+    blocks_broadcast_batch: ClassVar[bool] = True
+    #: attention edges can be knocked out by mask (:meth:`knockout`), no L x L matrix needed.
+    supports_mask_knockout: ClassVar[bool] = True
+
+    def prefix_reuse_problem(self, **inputs: Any) -> str | None:
+        """Why the keys and values of a prefix of these inputs could NOT be reused for an edited continuation
+        (None: they can). Reuse is exact when every language-model mask is causal with no bidirectional spans
+        or segments, because then no prefix position sees a later one. Cheap: builds the layout, not the tower."""
+        inputs = dict(inputs)
+        self._check_inputs(inputs, 0)
+        masks = self._attention_masks(inputs, self._layout(inputs), 0)
+        for kind, spec in masks.items():
+            if not spec.causal or spec.bidir_ids is not None or spec.doc_ids is not None:
+                return f"the language model's {kind} mask is not purely causal (bidirectional spans or segments)"
+        return None
+
+    def can_reuse_prefix(self, **inputs: Any) -> bool:
+        """Whether a prefix's key/value cache stays exact under edits of later positions (see
+        :meth:`prefix_reuse_problem`)."""
+        return self.prefix_reuse_problem(**inputs) is None
+
+    def knockout(self, knockout: "Knockout", layers: Sequence[int] | None = None, tower: str = "lm") -> Any:
+        """Context manager: remove the attention edges of ``knockout`` (a :class:`kernels.mask.Knockout` over
+        this run's positions) in ``layers`` (None = all) of ``tower`` for the enclosed runs, by mask."""
+        from hooked_vlm.components.attn_stats import knockout as knockout_context
+
+        return knockout_context(self, knockout, layers, tower)
 
     @classmethod
     def input_schema(cls) -> "InputSchema":

@@ -1,16 +1,16 @@
-"""Multi-head / grouped-query attention with TransformerLens hook points and two execution paths.
+"""Multi-head / grouped-query attention with TransformerLens hook points; :func:`attention_path` picks the path.
 
 * Fast path (default): PyTorch SDPA, never materialising the L x L matrix. Block-diagonal masks (Qwen
   vision images, frames and windows) run as batched per-segment SDPA calls.
 * Pattern path: taken only when a hook (or the cache) is attached to ``hook_attn_scores`` or
   ``hook_pattern``, or when ``force_pattern`` is set. Scores and pattern are materialised, hooked, and
   the hooked values are the ones used, so edits take effect.
-* Statistics path: taken when an :class:`AttnStatsRequest` is attached for the run (see
-  :func:`attn_stats_request`). The ``kernels`` package computes the output together with the requested
-  statistics without the L x L matrix and fires ``hook_lse [B, H, Lq]``, ``hook_region [B, H, QG, KG]``,
-  ``hook_row_mass [B, H, Lq, KG]``, ``hook_colsum [B, H, QG, Lk]`` and ``hook_rows [B, H, S, Lk]``. A request
-  may also knock out attention edges between token groups in chosen layers: the knockout is added to the
-  layer's MaskSpec, so the output, every statistic and (if cached) the pattern all see the same edit.
+* Statistics path: taken when an :class:`AttnStatsRequest` is attached for the run (the request, its context
+  and the knockout context live in :mod:`hooked_vlm.components.attn_stats`). The ``kernels`` package computes
+  the output together with the requested statistics without the L x L matrix and fires ``hook_lse [B, H, Lq]``,
+  ``hook_region [B, H, QG, KG]``, ``hook_row_mass [B, H, Lq, KG]``, ``hook_colsum [B, H, QG, Lk]`` and
+  ``hook_rows [B, H, S, Lk]``. A knockout (``model.knockout(...)``) is added to the layer's MaskSpec, so the
+  output, every statistic and (if cached) the pattern all see the same edit.
 
 Every mask is a :class:`kernels.mask.MaskSpec`, the same object the attention-statistics kernels use.
 """
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -30,9 +28,39 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from hooked_vlm.components.attn_stats import (  # noqa: F401  (re-exported: their historical home)
+    STAT_HOOKS,
+    AttnRun,
+    AttnStatsRequest,
+    attn_stats_request,
+    knockout,
+    with_knockout,
+)
 from hooked_vlm.components.norms import RMSNorm
 from hooked_vlm.components.rotary import apply_rotary
-from kernels.mask import Knockout, MaskSpec
+from kernels.mask import MaskSpec
+
+#: The ways one attention call can run (see :func:`attention_path`).
+PATTERN, STATS, STATS_BESIDE_FAST, FAST = "pattern", "stats", "stats-beside-fast", "fast"
+
+
+def attention_path(wants_pattern: bool, stats: "AttnStatsRequest | None", needs_grad: bool) -> str:
+    """Which path computes one attention call: the one backend dispatch.
+
+    * ``PATTERN``: a hook or the cache listens to the scores / pattern: materialise them (statistics, if
+      requested, are computed beside it under no_grad);
+    * ``STATS``: statistics requested: the ``kernels`` package computes output and statistics together;
+    * ``STATS_BESIDE_FAST``: statistics requested while autograd tracks q / k / v: statistics under no_grad,
+      the output from the fast path (keeps its graph);
+    * ``FAST``: SDPA (or per-segment SDPA), never L x L.
+
+    The MaskSpec (knockout included) reaches every path unchanged.
+    """
+    if wants_pattern:
+        return PATTERN
+    if stats is None:
+        return FAST
+    return STATS_BESIDE_FAST if needs_grad else STATS
 
 
 @dataclass
@@ -78,100 +106,6 @@ def segment_plan(mask: MaskSpec) -> list[Tensor]:
     plan = [torch.stack(group) for group in by_len.values()]
     _SEGMENT_PLANS[mask] = plan
     return plan
-
-
-@dataclass
-class AttnStatsRequest:
-    """What one run asks of every attention layer it is attached to (shared by all of them).
-
-    Ids are in the coordinates of the attended sequence: LM positions ``[B, L]`` for the language model
-    (build them from the token layout: ``lay.group_ids("frame")``, ``"item"``, ``"cell"``, ``"visual"``,
-    ``"kind"``, ``"last"``), patch rows ``[B, N]`` for the vision tower; ``-1`` = in no group.
-
-    * ``key_group_ids`` -> ``hook_region [B, H, QG, KG]``: mass from each query group (``q_group_ids``; all
-      queries when None) to each key group; with ``row_mass=True`` also ``hook_row_mass [B, H, Lq, KG]``.
-    * ``colsum_q_group_ids`` / ``colsum_q_weights`` / ``colsum=True`` -> ``hook_colsum [B, H, QG, Lk]``:
-      attention received per key from each query group (dense weights: one exact rollout step).
-    * ``rows`` ``[B, S]`` query positions -> ``hook_rows [B, H, S, Lk]``: exact probability rows.
-    * ``layers``: the layers that compute statistics (None = all of the tower).
-    * ``knockout`` (a :class:`kernels.Knockout` over the same coordinates) removes every edge from query region
-      A to key region B where ``table[A, B]``, in ``knockout_layers`` (None = the same layers as ``layers``).
-    * ``backend``: ``"triton"``, ``"torch"`` or ``"naive"`` (None = automatic, see ``kernels.resolve_backend``).
-
-    ``hook_lse [B, H, Lq]`` fires in every layer that computes statistics.
-    """
-
-    key_group_ids: Tensor | None = None
-    q_group_ids: Tensor | None = None
-    colsum_q_group_ids: Tensor | None = None
-    colsum_q_weights: Tensor | None = None
-    colsum: bool = False
-    rows: Tensor | None = None
-    row_mass: bool = False
-    layers: Sequence[int] | None = None
-    knockout: Knockout | None = None
-    knockout_layers: Sequence[int] | None = None
-    backend: str | None = None
-
-
-STAT_HOOKS = ("hook_lse", "hook_region", "hook_row_mass", "hook_colsum", "hook_rows")
-
-_KNOCKED_OUT: "weakref.WeakKeyDictionary[MaskSpec, dict[int, MaskSpec]]" = weakref.WeakKeyDictionary()
-
-
-def with_knockout(mask: MaskSpec, knockout: Knockout) -> MaskSpec:
-    """``mask`` with ``knockout`` added; one derived spec per (mask, knockout), shared by every layer."""
-    if mask.knockout is not None and mask.knockout is not knockout:
-        raise ValueError("this attention call's MaskSpec already carries a knockout; merge both into one Knockout table")
-    per_mask = _KNOCKED_OUT.setdefault(mask, {})
-    spec = per_mask.get(id(knockout))
-    if spec is None or spec.knockout is not knockout:
-        spec = dataclasses.replace(mask, knockout=knockout)
-        per_mask[id(knockout)] = spec
-    return spec
-
-
-def _tower_attentions(model: nn.Module, tower: str) -> list["Attention"]:
-    if tower == "lm":
-        return [blk.attn for blk in model.blocks]
-    if tower == "vision":
-        vision = getattr(model, "vision", None)
-        if vision is None or not hasattr(vision, "blocks"):
-            raise ValueError(f"{type(model).__name__} has no vision tower with blocks")
-        return [blk.attn for blk in vision.blocks]
-    raise ValueError(f"tower must be 'lm' or 'vision', got {tower!r}")
-
-
-@contextmanager
-def attn_stats_request(model: nn.Module, request: AttnStatsRequest, tower: str = "lm") -> Iterator[AttnStatsRequest]:
-    """Attach ``request`` to the attention layers of one tower (``"lm"`` or ``"vision"``) for the enclosed runs.
-
-    Example::
-
-        lay = model.layout(**inputs)
-        req = AttnStatsRequest(key_group_ids=lay.group_ids("frame"), q_group_ids=lay.group_ids("last"),
-                               colsum_q_group_ids=lay.group_ids("kind"), rows=lay.last_token()[:, None])
-        with attn_stats_request(model, req):
-            logits, cache = model.run_with_cache(**inputs, names_filter=lambda n: n.endswith(STAT_HOOKS))
-        cache["blocks.3.attn.hook_region"]  # [B, H, 1, n_frames]
-    """
-    attns = _tower_attentions(model, tower)
-    n = len(attns)
-    layers = set(range(n)) if request.layers is None else set(request.layers)
-    ko_layers = set() if request.knockout is None else (layers if request.knockout_layers is None else set(request.knockout_layers))
-    bad = sorted(i for i in layers | ko_layers if not 0 <= i < n)
-    if bad:
-        raise ValueError(f"layers {bad} do not exist: the {tower} tower has {n} attention layers (0..{n - 1})")
-    saved = [(a.stats_request, a.stats_enabled, a.knockout_enabled) for a in attns]
-    try:
-        for i, a in enumerate(attns):
-            on, ko = i in layers, i in ko_layers
-            a.stats_request = request if (on or ko) else None
-            a.stats_enabled, a.knockout_enabled = on, ko
-        yield request
-    finally:
-        for a, (r, on, ko) in zip(attns, saved):
-            a.stats_request, a.stats_enabled, a.knockout_enabled = r, on, ko
 
 
 class Attention(nn.Module):
@@ -226,9 +160,7 @@ class Attention(nn.Module):
         self.hook_row_mass = HookPoint()
         self.hook_colsum = HookPoint()
         self.hook_rows = HookPoint()
-        self.stats_request: AttnStatsRequest | None = None
-        self.stats_enabled = False
-        self.knockout_enabled = False
+        self.run: AttnRun | None = None  # this run's statistics request / knockout (set by their contexts)
 
     # TransformerLens-style weight views (used by ActivationCache.stack_head_results and friends). Keys and
     # values are repeated to every query head, as TransformerLens's GroupedQueryAttention.W_K / W_V do.
@@ -276,6 +208,11 @@ class Attention(nn.Module):
             return self.o_proj.bias
         return torch.zeros(self.o_proj.out_features, device=self.o_proj.weight.device, dtype=self.o_proj.weight.dtype)
 
+    @property
+    def stats_request(self) -> AttnStatsRequest | None:
+        """The statistics request attached for this run (None outside :func:`attn_stats_request`)."""
+        return None if self.run is None else self.run.stats
+
     def wants_pattern(self) -> bool:
         """True when a hook or the cache listens to the scores or the pattern."""
         return (
@@ -320,21 +257,23 @@ class Attention(nn.Module):
         if last_queries is not None:
             q = q[:, -last_queries:]
             mask = dataclasses.replace(mask, q_offset=k.shape[1] - last_queries)
-        req = self.stats_request
-        if req is not None and self.knockout_enabled and req.knockout is not None:
-            mask = with_knockout(mask, req.knockout)
-        if self.wants_pattern():
+        run = self.run
+        stats = run.stats if run is not None else None
+        if run is not None:
+            mask = run.mask(mask)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        path = attention_path(self.wants_pattern(), stats, needs_grad)
+        if path == PATTERN:
             z = self._pattern_path(q, k, v, mask)
-            if req is not None and self.stats_enabled:
+            if stats is not None:
                 with torch.no_grad():  # statistics beside the materialised pattern are read-outs, never differentiated
-                    self._stats_path(q, k, v, mask, req)
-        elif req is not None:
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-                with torch.no_grad():  # statistics are read-outs; the output keeps its autograd graph
-                    self._stats_path(q, k, v, mask, req)
-                z = self._fast_path(q, k, v, mask)  # the same MaskSpec, knockout included
-            else:
-                z = self._stats_path(q, k, v, mask, req)
+                    self._stats_path(q, k, v, mask, stats)
+        elif path == STATS_BESIDE_FAST:
+            with torch.no_grad():  # statistics are read-outs; the output keeps its autograd graph
+                self._stats_path(q, k, v, mask, stats)
+            z = self._fast_path(q, k, v, mask)  # the same MaskSpec, knockout included
+        elif path == STATS:
+            z = self._stats_path(q, k, v, mask, stats)
         else:
             z = self._fast_path(q, k, v, mask)
         z = self.hook_z(z)
@@ -424,7 +363,7 @@ class Attention(nn.Module):
         lk = k.shape[1]
 
         def ids(t: Tensor | None, n: int, what: str) -> Tensor | None:
-            if t is None or not self.stats_enabled:
+            if t is None:
                 return None
             if t.shape[-1] != n:
                 raise ValueError(
@@ -435,7 +374,7 @@ class Attention(nn.Module):
                 )
             return t.to(q.device)
 
-        rows = req.rows if self.stats_enabled else None
+        rows = req.rows
         if rows is not None and rows.numel() and int(rows.max()) >= lq:
             raise ValueError(f"AttnStatsRequest.rows holds position {int(rows.max())} but this call has {lq} queries")
         st = attn_stats(
@@ -446,21 +385,20 @@ class Attention(nn.Module):
             key_group_ids=ids(req.key_group_ids, lk, "key_group_ids"),
             q_group_ids=ids(req.q_group_ids, lq, "q_group_ids"),
             colsum_q_group_ids=ids(req.colsum_q_group_ids, lq, "colsum_q_group_ids"),
-            colsum_q_weights=None if req.colsum_q_weights is None or not self.stats_enabled else req.colsum_q_weights.to(q.device),
-            colsum=req.colsum and self.stats_enabled,
+            colsum_q_weights=None if req.colsum_q_weights is None else req.colsum_q_weights.to(q.device),
+            colsum=req.colsum,
             rows=None if rows is None else rows.to(q.device),
             return_row_mass=req.row_mass,
             scale=self.scale,
             backend=req.backend,
         )
-        if self.stats_enabled:
-            self.hook_lse(st.lse)
-            for hook, value in (
-                (self.hook_region, st.region),
-                (self.hook_row_mass, st.row_mass),
-                (self.hook_colsum, st.colsum),
-                (self.hook_rows, st.rows),
-            ):
-                if value is not None:
-                    hook(value)
+        self.hook_lse(st.lse)
+        for hook, value in (
+            (self.hook_region, st.region),
+            (self.hook_row_mass, st.row_mass),
+            (self.hook_colsum, st.colsum),
+            (self.hook_rows, st.rows),
+        ):
+            if value is not None:
+                hook(value)
         return st.out.transpose(1, 2)

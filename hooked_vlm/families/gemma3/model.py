@@ -35,11 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from hooked_vlm.components.attention import Attention
-from hooked_vlm.components.block import TransformerBlock
-from hooked_vlm.components.mlp import GatedMLP
 from hooked_vlm.components.norms import RMSNorm
-from hooked_vlm.components.rotary import inverse_frequencies, rope_cos_sin
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import InputError
 from hooked_vlm.families.gemma3 import FAMILY
@@ -47,10 +43,8 @@ from hooked_vlm.families.decoder import convert_decoder_key
 from hooked_vlm.families.vit import HookedViT, ViTSpec, convert_vit_state_dict
 from hooked_vlm.layout import TokenLayout
 from hooked_vlm.model import HookedVLM
-from kernels.mask import MaskSpec
 
 FULL, SLIDING = "full_attention", "sliding_attention"
-_DROP_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")
 
 
 @dataclass(frozen=True)
@@ -210,32 +204,7 @@ class HookedGemma3(HookedVLM):
         self.projector = Gemma3Projector(Gemma3VisionSpec.from_hf_dict(d), self.cfg.d_model)  # listed after the tower
         return self.vision
 
-    def _build_block(self, index: int) -> TransformerBlock:
-        c = self.cfg
-        t = c.hf_config["text_config"]
-        bias = bool(t.get("attention_bias", False))
-        scalar = t.get("query_pre_attn_scalar") or c.d_head
-
-        def norm(width: int) -> RMSNorm:
-            return RMSNorm(width, c.eps, offset=1.0)
-
-        attn = Attention(
-            c.d_model, c.n_heads, c.n_key_value_heads, c.d_head, qkv_bias=bias, o_bias=bias,
-            scale=float(scalar) ** -0.5, qk_norm_eps=c.eps, qk_norm_offset=1.0, layer_index=index,
-        )
-        mlp = GatedMLP(c.d_model, c.d_mlp, c.act_fn)
-        return TransformerBlock(norm(c.d_model), attn, norm(c.d_model), mlp, ln1_post=norm(c.d_model), ln2_post=norm(c.d_model))
-
-    def _build_final_norm(self) -> nn.Module:
-        return RMSNorm(self.cfg.d_model, self.cfg.eps, offset=1.0)
-
     def _extra_hooks(self) -> None:
-        t = self.cfg.hf_config["text_config"]
-        self.rope_scaling: dict[str, float] = {}
-        for kind in sorted(set(self.cfg.layer_types)):
-            inv_freq, scaling = _rope_inverse_frequencies(t, kind, self.cfg.d_head)
-            self.register_buffer(f"inv_freq_{kind}", inv_freq, persistent=False)
-            self.rope_scaling[kind] = scaling
         self.bidirectional_images = True
         self._warned_token_types = False
 
@@ -287,37 +256,17 @@ class HookedGemma3(HookedVLM):
 
         return build_gemma3_layout(self, inputs)
 
-    def _embed_tokens(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return self._embed_text(ids)
-
-    def _attention_masks(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> dict[str, MaskSpec]:
-        """Causal + padding; the tokens of one image see each other (``bidir_ids``, prefill only), in full and
-        sliding layers alike."""
-        bidir = None
-        if layout is not None and self.bidirectional_images:
-            bidir = layout.meta["bidir_ids"]
-            bidir = bidir if bool((bidir >= 0).any()) else None
-        am = inputs.get("attention_mask")
-        key_valid = am.bool() if am is not None and not bool(am.bool().all()) else None
-        return {
-            kind: MaskSpec(causal=True, window=self.sliding_window if kind == SLIDING else 0, key_valid=key_valid,
-                           bidir_ids=bidir, q_offset=past)
-            for kind in set(self.cfg.layer_types)
-        }
-
-    def _rotary_tables(self, positions: Tensor, masks: dict[str, MaskSpec]) -> dict[str, tuple[Tensor, Tensor]]:
-        """Per layer type: local RoPE theta on sliding layers, global (optionally scaled) on full ones."""
-        return {kind: rope_cos_sin(positions, getattr(self, f"inv_freq_{kind}"), self.rope_scaling[kind]) for kind in masks}
+    def _bidirectional_ids(self, layout: TokenLayout | None) -> Tensor | None:
+        """The tokens of one image see each other (``bidir_ids``, prefill only), in full and sliding layers alike;
+        ``bidirectional_images = False`` makes them causal (transformers without ``token_type_ids``)."""
+        if layout is None or not self.bidirectional_images:
+            return None
+        bidir = layout.meta["bidir_ids"]
+        return bidir if bool((bidir >= 0).any()) else None
 
     def _embed_text(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        """Token embeddings times ``sqrt(d_model)`` (the scale cast to the weight dtype first, as transformers).
-
-        Ids outside the vocabulary (an image token id >= vocab size) embed as id 0; they are replaced by image
-        features anyway."""
-        w = self.embed.weight
-        ids = ids.masked_fill(ids >= self.cfg.d_vocab, 0)
-        scale = torch.tensor(self.cfg.d_model**0.5, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
-        return self.embed(ids) * scale
+        """Token embeddings times ``sqrt(d_model)`` (the decoder description's ``embed_scale``)."""
+        return self._embed_tokens(ids)
 
     def _position_ids(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> Int[Tensor, "batch pos"]:
         ids = inputs["input_ids"]
@@ -356,31 +305,6 @@ class HookedGemma3(HookedVLM):
         if side * side != a.shape[0]:
             raise ValueError(f"activation has {a.shape[0]} positions per image, not a square grid")
         return a.reshape(side, side, *a.shape[1:])
-
-
-def _rope_inverse_frequencies(t: dict[str, Any], kind: str, d_head: int) -> tuple[Float[Tensor, "half"], float]:
-    """(inverse frequencies, attention scaling) of one layer type's RoPE, as transformers computes them."""
-    params = t.get("rope_parameters") or {}
-    rope = dict(params.get(kind) or {})
-    if not rope:  # legacy config: rope_theta (global) / rope_local_base_freq (sliding) / rope_scaling
-        rope = dict(t.get("rope_scaling") or {}) if kind == FULL else {}
-        rope["rope_theta"] = t.get("rope_local_base_freq", 1e4) if kind == SLIDING else t.get("rope_theta", 1e6)
-    if "type" in rope and "rope_type" not in rope:
-        rope["rope_type"] = rope.pop("type")
-    rope_type = rope.get("rope_type", "default")
-    if rope_type == "default":
-        return inverse_frequencies(d_head, float(rope["rope_theta"])), 1.0
-    if rope_type in ("dynamic", "longrope"):
-        raise NotImplementedError(f"rope_type {rope_type!r} recomputes its frequencies per sequence length; not supported")
-    from transformers import Gemma3TextConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise NotImplementedError(f"rope_type {rope_type!r} is not supported")
-    cfg = Gemma3TextConfig.from_dict({k: v for k, v in t.items() if k not in _DROP_KEYS})
-    with torch.device("cpu"):  # real memory even under a meta-device construction context
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"), layer_type=kind)
-    return inv_freq.float().cpu(), float(scaling)
 
 
 #: Gemma 3's per-layer norms: four around the sublayers plus QK-norm (the rest maps as in any decoder).

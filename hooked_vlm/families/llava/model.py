@@ -45,19 +45,15 @@ from transformer_lens.hook_points import HookPoint
 from hooked_vlm.components.attention import Attention
 from hooked_vlm.components.block import TransformerBlock
 from hooked_vlm.components.mlp import MLP
-from hooked_vlm.components.norms import LayerNorm, RMSNorm
-from hooked_vlm.components.rotary import rope_cos_sin
+from hooked_vlm.components.norms import LayerNorm
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import CheckpointError, InputError, UnsupportedModelError
 from hooked_vlm.families.llava import FAMILY
 from hooked_vlm.families.decoder import (
     DecoderSpec,
-    build_decoder_block,
     convert_decoder_key,
     decoder_config,
-    decoder_masks,
     default_position_ids,
-    rope_inverse_frequencies,
 )
 from hooked_vlm.families.llava.layout import (
     LlavaGeometry,
@@ -76,7 +72,6 @@ from hooked_vlm.families.vit import (
     select_image_features,
 )
 from hooked_vlm.model import HookedVLM
-from kernels.mask import MaskSpec
 
 ARCHITECTURES = {
     "llava": "LlavaForConditionalGeneration",
@@ -258,7 +253,8 @@ class HookedLlava(HookedVLM):
 
     @property
     def decoder_spec(self) -> DecoderSpec:
-        return DecoderSpec.from_text_config(self.cfg.hf_config["text_config"])
+        """The language model's description (parsed once at build: ``self.decoder``)."""
+        return self.decoder
 
     @property
     def variant(self) -> str:
@@ -288,12 +284,6 @@ class HookedLlava(HookedVLM):
         tower.hook_out = HookPoint()  # [B, M, d_model]: the features written into the LM's placeholder positions
         return tower
 
-    def _build_block(self, index: int) -> TransformerBlock:
-        return build_decoder_block(self.cfg, self.decoder_spec, index)
-
-    def _build_final_norm(self) -> nn.Module:
-        return RMSNorm(self.cfg.d_model, self.cfg.eps)
-
     def _extra_hooks(self) -> None:
         d = self.cfg.hf_config
         layers = d["vision_feature_layer"]
@@ -308,9 +298,6 @@ class HookedLlava(HookedVLM):
             self.video_pool = VideoPool(mode, int(d.get("spatial_pool_stride", 2)), self.vision.spec.width, d.get("spatial_pool_out_channels"))
         elif self.variant == "llava_onevision":
             self.video_pool = VideoPool("bilinear", 2, self.cfg.d_model)
-        inv_freq, scaling = rope_inverse_frequencies(d["text_config"])
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.rope_attention_scaling = scaling
 
     # ----- weights -----------------------------------------------------------------------------------------
     @classmethod
@@ -397,13 +384,6 @@ class HookedLlava(HookedVLM):
         if pos.dim() != 2:
             raise InputError(f"position_ids must be [batch, seq] for LLaVA (1-D RoPE); got {tuple(pos.shape)}")
         return pos.to(ids.device)
-
-    def _attention_masks(self, inputs: dict[str, Any], layout: LlavaLayout | None, past: int) -> dict[str, MaskSpec]:
-        return decoder_masks(self.cfg.layer_types, inputs.get("attention_mask"), past, self.decoder_spec.sliding_window)
-
-    def _rotary_tables(self, positions: Tensor, masks: dict[str, MaskSpec]) -> dict[str, tuple[Tensor, Tensor]]:
-        cos_sin = rope_cos_sin(positions, self.inv_freq, self.rope_attention_scaling)
-        return {kind: cos_sin for kind in masks}
 
     def _check_options(self, inputs: dict[str, Any]) -> None:
         layers = inputs.get("vision_feature_layer")

@@ -28,7 +28,7 @@ from hooked_vlm.components.rotary import inverse_frequencies, mrope_cos_sin, vis
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import InputError
 from hooked_vlm.families.qwen_vl import FAMILY
-from hooked_vlm.families.decoder import convert_decoder_key, decoder_masks
+from hooked_vlm.families.decoder import convert_decoder_key
 from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, VIDEO, TokenLayout, VisualItem
 from hooked_vlm.model import HookedVLM
 from kernels.mask import MaskSpec
@@ -265,15 +265,8 @@ class HookedQwenVL(HookedVLM):
         version = "2" if self.cfg.family == "qwen2_vl" else "2.5"
         return QwenVisionTower(QwenVisionSpec.from_hf_dict(self.cfg.hf_config["vision_config"], version))
 
-    def _build_block(self, index: int) -> TransformerBlock:
-        c = self.cfg
-        attn = Attention(c.d_model, c.n_heads, c.n_key_value_heads, c.d_head, qkv_bias=True, o_bias=False, layer_index=index)
-        return TransformerBlock(RMSNorm(c.d_model, c.eps), attn, RMSNorm(c.d_model, c.eps), GatedMLP(c.d_model, c.d_mlp, c.act_fn))
-
-    def _build_final_norm(self) -> nn.Module:
-        return RMSNorm(self.cfg.d_model, self.cfg.eps)
-
-    def _extra_hooks(self) -> None:
+    def _register_rope(self) -> None:
+        """M-RoPE: one table of inverse frequencies split into (time, row, column) sections."""
         t = self.cfg.hf_config["text_config"]
         rope = t.get("rope_parameters") or {}
         self.register_buffer("inv_freq", inverse_frequencies(self.cfg.d_head, rope.get("rope_theta", 1e6)), persistent=False)
@@ -358,10 +351,6 @@ class HookedQwenVL(HookedVLM):
             return layout.position_ids
         b, length = ids.shape
         return (torch.arange(length, device=ids.device) + past).view(1, 1, -1).expand(3, b, -1)
-
-    def _attention_masks(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> dict[str, MaskSpec]:
-        window = self.cfg.hf_config["text_config"].get("sliding_window") or 0
-        return decoder_masks(self.cfg.layer_types, inputs.get("attention_mask"), past, window)
 
     def _rotary_tables(self, positions: Tensor, masks: dict[str, MaskSpec]) -> dict[str, tuple[Tensor, Tensor]]:
         cos_sin = mrope_cos_sin(positions, self.inv_freq, self.mrope_section)
