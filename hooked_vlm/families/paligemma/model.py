@@ -139,6 +139,11 @@ class HookedPaliGemma(HookedVLM):
     def sliding_window(self) -> int:
         return int(self.text_config.get("sliding_window") or 0) if self.is_gemma2 else 0
 
+    def _parse_decoder(self) -> None:
+        """None: this family builds its Gemma / Gemma 2 blocks, norms, embeddings, masks and rotary itself (the shared
+        :class:`~hooked_vlm.families.decoder.DecoderSpec` does not describe Gemma / Gemma 2 yet)."""
+        return None
+
     def _build_vision(self) -> nn.Module:
         d = self.cfg.hf_config
         spec = ViTSpec.from_hf_config(d["vision_config"], kind="siglip")

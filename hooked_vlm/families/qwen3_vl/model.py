@@ -260,6 +260,11 @@ class HookedQwen3VL(HookedVLM):
         """How many LM blocks (the first ones) receive DeepStack features."""
         return min(len(self.vision_spec.deepstack), self.cfg.n_layers)
 
+    def _parse_decoder(self) -> None:
+        """None: this family builds its Qwen3 blocks, norms, embeddings, masks and rotary itself (the shared
+        :class:`~hooked_vlm.families.decoder.DecoderSpec` does not describe Qwen3 yet)."""
+        return None
+
     def _build_vision(self) -> nn.Module:
         return Qwen3VisionTower(Qwen3VisionSpec.from_hf_dict(self.cfg.hf_config["vision_config"]))
 
