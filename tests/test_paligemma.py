@@ -219,6 +219,9 @@ def test_prefix_is_bidirectional_and_the_answer_causal(pair):
     tt = inputs["token_type_ids"][0]
     prefix, answer = (tt == 0).nonzero().flatten(), (tt == 1).nonzero().flatten()
     assert lay.meta["bidir_ids"][0].tolist() == [0] * len(prefix) + [-1] * len(answer)
+    # the capability query reads the mask: a bidirectional prefix forbids reusing a prefix's keys and values
+    assert "not purely causal" in model.prefix_reuse_problem(**inputs)
+    assert model.can_reuse_prefix(**{k: v for k, v in inputs.items() if k != "token_type_ids"})
     _, cache = model.run_with_cache(**inputs, names_filter=lambda n: n.endswith("attn.hook_pattern") and n.startswith("blocks"))
     for layer in range(model.cfg.n_layers):
         pat = cache[f"blocks.{layer}.attn.hook_pattern"][0]  # H Lq Lk
