@@ -219,6 +219,10 @@ class HookedQwenVL(HookedVLM):
 
     hf_architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     input_names = FAMILY.input_schema.names
+    #: M-RoPE position rule of the token layout: ``"transformers-5.23"`` (default, exact against transformers) or
+    #: ``"official"`` (transformers 4.x / Qwen's reference code); they differ only for scaled video time.
+    #: Set per model (``model.rope_rule = "official"``); passed to :func:`mrope_position_ids` as ``rule=``.
+    rope_rule: str = "transformers-5.23"
 
     # ----- configuration ---------------------------------------------------------------------------------
     @classmethod
@@ -271,7 +275,6 @@ class HookedQwenVL(HookedVLM):
         rope = t.get("rope_parameters") or {}
         self.register_buffer("inv_freq", inverse_frequencies(self.cfg.d_head, rope.get("rope_theta", 1e6)), persistent=False)
         self.mrope_section = list(rope.get("mrope_section", [16, 24, 24]))
-        self.rope_rule = "transformers-5.23"
 
     # ----- weights -----------------------------------------------------------------------------------------
     @classmethod
