@@ -47,8 +47,14 @@ def cross_model_js(a: pd.DataFrame, b: pd.DataFrame, methods: Sequence[str]) -> 
 
 def robustness_table(rows: pd.DataFrame, methods: Sequence[str]) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per study: variants, majority answer, agreement, flip rate (vs the majority), and map consistency (mean JS)."""
-    per_study, summary = paraphrase_robustness(rows, item="study_id", answer="answer", variant="variant_id") if rows["study_id"].nunique() > 1 \
-        else paraphrase_robustness(rows, item="study_id", answer="answer")
+    wide = rows.pivot_table(index="study_id", columns="variant_id", values="answer", aggfunc="first")
+    complete = rows["study_id"].nunique() > 1 and not wide.isna().any().any()
+    if complete:  # Fleiss' kappa needs every study answered under every paraphrase
+        per_study, summary = paraphrase_robustness(rows, item="study_id", answer="answer", variant="variant_id")
+    else:
+        per_study, summary = paraphrase_robustness(rows, item="study_id", answer="answer")
+        summary["fleiss_kappa"] = None
+        summary["fleiss_kappa_note"] = "not computed: some studies lack some paraphrases (or only one study)"
     for m in methods:
         usable = rows[~rows[f"{m}_empty"].astype(bool)]
         groups = {s: _maps(sub, m) for s, sub in usable.groupby("study_id") if len(sub) >= 2}
@@ -145,6 +151,8 @@ def _save_fig(path: Path, fig: Any) -> str:
 
 
 def _figures(out: Path, per_model: dict[str, pd.DataFrame], methods: Sequence[str], root: Path, max_studies: int) -> list[str]:
+    if max_studies < 1:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,7 +162,9 @@ def _figures(out: Path, per_model: dict[str, pd.DataFrame], methods: Sequence[st
     from analyses.pipelines.cir.images import read_image
     from analyses.pipelines.compare_attention.data import parse_box
 
-    figs = []
+    figs: list[str] = []
+    if max_studies < 1:
+        return figs
     first = next(iter(per_model.values()))
     studies = sorted(first["study_id"].unique())[:max_studies]
     for study in studies:
