@@ -16,9 +16,7 @@ def shape_mask(image: np.ndarray) -> np.ndarray:
     return np.any(np.abs(image.astype(int) - np.array(BACKGROUND)) > 30, axis=-1)
 
 
-def mass_ratio(saliency: np.ndarray, mask: np.ndarray) -> float:
-    """Share of a non-negative map inside ``mask`` divided by the mask's area share (1 = no preference)."""
-    return float(saliency[mask].sum() / saliency.sum()) / float(mask.mean())
+from analyses.pipelines.cir.validate import shape_ratio as mass_ratio  # noqa: E402  (mass share / area share)
 
 
 def save_tiny_two_tower(folder: Path, name: str, seed: int = 0) -> Path:
