@@ -180,3 +180,14 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert manifest["counts"]["skipped"] == 2 and manifest["counts"]["done"] == 2
     for name in ("per_row.csv", "stats.csv", "robustness.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out" / name), pd.read_csv(tmp_path / "fresh" / name))
+
+
+def test_command_line_refuses_bad_arguments(tmp_path, capsys):
+    from hooked_vlm.cli import main
+
+    assert main(["compare-attention", "--output-dir", str(tmp_path)]) == 2
+    assert "give --csv FILE, or --make-data" in capsys.readouterr().err
+    assert main(["compare-attention", "--make-data", "--prompt-template", "{question} ?", "--output-dir", str(tmp_path)]) == 2
+    assert "must hold <image> and {question}" in capsys.readouterr().err
+    assert main(["cir", "query", "--database", "x", "--dataset-path", str(tmp_path), "--caption", "is red"]) == 2
+    assert "a single query needs both --reference-image and --caption" in capsys.readouterr().err
