@@ -13,7 +13,6 @@ size (the patch-grid map resized bilinearly); figures draw the patch grid over t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

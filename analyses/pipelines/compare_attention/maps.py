@@ -65,16 +65,18 @@ def answer_ids(tokenizer: Any, words: tuple[str, str], model_name: str) -> tuple
 
 def build_inputs(loaded: Any, image: np.ndarray, prompt: str, device: str) -> dict[str, Any]:
     """The family's keyword tensors for one prompt with one image (the input builder ``hooked-vlm inspect`` uses)."""
-    from hooked_vlm.cli import INPUT_BUILDERS, InputRequest, _generic_processor_builder
+    from hooked_vlm.cli import INPUT_BUILDERS, InputRequest
 
     family = loaded.model.cfg.family
     builder = INPUT_BUILDERS.get(family)
-    if builder is None:
-        if loaded.processor is None:
-            raise AttentionUnavailableError(f"{loaded.name}: no input builder for family {family!r} and no HF processor")
-        builder = _generic_processor_builder
-    request = InputRequest(loaded.tokenizer, prompt, [Image.fromarray(image)], [], loaded.processor, loaded.checkpoint, loaded.tiny)
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in builder(request).items()}
+    pil = Image.fromarray(image)
+    if builder is not None:
+        built = builder(InputRequest(loaded.tokenizer, prompt, [pil], [], loaded.processor, loaded.checkpoint, loaded.tiny))
+    elif loaded.processor is not None:  # a family without a builder: its checkpoint's own HF processor
+        built = dict(loaded.processor(text=[prompt], images=[pil], return_tensors="pt"))
+    else:
+        raise AttentionUnavailableError(f"{loaded.name}: no input builder for family {family!r} and no HF processor in the checkpoint")
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in built.items()}
 
 
 def _with_answer(inputs: dict[str, Any], token: int) -> dict[str, Any]:

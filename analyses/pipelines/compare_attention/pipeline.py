@@ -75,4 +75,3 @@ def load_compare_model(spec: Any) -> Any:
 
 
 COMPARE = Pipeline(name="compare-attention", schema=SCHEMA, run_case=run_row, load_model=load_compare_model, version="1")
-DEFAULT_METHODS = METHODS

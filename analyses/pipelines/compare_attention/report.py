@@ -8,7 +8,6 @@ a sign-flip permutation test (scipy) on the per-study mean differences (studies 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
