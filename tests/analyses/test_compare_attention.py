@@ -29,10 +29,12 @@ def _tiny_folder(folder: Path, name: str) -> Path:
 def test_make_data_writes_six_paraphrases_per_study_with_the_generator_boxes(tmp_path):
     from hooked_vlm.organisms.radiograph import PARAPHRASES, make_sample
 
-    frame = pd.read_csv(make_data(tmp_path, studies=3, seed=4), dtype=str, keep_default_na=False)
+    frame = pd.read_csv(make_data(tmp_path, studies=3, seed=3), dtype=str, keep_default_na=False)
     assert len(frame) == 18 and frame.groupby("study_id")["variant_id"].apply(lambda v: sorted(map(int, v))).tolist() == [list(range(6))] * 3
-    for i in range(3):
-        s = make_sample((4, i), "random")
+    samples = [make_sample((3, i), "random") for i in range(3)]
+    # this draw holds a yes study, a marker, and a no study whose image shows another kind (its box is not the asked one)
+    assert any(s.answer == "no" and s.finding not in (None, s.asked) for s in samples) and any(s.marker_box for s in samples)
+    for i, s in enumerate(samples):
         rows = frame[frame["study_id"] == f"study_{i:03d}"]
         assert rows["question"].tolist() == list(PARAPHRASES[s.asked]) and set(rows["answer_gt"]) == {s.answer}
         assert parse_box(rows["marker_box"].iloc[0]) == s.marker_box
