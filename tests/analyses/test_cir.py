@@ -238,6 +238,7 @@ def test_bad_inputs_name_the_problem(organism, tmp_path):
     with pytest.raises(DatabaseError, match="was built with model"):  # extending it with another model is refused too
         build_database(tmp_path / "images", tmp_path / "tiny.safetensors", tmp_path / "run2", RunConfig(model="shapes-clip", progress=False))
     # a phi of the wrong width
+    (tmp_path / "wrong").mkdir()
     save_phi(Phi(16, 8, 32), tmp_path / "wrong")
     with pytest.raises(PhiError, match="maps 16-d image embeddings to 32-d words, but the model's image embeddings are 32-d"):
         check_phi_width(load_phi_checkpoint(tmp_path / "wrong"), loaded.model, "wrong")

@@ -89,6 +89,7 @@ def test_permutation_and_cluster_statistics_against_brute_force():
     assert summary["mean_flip_rate"] == pytest.approx(1 / 6)
 
 
+@pytest.mark.slow
 def test_study_problems_and_bad_rows_are_recorded_and_the_rest_runs(tmp_path):
     from analyses.pipelines.compare_attention.cli import compare
 
@@ -104,7 +105,7 @@ def test_study_problems_and_bad_rows_are_recorded_and_the_rest_runs(tmp_path):
     problems = {p["study_id"]: p["problem"] for p in study_problems(csv)}
     assert set(problems) == {"s_variant"} and "no variant with variant_id 0-5" in problems["s_variant"]
     llava, gemma = _tiny_folder(tmp_path / "llava", "tiny-llava"), _tiny_folder(tmp_path / "gemma", "tiny-gemma3")
-    config = RunConfig(model="", progress=False, options={"methods": ["attention", "gradcam", "saliency"], "head_fusion": "entropy",
+    config = RunConfig(model="", progress=False, options={"methods": ["attention", "gradcam", "saliency"], "head_fusion": "entropy", "n_resamples": 99,
                                                           "prompt_template": "user : <image> {question} assistant :", "answer_words": ["yes", "no"]})
     summary = compare(csv, [str(llava), str(gemma)], tmp_path / "out", config, ["attention", "gradcam", "saliency"], max_figures=1)
     fails = pd.DataFrame(summary["failures"])
@@ -148,13 +149,13 @@ def test_organisms_surface_the_planted_shortcut(tmp_path):
 
     csv = make_data(tmp_path / "data", studies=12, seed=2)
     frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    frame = frame[(frame["marker_box"] != "") & frame["variant_id"].isin(["0", "3"])]
+    frame = frame[(frame["marker_box"] != "") & frame["variant_id"].isin(["0"])]
     frame.to_csv(csv, index=False)
-    assert frame["study_id"].nunique() >= 5
-    options = {"methods": ["attention", "gradcam", "saliency"], "head_fusion": "mean",
+    assert frame["study_id"].nunique() >= 5  # one paraphrase per marked study keeps this test short
+    options = {"methods": ["saliency"], "head_fusion": "mean", "n_resamples": 499,
                "prompt_template": "user : <image> {question} assistant :", "answer_words": ["yes", "no"]}
     summary = compare(csv, ["rad-llava", "rad-gemma3"], tmp_path / "out", RunConfig(model="", progress=False, options=options),
-                      ["attention", "gradcam", "saliency"], max_figures=1)
+                      ["saliency"], max_figures=0)
     stats = pd.read_csv(tmp_path / "out" / "stats.csv").set_index(["model", "metric"])
     llava, gemma = stats.loc[("rad-llava", "saliency_marker_ratio")], stats.loc[("rad-gemma3", "saliency_marker_ratio")]
     assert llava["low"] > 1.0 and llava["estimate"] > 2 * gemma["estimate"], (llava.to_dict(), gemma.to_dict())
@@ -162,24 +163,25 @@ def test_organisms_surface_the_planted_shortcut(tmp_path):
     assert summary["models"]["rad-llava"]["accuracy"]["estimate"] >= 0.5
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     from analyses.pipelines.compare_attention.cli import compare
 
     csv = make_data(tmp_path / "data", studies=2, seed=5)
     frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    frame[frame["variant_id"].isin(["0", "1"])].to_csv(csv, index=False)
+    frame[frame["variant_id"].isin(["0"])].to_csv(csv, index=False)
     models = [str(_tiny_folder(tmp_path / "llava", "tiny-llava")), str(_tiny_folder(tmp_path / "gemma", "tiny-gemma3"))]
-    options = {"methods": ["attention", "saliency"], "head_fusion": "max", "prompt_template": "user : <image> {question} assistant :",
-               "answer_words": ["yes", "no"]}
+    options = {"methods": ["attention"], "head_fusion": "max", "prompt_template": "user : <image> {question} assistant :",
+               "answer_words": ["yes", "no"], "n_resamples": 99}
 
     def run(out, limit=None):
-        return compare(csv, models, out, RunConfig(model="", progress=False, limit=limit, options=options), ["attention", "saliency"], max_figures=0)
+        return compare(csv, models, out, RunConfig(model="", progress=False, limit=limit, options=options), ["attention"], max_figures=0)
 
-    assert run(tmp_path / "out", limit=2)["models"][models[0]]["rows"] == 2  # stopped after two rows
+    assert run(tmp_path / "out", limit=1)["models"][models[0]]["rows"] == 1  # stopped after one row
     run(tmp_path / "out")
     run(tmp_path / "fresh")
     manifest = json.loads((tmp_path / "out" / "models" / "llava" / "manifest.json").read_text())
-    assert manifest["counts"]["skipped"] == 2 and manifest["counts"]["done"] == 2
+    assert manifest["counts"]["skipped"] == 1 and manifest["counts"]["done"] == 1
     for name in ("per_row.csv", "stats.csv", "robustness.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out" / name), pd.read_csv(tmp_path / "fresh" / name))
 

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-template", default=TEMPLATE, help=f"prompt with <image> and {{question}} (default: {TEMPLATE!r})")
     parser.add_argument("--answer-words", nargs=2, default=["yes", "no"], metavar=("YES", "NO"), help="the two answer tokens")
     parser.add_argument("--max-figures", type=int, default=4, help="studies drawn in the figures (default: 4)")
+    parser.add_argument("--n-resamples", type=int, default=1999, help="bootstrap resamples of every CI (default: 1999)")
     add_common_args(parser, default_model=DEFAULT_MODELS[0], default_output_dir="compare_attention")
     for action in parser._actions:  # the models come from --models; the shared --model flag does not apply here
         if action.dest == "model":
@@ -63,7 +64,8 @@ def compare(csv: str | Path, models: list[str], output_dir: str | Path, config: 
 
     failed = pd.concat(fails, ignore_index=True) if fails else pd.DataFrame(columns=["model", "case_id", "source", "error_type", "message"])
     return write_report(out, per_model, methods, failed[[c for c in ["model", "case_id", "source", "stage", "error_type", "message"] if c in failed]],
-                        study_problems(csv), manifests, max_figures, seed=config.seed)
+                        study_problems(csv), manifests, max_figures, seed=config.seed,
+                        n_resamples=int(config.options.get("n_resamples", 1999)))
 
 
 def _slug(name: str) -> str:
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace, stdout: TextIO) -> int:
         raise ValueError(f"--prompt-template must hold <image> and {{question}}, got {args.prompt_template!r}")
     csv = args.csv or make_data(Path(args.output_dir) / "data", args.studies, args.data_seed)
     config = config_from_args(args, methods=list(args.methods), head_fusion=args.head_fusion, prompt_template=args.prompt_template,
-                              answer_words=list(args.answer_words))
+                              answer_words=list(args.answer_words), n_resamples=args.n_resamples)
     summary = compare(csv, list(args.models), args.output_dir, config, list(args.methods), args.max_figures,
                       argv=getattr(args, "argv", sys.argv))
     for model, s in summary["models"].items():

@@ -63,21 +63,26 @@ def robustness_table(rows: pd.DataFrame, methods: Sequence[str]) -> tuple[pd.Dat
     return per_study, summary
 
 
-def _ci_row(values: pd.Series, clusters: pd.Series, seed: int) -> dict[str, Any]:
+def _ci(values: pd.Series, clusters: pd.Series, seed: int, n_resamples: int = 1999) -> dict[str, Any]:
     ok = values.notna().to_numpy()
     x, c = values.to_numpy(float)[ok], clusters.to_numpy()[ok]
     row: dict[str, Any] = {"n_rows": int(ok.sum()), "n_studies": int(len(set(c))), "estimate": float(np.mean(x)) if x.size else float("nan")}
     if len(set(c)) >= 2:
-        _, lo, hi = bootstrap_ci(x, clusters=c, n_resamples=1999, seed=seed)
+        _, lo, hi = bootstrap_ci(x, clusters=c, n_resamples=n_resamples, seed=seed)
         row.update(low=lo, high=hi)
     else:
         row.update(low=float("nan"), high=float("nan"), note="fewer than 2 studies: no CI")
     return row
 
 
-def stats_table(per_model: dict[str, pd.DataFrame], robust: dict[str, pd.DataFrame], methods: Sequence[str], seed: int = 0) -> pd.DataFrame:
+def stats_table(per_model: dict[str, pd.DataFrame], robust: dict[str, pd.DataFrame], methods: Sequence[str], seed: int = 0,
+                n_resamples: int = 1999) -> pd.DataFrame:
     """Per-model estimates with clustered CIs, and the paired A - B differences with clustered CI and tests."""
     rows = []
+
+    def _ci_row(values: pd.Series, clusters: pd.Series, seed: int) -> dict[str, Any]:
+        return _ci(values, clusters, seed, n_resamples)
+
     names = list(per_model)
     for model, frame in per_model.items():
         rows.append({"model": model, "metric": "accuracy", **_ci_row(frame["correct"].astype(float), frame["study_id"], seed)})
@@ -202,7 +207,8 @@ def _figures(out: Path, per_model: dict[str, pd.DataFrame], methods: Sequence[st
 
 
 def write_report(out: Path, per_model: dict[str, pd.DataFrame], methods: Sequence[str], failures: pd.DataFrame,
-                 study_problems: list[dict[str, Any]], manifests: dict[str, Any], max_figures: int, seed: int = 0) -> dict[str, Any]:
+                 study_problems: list[dict[str, Any]], manifests: dict[str, Any], max_figures: int, seed: int = 0,
+                 n_resamples: int = 1999) -> dict[str, Any]:
     """Write per_row.csv, robustness.csv, stats.csv, summary.json, figures and index.html; return the summary."""
     per_row = combine(per_model, methods)
     with atomic_output(out / "per_row.csv") as tmp:
@@ -214,7 +220,7 @@ def write_report(out: Path, per_model: dict[str, pd.DataFrame], methods: Sequenc
     rob = pd.concat([r.assign(model=m) for m, r in robust.items()], ignore_index=True)
     with atomic_output(out / "robustness.csv") as tmp:
         rob.to_csv(tmp, index=False)
-    st = stats_table(per_model, robust, methods, seed)
+    st = stats_table(per_model, robust, methods, seed, n_resamples)
     with atomic_output(out / "stats.csv") as tmp:
         st.to_csv(tmp, index=False)
     figures = _figures(out, per_model, methods, out, max_figures)
