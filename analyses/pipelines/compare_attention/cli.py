@@ -85,11 +85,14 @@ def run(args: argparse.Namespace, stdout: TextIO) -> int:
                               answer_words=list(args.answer_words), n_resamples=args.n_resamples)
     summary = compare(csv, list(args.models), args.output_dir, config, list(args.methods), args.max_figures,
                       argv=getattr(args, "argv", sys.argv))
+    def num(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
     for model, s in summary["models"].items():
         acc = s["accuracy"]
-        print(f"{model}: accuracy {acc.get('estimate', float('nan')):.3f} [{acc.get('low', float('nan')):.3f}, {acc.get('high', float('nan')):.3f}]"
-              f" over {s['rows']} rows; marker ratio " + ", ".join(
-                  f"{m} {v.get('estimate', float('nan')):.2f}" for m, v in s["marker_ratio"].items() if v), file=stdout)
+        ratios = ", ".join(f"{m} {num(v.get('estimate'))}" for m, v in s["marker_ratio"].items() if v)
+        print(f"{model}: accuracy {num(acc.get('estimate'))} [{num(acc.get('low'))}, {num(acc.get('high'))}] over {s['rows']} rows; "
+              f"marker box ratio {ratios or 'n/a (no marked study)'}", file=stdout)
     print(f"report: {Path(args.output_dir) / 'index.html'} ({len(summary['failures'])} failed rows, "
           f"{len(summary['study_problems'])} study problems)", file=stdout)
     return 0
