@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--studies", type=int, default=8, help="studies --make-data draws (default: 8)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of --make-data")
     parser.add_argument("--head-fusion", choices=["mean", "max", "entropy"], default="mean", help="attention heads fused by (default: mean)")
-    parser.add_argument("--methods", nargs="+", choices=["attention", "gradcam", "saliency"], default=["attention", "gradcam", "saliency"])
+    parser.add_argument("--methods", nargs="+", choices=["attention", "gradcam", "saliency"], default=["attention", "gradcam", "saliency"],
+                        help="maps per row: answer-token attention, Grad-CAM, gradient saliency (default: all three)")
     parser.add_argument("--prompt-template", default=TEMPLATE, help=f"prompt with <image> and {{question}} (default: {TEMPLATE!r})")
     parser.add_argument("--answer-words", nargs=2, default=["yes", "no"], metavar=("YES", "NO"), help="the two answer tokens")
     parser.add_argument("--max-figures", type=int, default=4, help="studies drawn in the figures (default: 4)")
