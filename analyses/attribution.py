@@ -564,20 +564,21 @@ def grad_eclip(
         pool = 0
         q, k, v, z = (store[f"{vprefix}.{h}"] for h in ("hook_q", "hook_k", "hook_v", "hook_z"))
         first = 1 if spec.has_cls else 0
-        emap = _eclip(q[0, pool], k[0, first:], v[0, first:], z.grad[0, pool])
+        emap = eclip_map(q[0, pool], k[0, first:], v[0, first:], z.grad[0, pool])
         gh, gw = size[0] // spec.patch_size, size[1] // spec.patch_size
         res.image = emap.reshape(gh, gw)
     if "text" in towers:
         p = int(model.text.pool_positions(input_ids)[0])
         q, k, v, z = (store[f"{tprefix}.{h}"] for h in ("hook_q", "hook_k", "hook_v", "hook_z"))
         last = p + 1 if model.text.spec.causal else k.shape[1]
-        res.text = _eclip(q[0, p], k[0, :last], v[0, :last], z.grad[0, p])
+        res.text = eclip_map(q[0, p], k[0, :last], v[0, :last], z.grad[0, p])
         res.meta["pool_position"] = p
     return res
 
 
-def _eclip(q_pool: Tensor, k: Tensor, v: Tensor, grad_pool: Tensor) -> Tensor:
-    """``ReLU(sum_c w_c v_jc lambda_j)`` with ``lambda = minmax cos(q_pool, k_j)``; heads concatenated."""
+def eclip_map(q_pool: Tensor, k: Tensor, v: Tensor, grad_pool: Tensor) -> Tensor:
+    """Grad-ECLIP's map from one pooled query (public: the CIR pipeline applies it to its own targets):
+    ``ReLU(sum_c w_c v_jc lambda_j)`` with ``lambda = minmax cos(q_pool, k_j)``; heads concatenated."""
     qf = q_pool.detach().reshape(-1)
     kf = k.detach().reshape(k.shape[0], -1)
     cos = torch.nn.functional.cosine_similarity(kf, qf[None], dim=-1)

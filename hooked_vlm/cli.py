@@ -48,6 +48,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("hooked_vlm.cli:INSPECT", "run a model on an input: top next tokens (or CLIP / SigLIP similarities), token layout, hook table; save activations"),
     "models": ("hooked_vlm.cli:MODELS", "list the built-in models and the supported checkpoint architectures"),
     "organisms": ("hooked_vlm.organisms.cli", "train, evaluate and list the model organisms (tiny VLMs trained on planted tasks)"),
+    # --- research pipelines III (issue 16) ---
+    "cir": ("analyses.pipelines.cir.cli", "composed image retrieval (SEARLE phi) with Grad-ECLIP explanations: build-db, query"),
+    "compare-attention": ("analyses.pipelines.compare_attention.cli", "compare two VLMs' image attention / Grad-CAM / saliency per paraphrase, with clustered statistics"),
 }
 
 SYNTHETIC = "synthetic"
