@@ -22,7 +22,7 @@ from torch import Tensor
 from hooked_vlm.inputs import build_qwen_inputs
 from hooked_vlm.organisms.base import EVAL_SEED, AnswerOrganism, Example, TrainResult
 
-__all__ = ["QWEN_SPECIALS", "QwenAnswerOrganism", "TokenHead", "TokenHeads", "answer_mask"]
+__all__ = ["IGNORE", "QWEN_SPECIALS", "QwenAnswerOrganism", "TokenHead", "TokenHeads", "answer_mask"]
 
 #: extra_special_tokens roles -> tokens, as the real Qwen tokenizers name them
 QWEN_SPECIALS = {
@@ -39,6 +39,10 @@ def answer_mask(attention_mask: Tensor, answer_lengths: list[int]) -> Tensor:
     pos = torch.arange(attention_mask.shape[1])[None]
     lengths = torch.tensor(answer_lengths)[:, None]
     return (pos <= last[:, None]) & (pos > last[:, None] - lengths)
+
+
+#: token-head label of a visual token that the head does not score (cross-entropy ``ignore_index``)
+IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ class TokenHeads(torch.nn.Module):
                 part = torch.nn.functional.mse_loss(pred.squeeze(-1), target.float())
             else:
                 weight = torch.tensor(spec.class_weight) if spec.class_weight else None
-                part = torch.nn.functional.cross_entropy(pred, target.long(), weight=weight)
+                part = torch.nn.functional.cross_entropy(pred, target.long(), weight=weight, ignore_index=IGNORE)
             parts[spec.name] = float(part.detach())
             total = total + spec.weight * part
         return total, parts

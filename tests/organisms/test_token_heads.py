@@ -8,6 +8,7 @@ import torch
 
 from hooked_vlm.organisms import get_organism
 from hooked_vlm.organisms.grid_qwen import CELL, COLORS, GRID
+from hooked_vlm.organisms.qwen_common import IGNORE
 from hooked_vlm.organisms.video_qwen import BACKGROUND, FRAMES, MERGED, SIZE, TPS
 
 
@@ -23,7 +24,9 @@ def test_grid_token_labels_match_the_pixels():
             assert labels["color"][b, k] == by_rgb.get(centre, 0)
             assert labels["row"][b, k] == pytest.approx(r / 4.5 - 1) and labels["col"][b, k] == pytest.approx(c / 4.5 - 1)
         named = {tuple(rc) for rc in ex.truth["target_cells"]}
-        assert {divmod(int(k), GRID) for k in labels["role_1"][b].nonzero().flatten()} == named
+        assert {divmod(int(k), GRID) for k in (labels["role_1"][b] > 0).nonzero().flatten()} == named
+        # the role is scored on object cells only
+        assert ((labels["role_1"][b] == IGNORE) == (labels["color"][b] == 0)).all()
 
 
 def test_video_token_labels_cover_exactly_the_shape_pixels():
@@ -79,8 +82,9 @@ def test_token_head_loss_is_answer_loss_plus_weighted_probe_losses():
             if spec.classes == 1:
                 part = ((pred.squeeze(-1) - target) ** 2).mean()
             else:
-                logp = pred.log_softmax(-1)[torch.arange(len(target)), target]
-                w = torch.tensor(spec.class_weight)[target] if spec.class_weight else torch.ones(len(target))
+                keep = target != IGNORE
+                logp = pred.log_softmax(-1)[torch.arange(len(target)), target.clamp(min=0)]
+                w = (torch.tensor(spec.class_weight)[target.clamp(min=0)] if spec.class_weight else torch.ones(len(target))) * keep
                 part = -(w * logp).sum() / w.sum()
             assert parts[spec.name] == pytest.approx(float(part), rel=1e-5)
             expected = expected + spec.weight * part
