@@ -15,11 +15,11 @@ from hooked_vlm.organisms import is_trained
 
 pytestmark = pytest.mark.slow
 
-# The shipped video checkpoint is at chance (docs/organisms.md, Training status): its answer logits barely depend on
+# The shipped video checkpoint has not learned direction (docs/organisms.md, Training status): its direction logits barely depend on
 # the pixels, so every recovery is float noise. Its checks run and are expected to fail until it is retrained to
 # target; strict, so a retrained model that passes forces this marker off.
 VIDEO_NOT_TRAINED = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                      reason="shipped video organism at chance: nothing planted has been learned yet")
+                                      reason="shipped video organism has not learned direction (held-out 0.21): nothing to flip or localise yet")
 
 
 def _load(name):
