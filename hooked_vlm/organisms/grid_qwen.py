@@ -29,11 +29,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from hooked_vlm.organisms.base import Example
 from hooked_vlm.organisms.drawing import SHAPES, draw_shape
-from hooked_vlm.organisms.qwen_common import QwenAnswerOrganism
+from hooked_vlm.organisms.qwen_common import IGNORE, QwenAnswerOrganism, TokenHead
 
 __all__ = ["GridOrganism", "organism", "COLORS", "SHAPES", "NUMBER_WORDS", "CELL", "GRID", "render", "cell_background"]
 
@@ -88,7 +89,7 @@ class GridOrganism(QwenAnswerOrganism):
     target_accuracy: ClassVar[float] = 0.95
     default_steps: ClassVar[int] = 1500
     batch_size: ClassVar[int] = 8
-    lr: ClassVar[float] = 3e-3
+    lr: ClassVar[float] = 1e-3
     summary: ClassVar[str] = (
         "Visual search and spatial relations. 280x280 images, a 10x10 grid of 28-px cells (one cell = one merged "
         "Qwen2.5-VL visual token), 1-5 shapes (circle / square / triangle / cross x red / green / blue / yellow / "
@@ -126,6 +127,39 @@ class GridOrganism(QwenAnswerOrganism):
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image_token"],
                                 video_token_id=ids["video_token"], vision_start_token_id=ids["vision_start_token"],
                                 vision_end_token_id=ids["vision_end_token"], tie_word_embeddings=False)
+
+    # ----- training-only token heads ----------------------------------------------------------------
+    # what each cell holds (colour, shape) and where it is (row, column) at the LM input; whether the question
+    # names it (1: the target / a counted object / the relation's first object, 2: the relation's second) after
+    # LM blocks 0 and 1, scored on the object cells only (IGNORE elsewhere: over all 100 cells a class-weighted
+    # role head learned "is an object", not "is the named object"). Dropped before saving (qwen_common.TokenHead).
+    token_heads: ClassVar[tuple[TokenHead, ...]] = (
+        TokenHead("color", 0, 1 + len(COLORS)),
+        TokenHead("shape", 0, 1 + len(SHAPES)),
+        TokenHead("row", 0, 1, weight=2.0),
+        TokenHead("col", 0, 1, weight=2.0),
+        TokenHead("role_1", 1, 3),
+        TokenHead("role_2", 2, 3),
+    )
+
+    def token_labels(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """Per cell token (row-major, token k = cell (k // 10, k % 10)): colour, shape, row, column and question role."""
+        n, cells = len(examples), GRID * GRID
+        color, shape = (torch.zeros(n, cells, dtype=torch.long) for _ in range(2))
+        role = torch.full((n, cells), IGNORE, dtype=torch.long)
+        for b, ex in enumerate(examples):
+            for o in ex.truth["objects"]:
+                k = o["row"] * GRID + o["col"]
+                color[b, k] = 1 + list(COLORS).index(o["color"])
+                shape[b, k] = 1 + SHAPES.index(o["shape"])
+                role[b, k] = 0
+            for j, (r, c) in enumerate(ex.truth["target_cells"]):
+                role[b, r * GRID + c] = 2 if (ex.task == "relation" and j == 1) else 1
+        k = torch.arange(cells)
+        row = (k // GRID).float() / ((GRID - 1) / 2) - 1  # -1 .. 1
+        col = (k % GRID).float() / ((GRID - 1) / 2) - 1
+        return {"color": color, "shape": shape, "row": row.expand(n, cells), "col": col.expand(n, cells),
+                "role_1": role, "role_2": role}
 
     # ----- data ----------------------------------------------------------------------------------
     def generate(self, n: int, seed: int) -> list[Example]:

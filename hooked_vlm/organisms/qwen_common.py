@@ -1,16 +1,28 @@
-"""What the Qwen organisms share: their special tokens, the Qwen input builder and the answer mask."""
+"""What the Qwen organisms share: special tokens, the Qwen input builder, the answer mask, training-only token heads.
+
+Token heads (``TokenHead``) are linear probes on the language model's hidden state at every visual token,
+trained beside the answer loss and dropped before saving: they give the vision tower and the first
+LM blocks a dense, per-token gradient (this cell holds a green circle; this token is the one the question
+names). Without them the answer loss is the only signal, and with ~95% of the visual tokens identical
+background a tiny model sits at the answer prior for thousands of steps (docs/organisms.md, Training status).
+The saved checkpoint is the plain transformers model; nothing of the heads ships.
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from hooked_vlm.inputs import build_qwen_inputs
-from hooked_vlm.organisms.base import AnswerOrganism, Example
+from hooked_vlm.organisms.base import EVAL_SEED, AnswerOrganism, Example, TrainResult
 
-__all__ = ["QWEN_SPECIALS", "QwenAnswerOrganism", "answer_mask"]
+__all__ = ["IGNORE", "QWEN_SPECIALS", "QwenAnswerOrganism", "TokenHead", "TokenHeads", "answer_mask"]
 
 #: extra_special_tokens roles -> tokens, as the real Qwen tokenizers name them
 QWEN_SPECIALS = {
@@ -27,6 +39,56 @@ def answer_mask(attention_mask: Tensor, answer_lengths: list[int]) -> Tensor:
     pos = torch.arange(attention_mask.shape[1])[None]
     lengths = torch.tensor(answer_lengths)[:, None]
     return (pos <= last[:, None]) & (pos > last[:, None] - lengths)
+
+
+#: token-head label of a visual token that the head does not score (cross-entropy ``ignore_index``)
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TokenHead:
+    """A training-only probe on every visual token: predicts ``name`` from LM hidden state ``layer`` (0 = LM input)."""
+
+    name: str
+    layer: int
+    classes: int  # 1: regression target (mean squared error); otherwise the number of classes (cross-entropy)
+    weight: float = 1.0
+    class_weight: tuple[float, ...] | None = None  # for rare classes (e.g. the one target cell among 100)
+
+
+class TokenHeads(torch.nn.Module):
+    """The model plus its training-only token heads; ``loss`` adds the heads' losses to the answer loss."""
+
+    def __init__(self, model: torch.nn.Module, heads: tuple[TokenHead, ...], visual_token_ids: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.specs = heads
+        self.visual_token_ids = visual_token_ids
+        width = model.config.get_text_config().hidden_size
+        self.heads = torch.nn.ModuleDict({h.name: torch.nn.Linear(width, h.classes) for h in heads})
+
+    def loss(self, inputs: dict[str, Tensor], answer: Tensor, labels: dict[str, Int[Tensor, "batch visual"]]) -> tuple[Tensor, dict[str, float]]:
+        """Answer loss + weighted token-head losses, and each part's value (for the log)."""
+        from hooked_vlm.organisms.training import answer_loss
+
+        out = self.model(**inputs, output_hidden_states=True)
+        total = answer_loss(out.logits, inputs["input_ids"], answer)
+        parts = {"answer": float(total.detach())}
+        visual = torch.isin(inputs["input_ids"], torch.tensor(self.visual_token_ids))
+        for spec in self.specs:
+            hidden = out.hidden_states[spec.layer][visual]  # row-major over the batch: example, then token
+            target = labels[spec.name].flatten()
+            if hidden.shape[0] != target.shape[0]:
+                raise ValueError(f"token head {spec.name!r}: {target.shape[0]} labels for {hidden.shape[0]} visual tokens")
+            pred = self.heads[spec.name](hidden)
+            if spec.classes == 1:
+                part = torch.nn.functional.mse_loss(pred.squeeze(-1), target.float())
+            else:
+                weight = torch.tensor(spec.class_weight) if spec.class_weight else None
+                part = torch.nn.functional.cross_entropy(pred, target.long(), weight=weight, ignore_index=IGNORE)
+            parts[spec.name] = float(part.detach())
+            total = total + spec.weight * part
+        return total, parts
 
 
 class QwenAnswerOrganism(AnswerOrganism):
@@ -54,3 +116,43 @@ class QwenAnswerOrganism(AnswerOrganism):
         images = [e.image for e in examples if e.image is not None]
         videos = [e.video for e in examples if e.video is not None]
         return build_qwen_inputs(tokenizer, texts, images=images, videos=videos, padding_side="left", **self.input_kwargs)
+
+    # ----- training with token heads ------------------------------------------------------------
+    #: training-only probes on the visual tokens (empty: train on the answer loss alone)
+    token_heads: ClassVar[tuple[TokenHead, ...]] = ()
+
+    def token_labels(self, examples: list[Example]) -> dict[str, Tensor]:
+        """Per visual token targets of every ``token_heads`` entry, ``[batch, visual tokens]`` in the model's token order."""
+        raise NotImplementedError(f"{self.name} declares token heads but no token_labels()")
+
+    def train(self, out_dir: str | Path, seed: int = 0, steps: int | None = None, eval_n: int = 200, log_every: int = 50,
+              time_budget_s: float | None = None) -> TrainResult:
+        """Train with the answer loss plus the training-only token heads (dropped before saving)."""
+        if not self.token_heads:
+            return super().train(out_dir, seed, steps, eval_n, log_every, time_budget_s)
+        from hooked_vlm.organisms.saving import save_checkpoint
+        from hooked_vlm.organisms.training import train_loop
+
+        steps = self.default_steps if steps is None else steps
+        tokenizer = self.tokenizer()
+        visual_ids = [tokenizer.convert_tokens_to_ids(self.special_tokens[k]) for k in ("image_token", "video_token")]
+        wrapped = TokenHeads(self.build_model(seed), self.token_heads, visual_ids)
+
+        def batch(step: int) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+            examples = self.generate(self.batch_size, seed * 1_000_000 + step)
+            inputs, mask = self.encode(examples, tokenizer)
+            return inputs, mask, self.token_labels(examples)
+
+        def loss_fn(m: TokenHeads, b: tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]) -> Tensor:
+            return m.loss(*b)[0]
+
+        start = time.perf_counter()
+        losses = train_loop(wrapped, batch, loss_fn, steps, lr=self.lr, weight_decay=self.weight_decay,
+                            warmup_steps=min(self.warmup_steps, max(1, steps // 10)), seed=seed, log_every=log_every,
+                            time_budget_s=time_budget_s)
+        seconds = time.perf_counter() - start
+        model = wrapped.model.eval()
+        accuracy = self.accuracy(model, tokenizer, eval_n, EVAL_SEED) if eval_n else {}
+        result = TrainResult(str(out_dir), len(losses), seconds, losses, accuracy)
+        save_checkpoint(self, model, tokenizer, out_dir, result, seed)
+        return result

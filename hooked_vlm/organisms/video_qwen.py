@@ -20,16 +20,18 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from hooked_vlm.organisms.base import Example
 from hooked_vlm.organisms.drawing import SHAPES, draw_shape
 from hooked_vlm.organisms.grid_qwen import COLORS
-from hooked_vlm.organisms.qwen_common import QwenAnswerOrganism
+from hooked_vlm.organisms.qwen_common import QwenAnswerOrganism, TokenHead
 
 __all__ = ["VideoOrganism", "organism", "render_clip", "DIRECTIONS", "OPPOSITE", "FRAMES", "SIZE", "SHAPE_SIZE", "BACKGROUND"]
 
 FRAMES, SIZE, SHAPE_SIZE, TPS = 12, 112, 16, 2
+MERGED = 28  # pixels per merged video token side (14-px patches, 2x2 merge)
 BACKGROUND = (225, 225, 225)
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -62,7 +64,7 @@ class VideoOrganism(QwenAnswerOrganism):
     target_accuracy: ClassVar[float] = 0.90
     default_steps: ClassVar[int] = 1200
     batch_size: ClassVar[int] = 8
-    lr: ClassVar[float] = 3e-3
+    lr: ClassVar[float] = 1e-3
     input_kwargs: ClassVar[dict[str, Any]] = {"video_min_pixels": 56 * 56, "video_max_pixels": 224 * 224, "fps": 2.0}
     summary: ClassVar[str] = (
         "Video counterfactual tracing. 12-frame 112x112 clips (6 Qwen2-VL temporal slices of 4x4 merged tokens) of one "
@@ -97,6 +99,37 @@ class VideoOrganism(QwenAnswerOrganism):
         return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image_token"],
                              video_token_id=ids["video_token"], vision_start_token_id=ids["vision_start_token"],
                              vision_end_token_id=ids["vision_end_token"], tie_word_embeddings=False)
+
+    # ----- training-only token heads ----------------------------------------------------------------
+    # per video token (temporal slice s, merged cell r, c): the colour of the shape it shows, and the direction the
+    # shape moves within the slice (0: none / still). Dropped before saving (qwen_common.TokenHead).
+    token_heads: ClassVar[tuple[TokenHead, ...]] = (
+        TokenHead("color", 0, 1 + len(COLORS), class_weight=(1.0,) + (5.0,) * len(COLORS)),
+        TokenHead("moving", 0, 1 + len(DIRECTIONS), class_weight=(1.0,) + (5.0,) * len(DIRECTIONS)),
+        TokenHead("moving_1", 1, 1 + len(DIRECTIONS), class_weight=(1.0,) + (5.0,) * len(DIRECTIONS)),
+    )
+
+    def token_labels(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """Per video token (slice-major, then merged rows and columns of 28 px): shape colour and in-slice motion."""
+        side = SIZE // MERGED
+        n_tokens = (FRAMES // TPS) * side * side
+        color = torch.zeros(len(examples), n_tokens, dtype=torch.long)
+        moving = torch.zeros(len(examples), n_tokens, dtype=torch.long)
+        for b, ex in enumerate(examples):
+            for tr in ex.truth["tracks"]:
+                for s in range(FRAMES // TPS):
+                    seen = [tr["positions"][t] for t in range(s * TPS, (s + 1) * TPS) if tr["positions"][t] is not None]
+                    if not seen:
+                        continue
+                    step = (np.sign(seen[-1][0] - seen[0][0]), np.sign(seen[-1][1] - seen[0][1]))
+                    direction = next((1 + i for i, d in enumerate(DIRECTIONS.values()) if d == step), 0)
+                    for x, y in seen:
+                        for r in range(y // MERGED, (y + SHAPE_SIZE - 1) // MERGED + 1):
+                            for c in range(x // MERGED, (x + SHAPE_SIZE - 1) // MERGED + 1):
+                                k = s * side * side + r * side + c
+                                color[b, k] = 1 + list(COLORS).index(tr["color"])
+                                moving[b, k] = max(int(moving[b, k]), direction)
+        return {"color": color, "moving": moving, "moving_1": moving}
 
     # ----- data ----------------------------------------------------------------------------------
     def generate(self, n: int, seed: int) -> list[Example]:

@@ -1,0 +1,93 @@
+"""Training-only token heads of the Qwen organisms: labels match the pixels, the loss is the sum it claims."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hooked_vlm.organisms import get_organism
+from hooked_vlm.organisms.grid_qwen import CELL, COLORS, GRID
+from hooked_vlm.organisms.qwen_common import IGNORE
+from hooked_vlm.organisms.video_qwen import BACKGROUND, FRAMES, MERGED, SIZE, TPS
+
+
+def test_grid_token_labels_match_the_pixels():
+    org = get_organism("grid-qwen2.5-vl")
+    exs = org.generate(12, seed=3)
+    labels = org.token_labels(exs)
+    by_rgb = {rgb: 1 + i for i, rgb in enumerate(COLORS.values())}
+    for b, ex in enumerate(exs):
+        for k in range(GRID * GRID):
+            r, c = divmod(k, GRID)
+            centre = tuple(int(v) for v in ex.image[r * CELL + CELL // 2, c * CELL + CELL // 2])
+            assert labels["color"][b, k] == by_rgb.get(centre, 0)
+            assert labels["row"][b, k] == pytest.approx(r / 4.5 - 1) and labels["col"][b, k] == pytest.approx(c / 4.5 - 1)
+        named = {tuple(rc) for rc in ex.truth["target_cells"]}
+        assert {divmod(int(k), GRID) for k in (labels["role_1"][b] > 0).nonzero().flatten()} == named
+        # the role is scored on object cells only
+        assert ((labels["role_1"][b] == IGNORE) == (labels["color"][b] == 0)).all()
+
+
+def test_video_token_labels_cover_exactly_the_shape_pixels():
+    org = get_organism("video-qwen2-vl")
+    exs = org.generate(9, seed=4)
+    labels = org.token_labels(exs)
+    side = SIZE // MERGED
+    for b, ex in enumerate(exs):
+        for k in range(labels["color"].shape[1]):
+            s, rest = divmod(k, side * side)
+            r, c = divmod(rest, side)
+            region = ex.video[s * TPS:(s + 1) * TPS, r * MERGED:(r + 1) * MERGED, c * MERGED:(c + 1) * MERGED]
+            touched = bool((region != np.array(BACKGROUND, np.uint8)).any())
+            # a circle or triangle leaves its box's corners empty: a labelled token may hold no pixel of it,
+            # but every token that shows a shape pixel is labelled
+            if touched:
+                assert labels["color"][b, k] > 0, (b, k)
+        moving = labels["moving"][b].reshape(FRAMES // TPS, side * side).amax(-1)
+        if ex.task == "motion":
+            assert bool(moving.any()) == (ex.answer == "yes")
+        if ex.task == "direction":
+            first, last = ex.truth["answer_slices"][0], ex.truth["answer_slices"][-1]
+            direction = 1 + ["left", "right", "up", "down"].index(ex.answer)
+            assert moving[first:last + 1].tolist() == [direction] * (last - first + 1)
+            assert not moving[:first].any() and not moving[last + 1:].any()
+
+
+@pytest.mark.slow
+def test_token_head_loss_is_answer_loss_plus_weighted_probe_losses():
+    from hooked_vlm.organisms.qwen_common import TokenHeads
+    from hooked_vlm.organisms.training import answer_loss
+
+    org = get_organism("grid-qwen2.5-vl")
+    tok = org.tokenizer()
+    torch.manual_seed(0)
+    wrapped = TokenHeads(org.build_model(0), org.token_heads, [tok.convert_tokens_to_ids("<|image_pad|>")])
+    exs = org.generate(2, seed=5)
+    inputs, mask = org.encode(exs, tok)
+    labels = org.token_labels(exs)
+    with torch.no_grad():
+        total, parts = wrapped.loss(inputs, mask, labels)
+        out = wrapped.model(**inputs, output_hidden_states=True)
+        expected = answer_loss(out.logits, inputs["input_ids"], mask)
+        # by hand: the image tokens' hidden states, example by example, in cell order
+        for spec in org.token_heads:
+            terms = []
+            for b in range(2):
+                rows = (inputs["input_ids"][b] == tok.convert_tokens_to_ids("<|image_pad|>")).nonzero().flatten()
+                terms.append((out.hidden_states[spec.layer][b, rows], labels[spec.name][b]))
+            hidden = torch.cat([h for h, _ in terms])
+            target = torch.cat([y for _, y in terms])
+            pred = wrapped.heads[spec.name](hidden)
+            if spec.classes == 1:
+                part = ((pred.squeeze(-1) - target) ** 2).mean()
+            else:
+                keep = target != IGNORE
+                logp = pred.log_softmax(-1)[torch.arange(len(target)), target.clamp(min=0)]
+                w = (torch.tensor(spec.class_weight)[target.clamp(min=0)] if spec.class_weight else torch.ones(len(target))) * keep
+                part = -(w * logp).sum() / w.sum()
+            assert parts[spec.name] == pytest.approx(float(part), rel=1e-5)
+            expected = expected + spec.weight * part
+    assert float(total) == pytest.approx(float(expected), rel=1e-5)
+    # nothing of the heads is in the model that gets saved
+    assert not any("heads" in n for n, _ in wrapped.model.named_parameters())
