@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from kernels import MaskSpec, attn_rows, weighted_colsum
+from kernels import MaskSpec, attn_rows, colsum_with_lse, weighted_colsum
 
 QuerySpec = str | int | Sequence[int] | Tensor | Mapping[str, Sequence[int] | Tensor]
 
@@ -51,6 +51,7 @@ class LayerQK:
     k: Tensor
     mask: MaskSpec
     scale: float
+    lse: Tensor | None = None  # the forward's row LSE [B, H, Lq] (``capture_qk(record_lse=True)``)
 
 
 def attention_modules(model: nn.Module, tower: str = "lm") -> list[nn.Module]:
@@ -84,10 +85,18 @@ def _resolve_layers(layers: Sequence[int] | int | None, n: int, tower: str) -> l
 
 @contextmanager
 def capture_qk(model: nn.Module, on_layer: Callable[[LayerQK], None], tower: str = "lm",
-               layers: Sequence[int] | None = None) -> Iterator[None]:
-    """Call ``on_layer`` with every chosen attention layer's q, k and MaskSpec during the enclosed forwards."""
+               layers: Sequence[int] | None = None, record_lse: bool = False) -> Iterator[None]:
+    """Call ``on_layer`` with every chosen attention layer's q, k and MaskSpec during the enclosed forwards.
+
+    ``record_lse=True`` (language model only) runs the chosen layers through the statistics path with nothing but
+    the LSE requested (:class:`hooked_vlm.AttnStatsRequest`, ``backend="sdpa"``: the fused forward kernel where the
+    mask allows it), so each :class:`LayerQK` also carries the row LSE the forward itself computed; a later column
+    pass then needs one sweep, not two.
+    """
     attns = attention_modules(model, tower)
     chosen = set(_resolve_layers(layers, len(attns), tower))
+    if record_lse and tower != "lm":
+        raise ValueError("record_lse applies to the language model's attention (tower='lm')")
     handles = []
     for i, attn in enumerate(attns):
         if i not in chosen:
@@ -102,15 +111,32 @@ def capture_qk(model: nn.Module, on_layer: Callable[[LayerQK], None], tower: str
 
         def grab_k(mod, inp, out, state=state, i=i, attn=attn):
             q = state.pop("q").detach().transpose(1, 2)
-            on_layer(LayerQK(i, q, out.detach().transpose(1, 2), state.pop("mask"), float(attn.scale)))
+            s = LayerQK(i, q, out.detach().transpose(1, 2), state.pop("mask"), float(attn.scale))
+            if record_lse:
+                state["pending"] = s
+            else:
+                on_layer(s)
+
+        def grab_lse(mod, inp, out, state=state):
+            s = state.pop("pending")
+            s.lse = out.detach()
+            on_layer(s)
 
         handles += [
             attn.register_forward_pre_hook(pre, with_kwargs=True),
             attn.hook_rot_q.register_forward_hook(grab_q),
             attn.hook_rot_k.register_forward_hook(grab_k),
         ]
+        if record_lse:
+            handles.append(attn.hook_lse.register_forward_hook(grab_lse))
     try:
-        yield
+        if record_lse:
+            from hooked_vlm import AttnStatsRequest, attn_stats_request
+
+            with attn_stats_request(model, AttnStatsRequest(layers=sorted(chosen), backend="sdpa")):
+                yield
+        else:
+            yield
     finally:
         for h in handles:
             h.remove()
@@ -240,7 +266,7 @@ def attention_map(
         found[s.layer] = weighted_attention(s, w, heads=heads, backend=backend).cpu()
 
     chosen = _resolve_layers(layers, len(attention_modules(model, tower)), tower)
-    with eval_mode(model), torch.no_grad(), capture_qk(model, on_layer, tower, chosen):
+    with eval_mode(model), torch.no_grad(), capture_qk(model, on_layer, tower, chosen, record_lse=tower == "lm"):
         model(**inputs)
     missing = [i for i in chosen if i not in found]
     if missing:
@@ -254,16 +280,19 @@ ROWS_LIMIT = 64
 def weighted_attention(s: LayerQK, w: Float[Tensor, "b lq qg"], heads: str = "per_head", backend: str | None = None,
                        rows_limit: int = ROWS_LIMIT) -> Float[Tensor, "b h qg lk"]:
     """``W^T P`` for one layer: from exact rows (:func:`kernels.attn_rows`, cost ``S x L``) when the groups use at
-    most ``rows_limit`` query positions, else the column pass (:func:`kernels.weighted_colsum`, cost ``L x L``)."""
+    most ``rows_limit`` query positions, else the column pass: one sweep with the forward's LSE when it was
+    recorded (:func:`kernels.colsum_with_lse`), else :func:`kernels.weighted_colsum`."""
     used = (w != 0).any(-1).any(0).nonzero().flatten()
     if used.numel() <= rows_limit:
-        probs, _ = attn_rows(s.q, s.k, used.to(s.q.device), s.mask, scale=s.scale, backend=backend)  # B H S Lk
+        probs, _ = attn_rows(s.q, s.k, used.to(s.q.device), s.mask, lse=s.lse, scale=s.scale, backend=backend)  # B H S Lk
         out = torch.einsum("bsc,bhsk->bhck", w[:, used].to(probs), probs)
         if heads == "mean":
             return out.mean(1, keepdim=True)
         if heads == "per_head":
             return out
         raise ValueError(f"heads must be 'per_head' or 'mean', got {heads!r}")
+    if s.lse is not None:
+        return colsum_with_lse(s.q, s.k, s.lse, s.mask, w.to(s.q.device), heads=heads, scale=s.scale, backend=backend)
     return weighted_colsum(s.q, s.k, s.mask, w.to(s.q.device), heads=heads, scale=s.scale, backend=backend)
 
 

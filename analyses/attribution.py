@@ -420,7 +420,8 @@ def _vision_hooks(model: nn.Module) -> list[str]:
 
 @dataclass
 class TokenCAMs:
-    """Grad-CAM maps of one image, one per answer token: ``maps [n_tokens, frames, rows, cols]`` on the patch grid."""
+    """Grad-CAM maps of one image or video, one per answer token: ``maps [n_tokens, frames, rows, cols]`` on the
+    item's vision-tower patch grid (video: one map per frame or temporal slice; any-res: the crops stitched)."""
 
     maps: Float[Tensor, "n t rows cols"]
     tokens: list[int]
@@ -434,16 +435,22 @@ def grad_cam(
     answer_positions: Sequence[int],
     *,
     layer: int | None = None,
-    image: int = 0,
+    image: int | None = 0,
+    video: int | None = None,
+    part: int | None = None,
 ) -> TokenCAMs:
-    """Per-token Grad-CAM on vision-tower tokens for a generative VLM.
+    """Per-token Grad-CAM on vision-tower tokens for a generative VLM, for an image or a video.
 
     ``inputs`` hold prompt + answer (e.g. the output of ``model.generate`` as ``input_ids``); for the answer token
-    at position ``p`` the target is ``log p(token_p | prefix)`` read at ``p - 1``. With activations ``A [N, d]``
-    (the image's patch tokens at ``vision.blocks.{layer}.hook_resid_post``, [CLS] dropped) and gradients ``G``,
-    ``CAM = ReLU(A @ mean_i G_i)``. ``layer=None``: the deepest block whose output reaches the language model
-    (LLaVA reads ``vision_feature_layer=-2``, so its last block never does). All answer tokens go in one batched
-    backward (one batch row per token).
+    at position ``p`` the target is ``log p(token_p | prefix)`` read at ``p - 1``. With the item's patch
+    activations ``A`` (``vision.blocks.{layer}.hook_resid_post``, [CLS] dropped) laid out as ``[frames, rows,
+    cols, d]`` and their gradients ``G``, ``CAM = ReLU(A @ mean G)``, the mean over every cell of that view (so a
+    video's frames share one set of channel weights, as in spatio-temporal Grad-CAM). Views: Qwen images and
+    videos -> the patch grid ``grid_thw`` (video: one map per temporal slice); LLaVA-NeXT / OneVision video ->
+    one ``side x side`` map per frame; LLaVA-NeXT / OneVision any-res images -> the high-resolution crops stitched
+    into the image (padding cut off; ``part=BASE`` for the base crop instead); LLaVA 1.5 / Gemma 3 -> the patch
+    grid. ``layer=None``: the deepest block whose output reaches the language model (LLaVA reads
+    ``vision_feature_layer=-2``, so its last block never does). All answer tokens go in one batched backward.
     """
     hooks = _vision_hooks(model)
     if layer is not None:
@@ -451,6 +458,12 @@ def grad_cam(
         if not 0 <= i < len(hooks):
             raise ValueError(f"vision layer {layer} does not exist (the tower has {len(hooks)} blocks)")
         hooks = [hooks[i]]
+    if video is not None:
+        image = None
+    layout = _layout_or_none(model, inputs)
+    if layout is None:
+        raise MethodNotApplicableError("Grad-CAM places vision tokens through the model's token layout; this model has none")
+    layout.find_item(image, video)  # a clear error for an item that does not exist
     ids = inputs["input_ids"]
     pos = [p % ids.shape[1] for p in answer_positions]
     if any(p == 0 for p in pos):
@@ -478,31 +491,36 @@ def grad_cam(
         )
     hook = reached[-1]
     a, g = store[hook].detach(), store[hook].grad.detach()
+    per_copy = a.shape[0] // k
     maps = []
     for r in range(k):
-        ar, gr = _image_tokens(model, inputs, a, r, k, image), _image_tokens(model, inputs, g, r, k, image)
+        sl = slice(r * per_copy, (r + 1) * per_copy)
+        ar = item_patch_grid(layout, a[sl], image, video, part)
+        gr = item_patch_grid(layout, g[sl], image, video, part)
         cam = (ar.reshape(-1, ar.shape[-1]) @ gr.reshape(-1, gr.shape[-1]).mean(0)).clamp(min=0)
         maps.append(cam.reshape(ar.shape[:-1]))
     return TokenCAMs(torch.stack(maps), tokens, pos, hook)
 
 
-def _image_tokens(model: nn.Module, inputs: Mapping[str, Any], act: Tensor, row: int, k: int, image: int) -> Tensor:
-    """One image's patch activations ``[t, rows, cols, d]`` from a vision activation of a k-times tiled batch."""
-    layout = _layout_or_none(model, inputs)
-    n_rows = act.shape[0]
-    if "image_grid_thw" in inputs or "video_grid_thw" in inputs:  # Qwen: [k * B, N, d], one row per prompt
-        b, rows = layout.vision_rows(image=image)
-        _, it = layout.find_item(image=image)
-        return act[row][rows].reshape(*it.grid_thw, -1)
-    per_copy = n_rows // k
-    x = act[row * per_copy + image]
-    spec = getattr(model.vision, "spec", None)
-    if spec is not None and getattr(spec, "has_cls", False):
-        x = x[1:]
-    side = int(round(x.shape[0] ** 0.5))
-    if side * side != x.shape[0]:
-        raise MethodNotApplicableError(f"cannot lay {x.shape[0]} vision tokens on a square grid")
-    return x.reshape(1, side, side, -1)
+def item_patch_grid(layout: Any, act: Tensor, image: int | None = 0, video: int | None = None,
+                    part: int | None = None) -> Float[Tensor, "t rows cols d"]:
+    """One item's vision-tower tokens ``[frames, rows, cols, d]`` from a batch-first tower activation of ONE prompt
+    copy, placed by the token layout (see :func:`grad_cam` for the view of each family)."""
+    _, it = layout.find_item(image, video)
+    if getattr(layout, "part", None) is None:  # Qwen / Gemma 3: the item's patch grid grid_thw
+        return layout.vision_grid(act, image=image, video=video)
+    if it.kind == "video":  # LLaVA-NeXT-Video / OneVision: one tower row per frame
+        return torch.stack([layout.vision_grid(act, video=video, frame=f) for f in range(it.n_rows)])
+    from hooked_vlm.families.llava_inputs import BASE
+
+    if part == BASE or it.crop_grid == (0, 0):
+        return layout.vision_grid(act, image=image, crop=0)[None]
+    cr, cc = it.crop_grid
+    crops = [layout.vision_grid(act, image=image, crop=1 + i) for i in range(cr * cc)]  # raster order of the crop grid
+    side = crops[0].shape[0]
+    canvas = torch.stack(crops).reshape(cr, cc, side, side, -1).permute(0, 2, 1, 3, 4).reshape(cr * side, cc * side, -1)
+    top, left, rows, cols = it.unpad  # the image inside the best-resolution canvas (patch units)
+    return canvas[top : top + rows, left : left + cols][None]
 
 
 # --------------------------------------------------------------------------------------------- Grad-ECLIP

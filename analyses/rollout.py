@@ -139,7 +139,8 @@ def rollout(
             "discard_ratio act on whole L x L matrices: use method='materialize' at small L"
         )
     captured: dict[int, LayerQK] = {}
-    with eval_mode(model), torch.no_grad(), capture_qk(model, lambda s: captured.__setitem__(s.layer, s), tower, chosen):
+    with eval_mode(model), torch.no_grad(), capture_qk(model, lambda s: captured.__setitem__(s.layer, s), tower, chosen,
+                                                               record_lse=tower == "lm"):
         model(**inputs)
     top = captured[chosen[-1]]
     b, _, lq, _ = top.q.shape

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -75,10 +76,18 @@ def cell(name: str, frames: int, side: int, repeats: int) -> dict:
                 return ro.attention.values.shape, float(ro.values.sum())
         else:
             raise SystemExit(f"unknown cell {name}")
+    cpu: list[float] = []
+
+    def timed():  # this process's CPU time too: far less sensitive than wall time to other jobs on a shared machine
+        c0 = time.process_time()
+        fn()
+        cpu.append(time.process_time() - c0)
+
     base, _ = rss_mib()
-    r = measure(fn, repeats=repeats, warmup=0)
+    r = measure(timed, repeats=repeats, warmup=0)
     _, peak = rss_mib()
-    return {"cell": name, "L": length, "time_s": r["time_s"], "peak_rss_mib": peak, "delta_mib": r["peak_mib"], "base_mib": base}
+    return {"cell": name, "L": length, "time_s": r["time_s"], "times": r["times"], "cpu_s": statistics.median(cpu),
+            "cpus": cpu, "peak_rss_mib": peak, "delta_mib": r["peak_mib"], "base_mib": base}
 
 
 def predicted_pattern_gib(length: int, heads: int = 4, layers: int = TEXT["num_hidden_layers"]) -> float:
@@ -117,7 +126,8 @@ def main() -> None:
     print(json.dumps(rows[-1]))
     f, m = rows[0], rows[1]
     if "time_s" in f and "time_s" in m:
-        summary = {"L": length, "load_avg": load, "time_ratio": m["time_s"] / f["time_s"],
+        summary = {"L": length, "load_avg": load, "load_avg_end": os.getloadavg(), "time_ratio": m["time_s"] / f["time_s"],
+                   "cpu_ratio": m["cpu_s"] / f["cpu_s"],
                    "peak_rss_ratio": m["peak_rss_mib"] / f["peak_rss_mib"],
                    "delta_ratio": m["delta_mib"] / max(f["delta_mib"], 1e-9), "hf_eager_predicted_gib": pred}
         print(json.dumps(summary))
