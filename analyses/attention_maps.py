@@ -142,6 +142,16 @@ def capture_qk(model: nn.Module, on_layer: Callable[[LayerQK], None], tower: str
             h.remove()
 
 
+def run_through(model: nn.Module, inputs: Mapping[str, Any], tower: str, layers: Sequence[int]) -> Any:
+    """Run the forward only as far as the chosen attention layers need (``stop_at_layer``: no later blocks, no
+    unembedding; for a VLM's vision tower, no language model at all)."""
+    if getattr(model, "blocks", None) is None:  # CLIP / SigLIP: both towers run
+        return model(**inputs)
+    if tower == "lm":
+        return model(**inputs, stop_at_layer=max(layers) + 1)
+    return model(**inputs, stop_at_layer=0)
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run with dropout off (``model.eval()``), restoring the caller's train/eval flags afterwards."""
@@ -267,7 +277,7 @@ def attention_map(
 
     chosen = _resolve_layers(layers, len(attention_modules(model, tower)), tower)
     with eval_mode(model), torch.no_grad(), capture_qk(model, on_layer, tower, chosen, record_lse=tower == "lm"):
-        model(**inputs)
+        run_through(model, inputs, tower, chosen)
     missing = [i for i in chosen if i not in found]
     if missing:
         raise MethodNotApplicableError(f"attention layers {missing} of the {tower} tower did not run in this forward")
@@ -512,7 +522,7 @@ def two_hop_flow(
 
     chosen = _resolve_layers(layers, len(attention_modules(model, "lm")), "lm")
     with eval_mode(model), torch.no_grad(), capture_qk(model, on_layer, "lm", chosen):
-        model(**inputs)
+        run_through(model, inputs, "lm", chosen)
     n = len(chosen)
     out = torch.full((n, n), float("nan"))
     for a, l1 in enumerate(chosen):

@@ -492,39 +492,59 @@ def sdpa_out_lse(
 
 def sdpa_colsum_from_lse(
     q: Float[Tensor, "b h l d"], k: Float[Tensor, "b h l d"], lse: Float[Tensor, "b h l"], w: Float[Tensor, "b l qg"],
-    causal: bool, scale: float,
+    causal: bool, scale: float, method: str = "auto",
 ) -> Float[Tensor, "b h qg l"]:
     """``W^T P`` from a known row LSE with ONE public fused SDPA forward (k already expanded to H heads).
 
-    Roles are swapped: every key ``j`` becomes a query that attends to the original queries ``i`` with score
-    ``s_ij - lse_i = log P_ij`` (an extra head dimension carries ``-lse_i``), over the reversed sequence so that
-    causality is again SDPA's top-left triangle. The values are the weights ``W`` plus one sentinel key of score 0
-    and value ``e_sentinel`` that every row sees: ``out_c = sum_i P_ij W_ic / Z_j`` and ``out_sent = 1 / Z_j``, so
-    ``colsum_jc = out_c / out_sent`` exactly (the softmax normaliser ``Z_j`` cancels; every real score is ``<= 0``,
-    so nothing overflows). Up to ``head_dim`` query groups per pass (more are chunked).
+    Roles are swapped: every key ``j`` becomes a query that attends to the original queries ``i`` over the reversed
+    sequence (so causality is again SDPA's top-left triangle), and one sentinel key of score 0 and value
+    ``e_sentinel`` is visible to every row; the softmax normaliser ``Z_j`` then cancels in ``out_c / out_sent``.
+
+    * ``method="values"`` (head dim unchanged, the forward's own cost): scores ``s_ij``, values ``W_ic e^{-lse_i}``,
+      so ``out_c / out_sent = sum_i e^{s_ij - lse_i} W_ic``. Used when every live LSE lies in [-60, 60] and their
+      range is under 50 (then no term that matters leaves fp32's range); up to ``head_dim - 1`` groups per pass.
+    * ``method="bias"`` (one extra head dimension carries ``-lse_i``): scores ``log P_ij <= 0``, values ``W``;
+      exact for any LSE; up to ``head_dim`` groups per pass.
+
+    ``"auto"`` picks ``values`` when its range condition holds, else ``bias``. More groups are chunked.
     """
     b, h, l, d = q.shape
     dt = torch.float32 if q.dtype == torch.float64 else q.dtype
-    e = d + 1
+    live = torch.isfinite(lse)
+    if method == "auto":
+        lv = lse[live]
+        ok = lv.numel() == 0 or (float(lv.abs().max()) < 60 and float(lv.max() - lv.min()) < 50)
+        method = "values" if ok else "bias"
+    if method == "values":
+        e, per = d, d - 1
+        rows_t = k.to(dt)
+        keys_t = q.to(dt) * scale
+        row_scale = torch.where(live, torch.exp(-lse.clamp(-80, 80)), torch.zeros_like(lse)).to(dt)  # B H L
+    elif method == "bias":
+        e, per = d + 1, d
+        lse_f = torch.where(live, lse, torch.full_like(lse, float("inf")))  # dead rows: P = 0
+        rows_t = torch.cat([k.to(dt), torch.ones_like(k[..., :1], dtype=dt)], -1)
+        keys_t = torch.cat([q.to(dt) * scale, (-lse_f).clamp(min=-1e30).to(dt)[..., None]], -1)
+        row_scale = None
+    else:
+        raise ValueError(f"method must be 'auto', 'values' or 'bias', got {method!r}")
+    if causal:
+        rows_t, keys_t = rows_t.flip(2), keys_t.flip(2)
+    zero = torch.zeros(b, h, 1, e, dtype=dt, device=q.device)
+    rows_t = torch.cat([zero, rows_t], 2)  # a dummy row 0: row r + 1 sees keys 0 .. r + 1 (top-left causal)
+    keys_t = torch.cat([zero, keys_t], 2)  # the sentinel key: score 0 for every row
     qg = w.shape[-1]
-    lse_f = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # dead rows: P = 0
-    keys_as_q = torch.cat([k.to(dt), torch.ones_like(k[..., :1], dtype=dt)], -1)  # B H L E   (rows j)
-    q_as_k = torch.cat([q.to(dt) * scale, (-lse_f).clamp(min=-1e30).to(dt)[..., None]], -1)  # B H L E  (keys i)
     outs = []
-    for c0 in range(0, qg, d):
-        wc = w[..., c0 : c0 + d].to(dt)  # B L g
+    for c0 in range(0, qg, per):
+        wc = w[..., c0 : c0 + per].to(dt)  # B L g
         g = wc.shape[-1]
-        vals = torch.zeros(b, h, l, e, dtype=dt, device=q.device)
-        vals[..., :g] = wc[:, None]
-        # sentinel first (key 0, a dummy query row 0): row r + 1 sees keys 0 .. r + 1 under top-left causality
-        sent_k = torch.zeros(b, h, 1, e, dtype=dt, device=q.device)
-        sent_v = torch.zeros(b, h, 1, e, dtype=dt, device=q.device)
-        sent_v[..., g] = 1
-        rows, keys, vv = (keys_as_q.flip(2), q_as_k.flip(2), vals.flip(2)) if causal else (keys_as_q, q_as_k, vals)
-        rows = torch.cat([sent_k, rows], 2)
-        keys = torch.cat([sent_k, keys], 2)
-        vv = torch.cat([sent_v, vv], 2)
-        out = torch.nn.functional.scaled_dot_product_attention(rows, keys, vv, is_causal=causal, scale=1.0)[:, :, 1:]
+        vals = torch.zeros(b, h, l + 1, e, dtype=dt, device=q.device)
+        body = wc[:, None].expand(b, h, l, g)
+        if row_scale is not None:
+            body = body * row_scale[..., None]
+        vals[:, :, 1:, :g] = body.flip(2) if causal else body
+        vals[:, :, 0, g] = 1
+        out = torch.nn.functional.scaled_dot_product_attention(rows_t, keys_t, vals, is_causal=causal, scale=1.0)[:, :, 1:]
         cs = out[..., :g].float() / out[..., g : g + 1].float()  # B H L g
         outs.append(cs.flip(2) if causal else cs)
     return torch.cat(outs, -1).transpose(2, 3)

@@ -111,3 +111,33 @@ def test_attn_stats_sdpa_records_the_lse_and_masked_layers_fall_back():
         torch.testing.assert_close(got.double(), ref["colsum"], atol=2e-5, rtol=1e-5)
     with pytest.raises(MaskMismatchError, match="different MaskSpec"):
         colsum_with_lse(q, k, st.lse, MaskSpec(causal=True), w)
+
+
+@pytest.mark.parametrize("method", ["values", "bias"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_both_sentinel_methods_equal_reference(method, causal):
+    """'values' (W e^{-lse} as values, head dim unchanged) and 'bias' (-lse in an extra dimension) == fp64 reference."""
+    from kernels import attn_out_lse
+    from kernels.api import sdpa_colsum_from_lse
+
+    q, k, w = _qkw(1, 4, 4, 50, 16, 17, seed=9)  # 17 groups: two chunks under either method
+    mask = MaskSpec(causal=causal)
+    _, lse = attn_out_lse(q, k, k, mask)
+    got = sdpa_colsum_from_lse(q, k, lse, w, causal, 16**-0.5, method=method)
+    torch.testing.assert_close(got.double(), _ref(q, k, mask, w), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_method_switches_to_bias_when_the_lse_range_is_wide():
+    """Logits of ~+-100 put LSEs outside the range where scaled values stay in fp32; 'auto' must still be exact."""
+    from kernels import attn_out_lse
+    from kernels.api import sdpa_colsum_from_lse
+
+    q, k, w = _qkw(1, 2, 2, 40, 16, 1, seed=10)
+    q = q * 12
+    mask = MaskSpec(causal=True)
+    _, lse = attn_out_lse(q, k, k, mask)
+    assert float(lse.max() - lse.min()) > 50
+    want = _ref(q, k, mask, w)
+    torch.testing.assert_close(sdpa_colsum_from_lse(q, k, lse, w, True, 0.25).double(), want, atol=1e-5, rtol=1e-4)
+    wrong = sdpa_colsum_from_lse(q, k, lse, w, True, 0.25, method="values").double()
+    assert not torch.allclose(wrong, want, atol=1e-5, rtol=1e-4)  # why the range check exists
