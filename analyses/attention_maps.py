@@ -313,16 +313,15 @@ def grid_view(values: Tensor, layout: Any, image: int | None = None, video: int 
 
     LM: a cell is a merged token at its layout (frame, row, col); LLaVA-NeXT / OneVision default to the any-res
     grid (``part=GRID``: the crops stitched back into the image; newline tokens dropped), else the base crop.
-    Vision tower: the item's patch grid ``grid_thw`` (Qwen) from ``layout.vision_rows``.
+    Vision tower: the item's patch view of :func:`item_patch_grid` (Qwen / Gemma 3 patch grid, LLaVA frames, any-res
+    crops stitched into the image; ``part=BASE`` for the base crop).
     """
     if layout is None:
         raise MethodNotApplicableError("grid views need a token layout (model.layout); this model has none")
     item_id, it = layout.find_item(image, video)
-    if tower == "vision":
-        b, rows = layout.vision_rows(image, video)
-        t, h, w = it.grid_thw
-        sel = values[..., b, :, :, :][..., rows.to(values.device)]
-        return sel.reshape(*sel.shape[:-1], t, h, w)
+    if tower == "vision":  # [..., B, H, QG, N] -> the item's patch view [..., H, QG, frames, rows, cols]
+        v = values.movedim(-4, 0).movedim(-1, 1)  # B N ... H QG (the batch-first layout of tower activations)
+        return item_patch_grid(layout, v, image, video, part).movedim((0, 1, 2), (-3, -2, -1))
     b = it.batch
     sel = layout.item[b] == item_id
     sel &= (layout.row[b] >= 0) & (layout.col[b] >= 0)
@@ -341,6 +340,34 @@ def grid_view(values: Tensor, layout: Any, image: int | None = None, video: int 
     out = torch.zeros(*src.shape[:-1], shape[0] * shape[1] * shape[2], dtype=src.dtype)
     out[..., (f * shape[1] * shape[2] + r * shape[2] + c).to(out.device)] = src
     return out.reshape(*src.shape[:-1], *shape)
+
+
+def item_patch_grid(layout: Any, act: Tensor, image: int | None = 0, video: int | None = None,
+                    part: int | None = None) -> Float[Tensor, "t rows cols d"]:
+    """One item's vision-tower tokens ``[frames, rows, cols, d]`` from a batch-first tower activation of ONE prompt
+    copy, placed by the token layout.
+
+    Qwen images / videos and Gemma 3 -> the patch grid ``grid_thw`` (video: one grid per temporal slice);
+    LLaVA-NeXT-Video / OneVision video -> one ``side x side`` grid per frame; LLaVA-NeXT / OneVision any-res
+    images -> the high-resolution crops stitched into the image, padding cut (``part=BASE``: the base crop);
+    LLaVA 1.5 -> the patch grid of its one crop. The trailing axes of ``act`` ride along.
+    """
+    _, it = layout.find_item(image, video)
+    if getattr(layout, "part", None) is None:  # Qwen / Gemma 3: the item's patch grid grid_thw
+        return layout.vision_grid(act, image=image, video=video)
+    if it.kind == "video":  # LLaVA-NeXT-Video / OneVision: one tower row per frame
+        return torch.stack([layout.vision_grid(act, video=video, frame=f) for f in range(it.n_rows)])
+    from hooked_vlm.families.llava_inputs import BASE
+
+    if part == BASE or it.crop_grid == (0, 0):
+        return layout.vision_grid(act, image=image, crop=0)[None]
+    cr, cc = it.crop_grid
+    crops = [layout.vision_grid(act, image=image, crop=1 + i) for i in range(cr * cc)]  # raster order of the crop grid
+    side = crops[0].shape[0]
+    rest = crops[0].shape[2:]
+    canvas = torch.stack(crops).reshape(cr, cc, side, side, *rest).transpose(1, 2).reshape(cr * side, cc * side, *rest)
+    top, left, rows, cols = it.unpad  # the image inside the best-resolution canvas (patch units)
+    return canvas[top : top + rows, left : left + cols][None]
 
 
 def _overlap(n_in: int, n_out: int) -> np.ndarray:

@@ -26,7 +26,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from analyses.attention_maps import MethodNotApplicableError, _layout_or_none, eval_mode, grid_view, pool_grid
+from analyses.attention_maps import (
+    MethodNotApplicableError,
+    _layout_or_none,
+    eval_mode,
+    grid_view,
+    item_patch_grid,
+    pool_grid,
+)
 
 Metric = Callable[[Any], Tensor]
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
@@ -500,27 +507,6 @@ def grad_cam(
         cam = (ar.reshape(-1, ar.shape[-1]) @ gr.reshape(-1, gr.shape[-1]).mean(0)).clamp(min=0)
         maps.append(cam.reshape(ar.shape[:-1]))
     return TokenCAMs(torch.stack(maps), tokens, pos, hook)
-
-
-def item_patch_grid(layout: Any, act: Tensor, image: int | None = 0, video: int | None = None,
-                    part: int | None = None) -> Float[Tensor, "t rows cols d"]:
-    """One item's vision-tower tokens ``[frames, rows, cols, d]`` from a batch-first tower activation of ONE prompt
-    copy, placed by the token layout (see :func:`grad_cam` for the view of each family)."""
-    _, it = layout.find_item(image, video)
-    if getattr(layout, "part", None) is None:  # Qwen / Gemma 3: the item's patch grid grid_thw
-        return layout.vision_grid(act, image=image, video=video)
-    if it.kind == "video":  # LLaVA-NeXT-Video / OneVision: one tower row per frame
-        return torch.stack([layout.vision_grid(act, video=video, frame=f) for f in range(it.n_rows)])
-    from hooked_vlm.families.llava_inputs import BASE
-
-    if part == BASE or it.crop_grid == (0, 0):
-        return layout.vision_grid(act, image=image, crop=0)[None]
-    cr, cc = it.crop_grid
-    crops = [layout.vision_grid(act, image=image, crop=1 + i) for i in range(cr * cc)]  # raster order of the crop grid
-    side = crops[0].shape[0]
-    canvas = torch.stack(crops).reshape(cr, cc, side, side, -1).permute(0, 2, 1, 3, 4).reshape(cr * side, cc * side, -1)
-    top, left, rows, cols = it.unpad  # the image inside the best-resolution canvas (patch units)
-    return canvas[top : top + rows, left : left + cols][None]
 
 
 # --------------------------------------------------------------------------------------------- Grad-ECLIP
