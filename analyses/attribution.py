@@ -358,11 +358,14 @@ def gradient_saliency(
 
 
 def pixel_map(model: nn.Module, inputs: Mapping[str, Any], attr: Attribution, image: int | None = 0,
-              video: int | None = None, absolute: bool = True, sigma_high_pass: float | None = None) -> Tensor:
+              video: int | None = None, absolute: bool = True, sigma_high_pass: float | None = None,
+              part: int | None = None) -> Tensor:
     """A pixel attribution as an image map ``[frames, H, W]`` (channel sum; ``absolute``: of |values| first).
 
     Qwen's packed rows are unpacked through the layout; 4-D ``[N, C, H, W]`` tensors give image ``image``;
-    LLaVA-NeXT 5-D crops give the base crop. ``sigma_high_pass`` applies :func:`high_pass` per frame.
+    LLaVA-NeXT / OneVision 5-D any-res crops give the high-resolution crops stitched into the image (padding cut,
+    :func:`anyres_canvas`), or the base crop with ``part=BASE``. ``sigma_high_pass`` applies :func:`high_pass` per
+    frame.
     """
     v = attr.values.abs() if absolute else attr.values
     if _is_packed(v):
@@ -370,7 +373,7 @@ def pixel_map(model: nn.Module, inputs: Mapping[str, Any], attr: Attribution, im
         _, it = layout.find_item(image if video is None else None, video)
         frames = unpack_qwen_pixels(v, it)
     elif v.ndim == 5:
-        frames = v[image or 0, :1]
+        frames = anyres_canvas(_layout_or_none(model, inputs), v, image or 0, part)
     elif v.ndim == 4:
         frames = v[(image or 0) : (image or 0) + 1]
     else:
@@ -381,13 +384,34 @@ def pixel_map(model: nn.Module, inputs: Mapping[str, Any], attr: Attribution, im
     return m
 
 
+def anyres_canvas(layout: Any, x: Float[Tensor, "n crops c s s"], image: int = 0, part: int | None = None) -> Float[Tensor, "1 c h w"]:
+    """An any-res image's pixels (or pixel attributions) as one image: its high-resolution crops pasted side by side
+    in raster order, cut to the unpadded box the LM's grid tokens cover (``item.unpad``), or its base crop
+    (``part=BASE``, or an image without crops)."""
+    from hooked_vlm.families.llava_inputs import BASE
+
+    if layout is None or getattr(layout, "part", None) is None:
+        raise MethodNotApplicableError("5-D any-res pixel tensors need the LLaVA-NeXT / OneVision token layout")
+    _, it = layout.find_item(image=image)
+    px = x[image]
+    if part == BASE or it.crop_grid == (0, 0):
+        return px[:1]
+    cr, cc = it.crop_grid
+    c, s = px.shape[1], px.shape[-1]
+    canvas = px[1 : 1 + cr * cc].reshape(cr, cc, c, s, s).permute(2, 0, 3, 1, 4).reshape(c, cr * s, cc * s)
+    top, left, rows, cols = it.unpad
+    p = it.patch_size
+    return canvas[:, top * p : (top + rows) * p, left * p : (left + cols) * p][None]
+
+
 def attribution_grid(model: nn.Module, inputs: Mapping[str, Any], attr: Attribution, image: int | None = None,
                      video: int | None = None, absolute: bool = True, part: int | None = None) -> Tensor:
     """Reduce an attribution to the item's token grid ``[frames, rows, cols]`` (the grid of attention maps).
 
     Embedding attributions: sum over the model dimension per position, placed by the layout. Pixel attributions:
-    Qwen rows are summed per merged token (through the layout); 4-D / 5-D pixel tensors are channel-summed and
-    mass-pooled onto the grid.
+    Qwen rows are summed per merged token (through the layout); 4-D pixel tensors are channel-summed and
+    mass-pooled onto the grid; 5-D any-res crops are stitched (:func:`anyres_canvas`) and mass-pooled onto the
+    any-res token grid (``part=BASE``: the base crop onto the base grid).
     """
     layout = _layout_or_none(model, inputs)
     if layout is None:
@@ -407,11 +431,7 @@ def attribution_grid(model: nn.Module, inputs: Mapping[str, Any], attr: Attribut
             _, rows = pixel_rows(layout, [p], batch=it.batch)
             per_pos[it.batch, 0, 0, p] = v[rows].sum()
         return grid_view(per_pos, layout, image=image, video=video, part=part)[0, 0]
-    img = pixel_map(model, inputs, attr, image=image or 0, absolute=absolute)
-    if v.ndim == 5 and part is None:  # any-res crops: pixel_map shows the base crop, so use the base-crop grid
-        from hooked_vlm.families.llava_inputs import BASE
-
-        part = BASE
+    img = pixel_map(model, inputs, attr, image=image or 0, absolute=absolute, part=part)
     ones = torch.ones(layout.batch_size, 1, 1, layout.seq_len)
     shape = grid_view(ones, layout, image=image, video=video, part=part).shape[-2:]
     return pool_grid(img, tuple(shape), mode="mass")

@@ -260,16 +260,31 @@ def test_ig_equals_captum_on_the_transformers_model():
 
 
 def test_pixel_attribution_grid_sums_each_cells_pixels():
-    """LLaVA-NeXT (5-D any-res crops): the base crop's |gradient|, summed over each base-grid cell's pixel box."""
+    """LLaVA-NeXT (5-D any-res crops): |gradient| summed over each grid token's pixels: the any-res grid (a token's
+    canvas pixel box, layout.pixel_box, read from the crop that holds it) and, with part=BASE, the base crop."""
+    from hooked_vlm.families.llava_inputs import BASE, GRID
+
     model, inputs = case("llava-next")
     sal = gradient_saliency(model, inputs, answer_logprob)
-    grid = attribution_grid(model, inputs, sal, image=0)[0]
+    grid = attribution_grid(model, inputs, sal, image=0, part=BASE)[0]
     crop = sal.values[0, 0].abs().sum(0)  # [H, W] of the base crop
     rows, cols = grid.shape
     ch, cw = crop.shape[0] // rows, crop.shape[1] // cols
     for r in range(rows):
         for c in range(cols):
             assert float(grid[r, c]) == pytest.approx(float(crop[r * ch : (r + 1) * ch, c * cw : (c + 1) * cw].sum()), rel=1e-5)
+    lay = model.layout(**inputs)
+    it = lay.items[0]
+    stitched = attribution_grid(model, inputs, sal, image=0)[0]
+    assert tuple(stitched.shape) == tuple(it.grid_size)
+    s = sal.values.shape[-1]
+    px = sal.values[0].abs().sum(1)  # [crops, S, S]
+    for r in range(stitched.shape[0]):
+        for c in range(stitched.shape[1]):
+            pos = lay.cell(r, c, image=0, part=GRID)
+            y0, x0, y1, x1 = lay.pixel_box(0, pos)
+            want = sum(float(px[1 + (y // s) * it.crop_grid[1] + x // s, y % s, x % s]) for y in range(y0, y1) for x in range(x0, x1))
+            assert float(stitched[r, c]) == pytest.approx(want, rel=1e-5)
 
 
 def _plain_grad(model, inputs, hook, p):
