@@ -10,7 +10,8 @@ model (``hook_embed``) by ``fill`` = ``zero``, ``mean`` (the item's mean token) 
 blurred image); ``"pixels"`` replaces the cells' pixels by the ``black`` / ``blur`` / ``mean`` / ``zero``
 baseline (Qwen: the tokens' packed patch rows; 4-D pixel tensors: the cell's pixel box, also for CLIP; 5-D
 LLaVA-NeXT / OneVision any-res crops: the cell's region in the base crop and in every high-resolution crop that
-shows it, see :func:`anyres_cell_boxes`).
+shows it, see :func:`anyres_cell_boxes`; 5-D LLaVA video frames: cell ``(frame, row, col)`` of a
+``[frames, rows, cols]`` map is that box of that frame).
 The random baseline averages ``n_random`` random orders. Steps run batched (``batch_size`` copies per forward).
 """
 
@@ -89,7 +90,8 @@ class _Perturber:
             if self.x.ndim == 5:
                 if layout is None or getattr(layout, "part", None) is None:
                     raise MethodNotApplicableError("a 5-D pixel tensor needs the LLaVA-NeXT / OneVision token layout to map cells onto crops")
-                self.anyres = (layout, image or 0)
+                self.video = video  # LLaVA-NeXT-Video / OneVision frames [videos, frames, C, S, S]: a cell is a frame's box
+                self.anyres = None if video is not None else (layout, image or 0)
             elif self.x.ndim not in (2, 4):
                 raise MethodNotApplicableError(f"pixel perturbation of a {self.x.ndim}-D pixel tensor is not supported; use perturb='tokens'")
         else:
@@ -106,6 +108,13 @@ class _Perturber:
                 if pos.numel():
                     _, rows = pixel_rows(self.layout, pos.tolist())
                     out[r, rows] = self.base[rows]
+        elif self.x.ndim == 5 and self.anyres is None:
+            s = self.x.shape[-1]
+            t, gr, gc = masks.shape[1:]
+            for r, m in enumerate(masks):
+                for f, i, j in m.nonzero().tolist():
+                    y0, y1, x0, x1 = i * s // gr, (i + 1) * s // gr, j * s // gc, (j + 1) * s // gc
+                    out[r, self.video, f, :, y0:y1, x0:x1] = self.base[self.video, f, :, y0:y1, x0:x1]
         elif self.x.ndim == 5:
             t, gr, gc = masks.shape[1:]
             boxes = anyres_cell_boxes(*self.anyres, (gr, gc))

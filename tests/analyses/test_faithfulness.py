@@ -107,3 +107,24 @@ def test_pixel_deletion_on_anyres_crops_perturbs_every_view_of_a_cell(family):
         assert cur.deletion[n + 1] == pytest.approx(want, abs=1e-6)
     assert not torch.equal(pert[0, 1:], base[0, 1:])  # the padding rows of the canvas were left alone
     assert cur.insertion[0] == pytest.approx(cur.deletion[-1], abs=1e-6)
+
+
+def test_pixel_deletion_on_llava_video_frames():
+    """LLaVA-NeXT-Video 5-D frames: cell (frame, row, col) of the token grid blanks that box of that frame only."""
+    from analyses.attribution import pixel_baseline
+
+    model, inputs = case("llava-next-video")
+    pos = grid_positions(model.layout(**inputs), video=0)  # [frames, rows, cols]
+    sal = torch.zeros(pos.shape, dtype=torch.float64)
+    sal[1, 0, 1] = 1.0  # the most salient cell: frame 1, row 0, col 1
+    n = pos.numel()
+    cur = deletion_insertion(model, inputs, answer_prob, sal, perturb="pixels", fill="black", video=0, steps=n, n_random=0)
+    x, base = inputs["pixel_values_videos"], pixel_baseline(model, inputs, "black")
+    s, (_, gr, gc) = x.shape[-1], pos.shape
+    pert = x.clone()
+    pert[0, 1, :, 0 : s // gr, s // gc : 2 * s // gc] = base[0, 1, :, 0 : s // gr, s // gc : 2 * s // gc]
+    with torch.no_grad():
+        want = float(answer_prob(model(**dict(inputs, pixel_values_videos=pert))))
+        clean = float(answer_prob(model(**inputs)))
+    assert cur.deletion[0] == pytest.approx(clean, abs=1e-6)
+    assert cur.deletion[1] == pytest.approx(want, abs=1e-6)
