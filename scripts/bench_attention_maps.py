@@ -3,12 +3,16 @@
 Each cell runs in a fresh interpreter (``--cell``) so peak RSS is its own; one torch thread. Cells:
 
 * ``forward``: the hooked model's plain forward (SDPA fast path, no grad): the reference;
-* ``maps``: ``attention_map(last token -> every key, all layers)`` + ``rollout(last token)`` (kernels, no L x L);
+* ``maps``: ``rollout(model, inputs, "last", with_map=True)``: one forward that records each layer's q, k and row LSE
+  (stopping after the last layer: no unembedding), the last token's per-layer, per-head map (exact rows) and its
+  rollout (one public SDPA column pass per layer below the top, ``kernels.colsum_with_lse``); no L x L;
 * ``hf_eager``: transformers' eager model with ``output_attentions=True`` (what HF / TransformerLens users run),
   only at lengths where its predicted memory fits (``--eager-max-gib``); otherwise its prediction is printed.
 
 Usage: ``python scripts/bench_attention_maps.py --frames 512 --side 224`` (16k LM tokens with Qwen2-VL's 2x2 merge
-and 2-frame temporal patches: tokens = frames / 2 * (side / 28)^2). Prints one JSON line per cell and a table.
+and 2-frame temporal patches: tokens = frames / 2 * (side / 28)^2). Prints one JSON line per cell and a summary
+with the wall-time and CPU-time ratios (CPU time is this process's own, which other jobs on a shared machine
+barely change).
 """
 
 from __future__ import annotations
