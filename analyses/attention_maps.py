@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from kernels import MaskSpec, attn_rows, weighted_colsum
+from kernels import MaskSpec, attn_rows, colsum_with_lse, weighted_colsum
 
 QuerySpec = str | int | Sequence[int] | Tensor | Mapping[str, Sequence[int] | Tensor]
 
@@ -51,6 +51,7 @@ class LayerQK:
     k: Tensor
     mask: MaskSpec
     scale: float
+    lse: Tensor | None = None  # the forward's row LSE [B, H, Lq] (``capture_qk(record_lse=True)``)
 
 
 def attention_modules(model: nn.Module, tower: str = "lm") -> list[nn.Module]:
@@ -84,10 +85,18 @@ def _resolve_layers(layers: Sequence[int] | int | None, n: int, tower: str) -> l
 
 @contextmanager
 def capture_qk(model: nn.Module, on_layer: Callable[[LayerQK], None], tower: str = "lm",
-               layers: Sequence[int] | None = None) -> Iterator[None]:
-    """Call ``on_layer`` with every chosen attention layer's q, k and MaskSpec during the enclosed forwards."""
+               layers: Sequence[int] | None = None, record_lse: bool = False) -> Iterator[None]:
+    """Call ``on_layer`` with every chosen attention layer's q, k and MaskSpec during the enclosed forwards.
+
+    ``record_lse=True`` (language model only) runs the chosen layers through the statistics path with nothing but
+    the LSE requested (:class:`hooked_vlm.AttnStatsRequest`, ``backend="sdpa"``: the fused forward kernel where the
+    mask allows it), so each :class:`LayerQK` also carries the row LSE the forward itself computed; a later column
+    pass then needs one sweep, not two.
+    """
     attns = attention_modules(model, tower)
     chosen = set(_resolve_layers(layers, len(attns), tower))
+    if record_lse and tower != "lm":
+        raise ValueError("record_lse applies to the language model's attention (tower='lm')")
     handles = []
     for i, attn in enumerate(attns):
         if i not in chosen:
@@ -102,18 +111,45 @@ def capture_qk(model: nn.Module, on_layer: Callable[[LayerQK], None], tower: str
 
         def grab_k(mod, inp, out, state=state, i=i, attn=attn):
             q = state.pop("q").detach().transpose(1, 2)
-            on_layer(LayerQK(i, q, out.detach().transpose(1, 2), state.pop("mask"), float(attn.scale)))
+            s = LayerQK(i, q, out.detach().transpose(1, 2), state.pop("mask"), float(attn.scale))
+            if record_lse:
+                state["pending"] = s
+            else:
+                on_layer(s)
+
+        def grab_lse(mod, inp, out, state=state):
+            s = state.pop("pending")
+            s.lse = out.detach()
+            on_layer(s)
 
         handles += [
             attn.register_forward_pre_hook(pre, with_kwargs=True),
             attn.hook_rot_q.register_forward_hook(grab_q),
             attn.hook_rot_k.register_forward_hook(grab_k),
         ]
+        if record_lse:
+            handles.append(attn.hook_lse.register_forward_hook(grab_lse))
     try:
-        yield
+        if record_lse:
+            from hooked_vlm import AttnStatsRequest, attn_stats_request
+
+            with attn_stats_request(model, AttnStatsRequest(layers=sorted(chosen), backend="sdpa")):
+                yield
+        else:
+            yield
     finally:
         for h in handles:
             h.remove()
+
+
+def run_through(model: nn.Module, inputs: Mapping[str, Any], tower: str, layers: Sequence[int]) -> Any:
+    """Run the forward only as far as the chosen attention layers need (``stop_at_layer``: no later blocks, no
+    unembedding; for a VLM's vision tower, no language model at all)."""
+    if getattr(model, "blocks", None) is None:  # CLIP / SigLIP: both towers run
+        return model(**inputs)
+    if tower == "lm":
+        return model(**inputs, stop_at_layer=max(layers) + 1)
+    return model(**inputs, stop_at_layer=0)
 
 
 @contextmanager
@@ -240,8 +276,8 @@ def attention_map(
         found[s.layer] = weighted_attention(s, w, heads=heads, backend=backend).cpu()
 
     chosen = _resolve_layers(layers, len(attention_modules(model, tower)), tower)
-    with eval_mode(model), torch.no_grad(), capture_qk(model, on_layer, tower, chosen):
-        model(**inputs)
+    with eval_mode(model), torch.no_grad(), capture_qk(model, on_layer, tower, chosen, record_lse=tower == "lm"):
+        run_through(model, inputs, tower, chosen)
     missing = [i for i in chosen if i not in found]
     if missing:
         raise MethodNotApplicableError(f"attention layers {missing} of the {tower} tower did not run in this forward")
@@ -254,16 +290,19 @@ ROWS_LIMIT = 64
 def weighted_attention(s: LayerQK, w: Float[Tensor, "b lq qg"], heads: str = "per_head", backend: str | None = None,
                        rows_limit: int = ROWS_LIMIT) -> Float[Tensor, "b h qg lk"]:
     """``W^T P`` for one layer: from exact rows (:func:`kernels.attn_rows`, cost ``S x L``) when the groups use at
-    most ``rows_limit`` query positions, else the column pass (:func:`kernels.weighted_colsum`, cost ``L x L``)."""
+    most ``rows_limit`` query positions, else the column pass: one sweep with the forward's LSE when it was
+    recorded (:func:`kernels.colsum_with_lse`), else :func:`kernels.weighted_colsum`."""
     used = (w != 0).any(-1).any(0).nonzero().flatten()
     if used.numel() <= rows_limit:
-        probs, _ = attn_rows(s.q, s.k, used.to(s.q.device), s.mask, scale=s.scale, backend=backend)  # B H S Lk
+        probs, _ = attn_rows(s.q, s.k, used.to(s.q.device), s.mask, lse=s.lse, scale=s.scale, backend=backend)  # B H S Lk
         out = torch.einsum("bsc,bhsk->bhck", w[:, used].to(probs), probs)
         if heads == "mean":
             return out.mean(1, keepdim=True)
         if heads == "per_head":
             return out
         raise ValueError(f"heads must be 'per_head' or 'mean', got {heads!r}")
+    if s.lse is not None:
+        return colsum_with_lse(s.q, s.k, s.lse, s.mask, w.to(s.q.device), heads=heads, scale=s.scale, backend=backend)
     return weighted_colsum(s.q, s.k, s.mask, w.to(s.q.device), heads=heads, scale=s.scale, backend=backend)
 
 
@@ -274,16 +313,15 @@ def grid_view(values: Tensor, layout: Any, image: int | None = None, video: int 
 
     LM: a cell is a merged token at its layout (frame, row, col); LLaVA-NeXT / OneVision default to the any-res
     grid (``part=GRID``: the crops stitched back into the image; newline tokens dropped), else the base crop.
-    Vision tower: the item's patch grid ``grid_thw`` (Qwen) from ``layout.vision_rows``.
+    Vision tower: the item's patch view of :func:`item_patch_grid` (Qwen / Gemma 3 patch grid, LLaVA frames, any-res
+    crops stitched into the image; ``part=BASE`` for the base crop).
     """
     if layout is None:
         raise MethodNotApplicableError("grid views need a token layout (model.layout); this model has none")
     item_id, it = layout.find_item(image, video)
-    if tower == "vision":
-        b, rows = layout.vision_rows(image, video)
-        t, h, w = it.grid_thw
-        sel = values[..., b, :, :, :][..., rows.to(values.device)]
-        return sel.reshape(*sel.shape[:-1], t, h, w)
+    if tower == "vision":  # [..., B, H, QG, N] -> the item's patch view [..., H, QG, frames, rows, cols]
+        v = values.movedim(-4, 0).movedim(-1, 1)  # B N ... H QG (the batch-first layout of tower activations)
+        return item_patch_grid(layout, v, image, video, part).movedim((0, 1, 2), (-3, -2, -1))
     b = it.batch
     sel = layout.item[b] == item_id
     sel &= (layout.row[b] >= 0) & (layout.col[b] >= 0)
@@ -302,6 +340,34 @@ def grid_view(values: Tensor, layout: Any, image: int | None = None, video: int 
     out = torch.zeros(*src.shape[:-1], shape[0] * shape[1] * shape[2], dtype=src.dtype)
     out[..., (f * shape[1] * shape[2] + r * shape[2] + c).to(out.device)] = src
     return out.reshape(*src.shape[:-1], *shape)
+
+
+def item_patch_grid(layout: Any, act: Tensor, image: int | None = 0, video: int | None = None,
+                    part: int | None = None) -> Float[Tensor, "t rows cols d"]:
+    """One item's vision-tower tokens ``[frames, rows, cols, d]`` from a batch-first tower activation of ONE prompt
+    copy, placed by the token layout.
+
+    Qwen images / videos and Gemma 3 -> the patch grid ``grid_thw`` (video: one grid per temporal slice);
+    LLaVA-NeXT-Video / OneVision video -> one ``side x side`` grid per frame; LLaVA-NeXT / OneVision any-res
+    images -> the high-resolution crops stitched into the image, padding cut (``part=BASE``: the base crop);
+    LLaVA 1.5 -> the patch grid of its one crop. The trailing axes of ``act`` ride along.
+    """
+    _, it = layout.find_item(image, video)
+    if getattr(layout, "part", None) is None:  # Qwen / Gemma 3: the item's patch grid grid_thw
+        return layout.vision_grid(act, image=image, video=video)
+    if it.kind == "video":  # LLaVA-NeXT-Video / OneVision: one tower row per frame
+        return torch.stack([layout.vision_grid(act, video=video, frame=f) for f in range(it.n_rows)])
+    from hooked_vlm.families.llava_inputs import BASE
+
+    if part == BASE or it.crop_grid == (0, 0):
+        return layout.vision_grid(act, image=image, crop=0)[None]
+    cr, cc = it.crop_grid
+    crops = [layout.vision_grid(act, image=image, crop=1 + i) for i in range(cr * cc)]  # raster order of the crop grid
+    side = crops[0].shape[0]
+    rest = crops[0].shape[2:]
+    canvas = torch.stack(crops).reshape(cr, cc, side, side, *rest).transpose(1, 2).reshape(cr * side, cc * side, *rest)
+    top, left, rows, cols = it.unpad  # the image inside the best-resolution canvas (patch units)
+    return canvas[top : top + rows, left : left + cols][None]
 
 
 def _overlap(n_in: int, n_out: int) -> np.ndarray:
@@ -483,7 +549,7 @@ def two_hop_flow(
 
     chosen = _resolve_layers(layers, len(attention_modules(model, "lm")), "lm")
     with eval_mode(model), torch.no_grad(), capture_qk(model, on_layer, "lm", chosen):
-        model(**inputs)
+        run_through(model, inputs, "lm", chosen)
     n = len(chosen)
     out = torch.full((n, n), float("nan"))
     for a, l1 in enumerate(chosen):

@@ -26,7 +26,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from analyses.attention_maps import MethodNotApplicableError, _layout_or_none, eval_mode, grid_view, pool_grid
+from analyses.attention_maps import (
+    MethodNotApplicableError,
+    _layout_or_none,
+    eval_mode,
+    grid_view,
+    item_patch_grid,
+    pool_grid,
+)
 
 Metric = Callable[[Any], Tensor]
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
@@ -351,11 +358,14 @@ def gradient_saliency(
 
 
 def pixel_map(model: nn.Module, inputs: Mapping[str, Any], attr: Attribution, image: int | None = 0,
-              video: int | None = None, absolute: bool = True, sigma_high_pass: float | None = None) -> Tensor:
+              video: int | None = None, absolute: bool = True, sigma_high_pass: float | None = None,
+              part: int | None = None) -> Tensor:
     """A pixel attribution as an image map ``[frames, H, W]`` (channel sum; ``absolute``: of |values| first).
 
     Qwen's packed rows are unpacked through the layout; 4-D ``[N, C, H, W]`` tensors give image ``image``;
-    LLaVA-NeXT 5-D crops give the base crop. ``sigma_high_pass`` applies :func:`high_pass` per frame.
+    LLaVA-NeXT / OneVision 5-D any-res crops give the high-resolution crops stitched into the image (padding cut,
+    :func:`anyres_canvas`), or the base crop with ``part=BASE``. ``sigma_high_pass`` applies :func:`high_pass` per
+    frame.
     """
     v = attr.values.abs() if absolute else attr.values
     if _is_packed(v):
@@ -363,7 +373,7 @@ def pixel_map(model: nn.Module, inputs: Mapping[str, Any], attr: Attribution, im
         _, it = layout.find_item(image if video is None else None, video)
         frames = unpack_qwen_pixels(v, it)
     elif v.ndim == 5:
-        frames = v[image or 0, :1]
+        frames = anyres_canvas(_layout_or_none(model, inputs), v, image or 0, part)
     elif v.ndim == 4:
         frames = v[(image or 0) : (image or 0) + 1]
     else:
@@ -374,13 +384,34 @@ def pixel_map(model: nn.Module, inputs: Mapping[str, Any], attr: Attribution, im
     return m
 
 
+def anyres_canvas(layout: Any, x: Float[Tensor, "n crops c s s"], image: int = 0, part: int | None = None) -> Float[Tensor, "1 c h w"]:
+    """An any-res image's pixels (or pixel attributions) as one image: its high-resolution crops pasted side by side
+    in raster order, cut to the unpadded box the LM's grid tokens cover (``item.unpad``), or its base crop
+    (``part=BASE``, or an image without crops)."""
+    from hooked_vlm.families.llava_inputs import BASE
+
+    if layout is None or getattr(layout, "part", None) is None:
+        raise MethodNotApplicableError("5-D any-res pixel tensors need the LLaVA-NeXT / OneVision token layout")
+    _, it = layout.find_item(image=image)
+    px = x[image]
+    if part == BASE or it.crop_grid == (0, 0):
+        return px[:1]
+    cr, cc = it.crop_grid
+    c, s = px.shape[1], px.shape[-1]
+    canvas = px[1 : 1 + cr * cc].reshape(cr, cc, c, s, s).permute(2, 0, 3, 1, 4).reshape(c, cr * s, cc * s)
+    top, left, rows, cols = it.unpad
+    p = it.patch_size
+    return canvas[:, top * p : (top + rows) * p, left * p : (left + cols) * p][None]
+
+
 def attribution_grid(model: nn.Module, inputs: Mapping[str, Any], attr: Attribution, image: int | None = None,
                      video: int | None = None, absolute: bool = True, part: int | None = None) -> Tensor:
     """Reduce an attribution to the item's token grid ``[frames, rows, cols]`` (the grid of attention maps).
 
     Embedding attributions: sum over the model dimension per position, placed by the layout. Pixel attributions:
-    Qwen rows are summed per merged token (through the layout); 4-D / 5-D pixel tensors are channel-summed and
-    mass-pooled onto the grid.
+    Qwen rows are summed per merged token (through the layout); 4-D pixel tensors are channel-summed and
+    mass-pooled onto the grid; 5-D any-res crops are stitched (:func:`anyres_canvas`) and mass-pooled onto the
+    any-res token grid (``part=BASE``: the base crop onto the base grid).
     """
     layout = _layout_or_none(model, inputs)
     if layout is None:
@@ -400,11 +431,7 @@ def attribution_grid(model: nn.Module, inputs: Mapping[str, Any], attr: Attribut
             _, rows = pixel_rows(layout, [p], batch=it.batch)
             per_pos[it.batch, 0, 0, p] = v[rows].sum()
         return grid_view(per_pos, layout, image=image, video=video, part=part)[0, 0]
-    img = pixel_map(model, inputs, attr, image=image or 0, absolute=absolute)
-    if v.ndim == 5 and part is None:  # any-res crops: pixel_map shows the base crop, so use the base-crop grid
-        from hooked_vlm.families.llava_inputs import BASE
-
-        part = BASE
+    img = pixel_map(model, inputs, attr, image=image or 0, absolute=absolute, part=part)
     ones = torch.ones(layout.batch_size, 1, 1, layout.seq_len)
     shape = grid_view(ones, layout, image=image, video=video, part=part).shape[-2:]
     return pool_grid(img, tuple(shape), mode="mass")
@@ -420,7 +447,8 @@ def _vision_hooks(model: nn.Module) -> list[str]:
 
 @dataclass
 class TokenCAMs:
-    """Grad-CAM maps of one image, one per answer token: ``maps [n_tokens, frames, rows, cols]`` on the patch grid."""
+    """Grad-CAM maps of one image or video, one per answer token: ``maps [n_tokens, frames, rows, cols]`` on the
+    item's vision-tower patch grid (video: one map per frame or temporal slice; any-res: the crops stitched)."""
 
     maps: Float[Tensor, "n t rows cols"]
     tokens: list[int]
@@ -434,16 +462,22 @@ def grad_cam(
     answer_positions: Sequence[int],
     *,
     layer: int | None = None,
-    image: int = 0,
+    image: int | None = 0,
+    video: int | None = None,
+    part: int | None = None,
 ) -> TokenCAMs:
-    """Per-token Grad-CAM on vision-tower tokens for a generative VLM.
+    """Per-token Grad-CAM on vision-tower tokens for a generative VLM, for an image or a video.
 
     ``inputs`` hold prompt + answer (e.g. the output of ``model.generate`` as ``input_ids``); for the answer token
-    at position ``p`` the target is ``log p(token_p | prefix)`` read at ``p - 1``. With activations ``A [N, d]``
-    (the image's patch tokens at ``vision.blocks.{layer}.hook_resid_post``, [CLS] dropped) and gradients ``G``,
-    ``CAM = ReLU(A @ mean_i G_i)``. ``layer=None``: the deepest block whose output reaches the language model
-    (LLaVA reads ``vision_feature_layer=-2``, so its last block never does). All answer tokens go in one batched
-    backward (one batch row per token).
+    at position ``p`` the target is ``log p(token_p | prefix)`` read at ``p - 1``. With the item's patch
+    activations ``A`` (``vision.blocks.{layer}.hook_resid_post``, [CLS] dropped) laid out as ``[frames, rows,
+    cols, d]`` and their gradients ``G``, ``CAM = ReLU(A @ mean G)``, the mean over every cell of that view (so a
+    video's frames share one set of channel weights, as in spatio-temporal Grad-CAM). Views: Qwen images and
+    videos -> the patch grid ``grid_thw`` (video: one map per temporal slice); LLaVA-NeXT / OneVision video ->
+    one ``side x side`` map per frame; LLaVA-NeXT / OneVision any-res images -> the high-resolution crops stitched
+    into the image (padding cut off; ``part=BASE`` for the base crop instead); LLaVA 1.5 / Gemma 3 -> the patch
+    grid. ``layer=None``: the deepest block whose output reaches the language model (LLaVA reads
+    ``vision_feature_layer=-2``, so its last block never does). All answer tokens go in one batched backward.
     """
     hooks = _vision_hooks(model)
     if layer is not None:
@@ -451,6 +485,12 @@ def grad_cam(
         if not 0 <= i < len(hooks):
             raise ValueError(f"vision layer {layer} does not exist (the tower has {len(hooks)} blocks)")
         hooks = [hooks[i]]
+    if video is not None:
+        image = None
+    layout = _layout_or_none(model, inputs)
+    if layout is None:
+        raise MethodNotApplicableError("Grad-CAM places vision tokens through the model's token layout; this model has none")
+    layout.find_item(image, video)  # a clear error for an item that does not exist
     ids = inputs["input_ids"]
     pos = [p % ids.shape[1] for p in answer_positions]
     if any(p == 0 for p in pos):
@@ -478,31 +518,15 @@ def grad_cam(
         )
     hook = reached[-1]
     a, g = store[hook].detach(), store[hook].grad.detach()
+    per_copy = a.shape[0] // k
     maps = []
     for r in range(k):
-        ar, gr = _image_tokens(model, inputs, a, r, k, image), _image_tokens(model, inputs, g, r, k, image)
+        sl = slice(r * per_copy, (r + 1) * per_copy)
+        ar = item_patch_grid(layout, a[sl], image, video, part)
+        gr = item_patch_grid(layout, g[sl], image, video, part)
         cam = (ar.reshape(-1, ar.shape[-1]) @ gr.reshape(-1, gr.shape[-1]).mean(0)).clamp(min=0)
         maps.append(cam.reshape(ar.shape[:-1]))
     return TokenCAMs(torch.stack(maps), tokens, pos, hook)
-
-
-def _image_tokens(model: nn.Module, inputs: Mapping[str, Any], act: Tensor, row: int, k: int, image: int) -> Tensor:
-    """One image's patch activations ``[t, rows, cols, d]`` from a vision activation of a k-times tiled batch."""
-    layout = _layout_or_none(model, inputs)
-    n_rows = act.shape[0]
-    if "image_grid_thw" in inputs or "video_grid_thw" in inputs:  # Qwen: [k * B, N, d], one row per prompt
-        b, rows = layout.vision_rows(image=image)
-        _, it = layout.find_item(image=image)
-        return act[row][rows].reshape(*it.grid_thw, -1)
-    per_copy = n_rows // k
-    x = act[row * per_copy + image]
-    spec = getattr(model.vision, "spec", None)
-    if spec is not None and getattr(spec, "has_cls", False):
-        x = x[1:]
-    side = int(round(x.shape[0] ** 0.5))
-    if side * side != x.shape[0]:
-        raise MethodNotApplicableError(f"cannot lay {x.shape[0]} vision tokens on a square grid")
-    return x.reshape(1, side, side, -1)
 
 
 # --------------------------------------------------------------------------------------------- Grad-ECLIP

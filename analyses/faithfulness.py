@@ -8,7 +8,10 @@ high AUC). The target is any metric of the model output (an answer probability, 
 Perturbations (``perturb``): ``"tokens"`` replaces the cells' visual tokens where they enter the language
 model (``hook_embed``) by ``fill`` = ``zero``, ``mean`` (the item's mean token) or ``blur`` (the tokens of a
 blurred image); ``"pixels"`` replaces the cells' pixels by the ``black`` / ``blur`` / ``mean`` / ``zero``
-baseline (Qwen: the tokens' packed patch rows; 4-D pixel tensors: the cell's pixel box, also for CLIP).
+baseline (Qwen: the tokens' packed patch rows; 4-D pixel tensors: the cell's pixel box, also for CLIP; 5-D
+LLaVA-NeXT / OneVision any-res crops: the cell's region in the base crop and in every high-resolution crop that
+shows it, see :func:`anyres_cell_boxes`; 5-D LLaVA video frames: cell ``(frame, row, col)`` of a
+``[frames, rows, cols]`` map is that box of that frame).
 The random baseline averages ``n_random`` random orders. Steps run batched (``batch_size`` copies per forward).
 """
 
@@ -84,8 +87,13 @@ class _Perturber:
             self.key = pixel_key(inputs)
             self.x = inputs[self.key]
             self.base = pixel_baseline(model, inputs, fill, key=self.key, sigma=sigma)
-            if self.x.ndim not in (2, 4):
-                raise MethodNotApplicableError(f"pixel perturbation of a {self.x.ndim}-D pixel tensor (any-res crops) is not supported; use perturb='tokens'")
+            if self.x.ndim == 5:
+                if layout is None or getattr(layout, "part", None) is None:
+                    raise MethodNotApplicableError("a 5-D pixel tensor needs the LLaVA-NeXT / OneVision token layout to map cells onto crops")
+                self.video = video  # LLaVA-NeXT-Video / OneVision frames [videos, frames, C, S, S]: a cell is a frame's box
+                self.anyres = None if video is not None else (layout, image or 0)
+            elif self.x.ndim not in (2, 4):
+                raise MethodNotApplicableError(f"pixel perturbation of a {self.x.ndim}-D pixel tensor is not supported; use perturb='tokens'")
         else:
             raise ValueError(f"perturb must be 'tokens' or 'pixels', got {perturb!r}")
         self.image = image or 0
@@ -100,6 +108,20 @@ class _Perturber:
                 if pos.numel():
                     _, rows = pixel_rows(self.layout, pos.tolist())
                     out[r, rows] = self.base[rows]
+        elif self.x.ndim == 5 and self.anyres is None:
+            s = self.x.shape[-1]
+            t, gr, gc = masks.shape[1:]
+            for r, m in enumerate(masks):
+                for f, i, j in m.nonzero().tolist():
+                    y0, y1, x0, x1 = i * s // gr, (i + 1) * s // gr, j * s // gc, (j + 1) * s // gc
+                    out[r, self.video, f, :, y0:y1, x0:x1] = self.base[self.video, f, :, y0:y1, x0:x1]
+        elif self.x.ndim == 5:
+            t, gr, gc = masks.shape[1:]
+            boxes = anyres_cell_boxes(*self.anyres, (gr, gc))
+            for r, m in enumerate(masks):
+                for _, i, j in m.nonzero().tolist():
+                    for crop, y0, y1, x0, x1 in boxes[i][j]:
+                        out[r, self.image, crop, :, y0:y1, x0:x1] = self.base[self.image, crop, :, y0:y1, x0:x1]
         else:
             _, _, h, w = self.x.shape
             t, gr, gc = masks.shape[1:]
@@ -130,6 +152,40 @@ class _Perturber:
                     out = self.model.run_with_hooks(**tiled, fwd_hooks=[("hook_embed", put)])
                 vals.append(self.metric(out).reshape(-1).double().cpu())
         return torch.cat(vals).numpy()
+
+
+def anyres_cell_boxes(layout: Any, image: int, grid: tuple[int, int]) -> list[list[list[tuple[int, int, int, int, int]]]]:
+    """For a ``[rows, cols]`` grid laid uniformly over an any-res image, the pixel boxes of each cell in every crop
+    that shows it: ``boxes[i][j] = [(crop, y0, y1, x0, x1), ...]`` in the 5-D pixel tensor's crop coordinates.
+
+    The base crop (0) is the whole image resized to the crop side, so cell (i, j) covers its (i, j) fraction. The
+    high-resolution crops (1..) tile the best-resolution canvas in raster order; the image occupies the canvas's
+    unpadded box (``item.unpad``, patch units), and the cell's fraction of that box is cut along the crop
+    boundaries. Padding is never perturbed. With ``grid`` equal to the LM's any-res token grid (the default
+    ``grid_view`` of an attention map), every cell is exactly its grid token's pixel box (``layout.pixel_box``).
+    """
+    _, it = layout.find_item(image=image)
+    s, p = it.tower_size, it.patch_size
+    gr, gc = grid
+    cr, cc = it.crop_grid if it.crop_grid != (0, 0) else (0, 0)
+    top, left, rows, cols = it.unpad
+    out = []
+    for i in range(gr):
+        line = []
+        for j in range(gc):
+            cell = [(0, i * s // gr, (i + 1) * s // gr, j * s // gc, (j + 1) * s // gc)]
+            if cr:
+                y0, y1 = top * p + i * rows * p // gr, top * p + (i + 1) * rows * p // gr  # canvas pixels
+                x0, x1 = left * p + j * cols * p // gc, left * p + (j + 1) * cols * p // gc
+                for a in range(cr):
+                    for b in range(cc):
+                        ty0, ty1 = max(y0, a * s), min(y1, (a + 1) * s)
+                        tx0, tx1 = max(x0, b * s), min(x1, (b + 1) * s)
+                        if ty0 < ty1 and tx0 < tx1:
+                            cell.append((1 + a * cc + b, ty0 - a * s, ty1 - a * s, tx0 - b * s, tx1 - b * s))
+            line.append(cell)
+        out.append(line)
+    return out
 
 
 def _embeds(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:

@@ -32,6 +32,7 @@ from analyses.attention_maps import (
     capture_qk,
     eval_mode,
     query_weights,
+    run_through,
     weighted_attention,
 )
 
@@ -139,8 +140,9 @@ def rollout(
             "discard_ratio act on whole L x L matrices: use method='materialize' at small L"
         )
     captured: dict[int, LayerQK] = {}
-    with eval_mode(model), torch.no_grad(), capture_qk(model, lambda s: captured.__setitem__(s.layer, s), tower, chosen):
-        model(**inputs)
+    with eval_mode(model), torch.no_grad(), capture_qk(model, lambda s: captured.__setitem__(s.layer, s), tower, chosen,
+                                                               record_lse=tower == "lm"):
+        run_through(model, inputs, tower, chosen)
     top = captured[chosen[-1]]
     b, _, lq, _ = top.q.shape
     w, names = query_weights(query, layout if tower == "lm" else None, lq, b)

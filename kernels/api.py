@@ -8,7 +8,9 @@ all queries form one group.
 Backends (``backend=`` argument, else ``HOOKED_VLM_ATTN_BACKEND=triton|torch|naive``, else automatic):
 ``triton`` for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` (the interpreter runs the same
 kernels); ``torch`` (chunked, memory bounded by one tile per head group) otherwise; ``naive`` is the fp64
-materialising reference. Importing this module imports neither triton nor a GPU driver.
+materialising reference. Importing this module imports neither triton nor a GPU driver. ``"sdpa"`` (accepted by
+:func:`attn_stats` for output + LSE only, :func:`attn_out_lse`, :func:`colsum_with_lse` and :func:`weighted_colsum`)
+uses torch's fused kernels where the mask is plain causal or absent, and the automatic backend elsewhere.
 
 Every LSE returned here remembers the mask fingerprint, scale and shapes that produced it; reusing it in
 :func:`attn_colsum` / :func:`attn_rows` under anything else raises :class:`~kernels.mask.MaskMismatchError`.
@@ -338,6 +340,11 @@ def attn_stats(
     ``colsum_q_weights`` for ``colsum`` (enabled by either, or ``colsum=True`` for all queries).
     """
     want_colsum = colsum or colsum_q_group_ids is not None or colsum_q_weights is not None
+    if backend == "sdpa":  # output + LSE only (e.g. recorded for a later column pass): the fused kernel where it applies
+        if key_group_ids is None and not want_colsum and rows is None:
+            out, lse = attn_out_lse(q, k, v, mask, scale=scale, backend="sdpa")
+            return AttnStats(out=out, lse=lse)
+        backend = None
     be = resolve_backend(q, backend)
     if be != "torch":
         out, lse, ex = attn_fwd(q, k, v, mask, key_group_ids, q_group_ids, return_row_mass, scale=scale, backend=be)
@@ -453,3 +460,143 @@ def sdpa_colsum(
         d_out[..., : w.shape[-1]] = w[:, None].to(out.dtype)
         (dv,) = torch.autograd.grad(out, v, d_out)
     return dv[..., : w.shape[-1]].transpose(2, 3).float()
+
+
+# ---------------------------------------------------------------------------------------------- SDPA routes with an LSE
+# Added for issue 12 (rollout at long length): the forward records each row's LSE at the cost of the plain fused
+# forward, and the column pass then needs one fused forward per layer (was two).
+def sdpa_plain(q: Tensor, k: Tensor, mask: MaskSpec) -> bool:
+    """Whether ``mask`` is exactly SDPA's ``is_causal`` (square, no offset) or no mask at all."""
+    lq, lk = q.shape[2], k.shape[2]
+    return mask.is_plain_causal() and (not mask.causal or (lq == lk and mask.offset(lq, lk) == 0))
+
+
+def sdpa_out_lse(
+    q: Float[Tensor, "b h l d"], k: Float[Tensor, "b hkv l d"], v: Float[Tensor, "b hkv l dv"], causal: bool, scale: float
+) -> tuple[Float[Tensor, "b h l dv"], Float[Tensor, "b h l"]] | None:
+    """Attention output and fp32 row LSE from one fused CPU flash forward, or None where that kernel is unavailable.
+
+    The output is bit-identical to ``F.scaled_dot_product_attention`` on CPU (the same kernel). The op that also
+    returns the LSE, aten's ``_scaled_dot_product_flash_attention_for_cpu``, is private; no public CPU path returns
+    the LSE at this cost, so the caller falls back to :func:`attn_fwd` (Triton on CUDA, chunked torch) on None.
+    """
+    op = getattr(torch.ops.aten, _FLASH_CPU, None)
+    if op is None or q.device.type != "cpu" or v.shape[-1] != q.shape[-1] or not (q.dtype == k.dtype == v.dtype):
+        return None
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out, lse = op(q, k, v, 0.0, causal and q.shape[2] > 1, scale=scale)[:2]
+    return out, lse.float()
+
+
+def sdpa_colsum_from_lse(
+    q: Float[Tensor, "b h l d"], k: Float[Tensor, "b h l d"], lse: Float[Tensor, "b h l"], w: Float[Tensor, "b l qg"],
+    causal: bool, scale: float, method: str = "auto",
+) -> Float[Tensor, "b h qg l"]:
+    """``W^T P`` from a known row LSE with ONE public fused SDPA forward (k already expanded to H heads).
+
+    Roles are swapped: every key ``j`` becomes a query that attends to the original queries ``i`` over the reversed
+    sequence (so causality is again SDPA's top-left triangle), and one sentinel key of score 0 and value
+    ``e_sentinel`` is visible to every row; the softmax normaliser ``Z_j`` then cancels in ``out_c / out_sent``.
+
+    * ``method="values"`` (head dim unchanged, the forward's own cost): scores ``s_ij``, values ``W_ic e^{-lse_i}``,
+      so ``out_c / out_sent = sum_i e^{s_ij - lse_i} W_ic``. Used when every live LSE lies in [-60, 60] and their
+      range is under 50 (then no term that matters leaves fp32's range); up to ``head_dim - 1`` groups per pass.
+    * ``method="bias"`` (one extra head dimension carries ``-lse_i``): scores ``log P_ij <= 0``, values ``W``;
+      exact for any LSE; up to ``head_dim`` groups per pass.
+
+    ``"auto"`` picks ``values`` when its range condition holds, else ``bias``. More groups are chunked.
+    """
+    b, h, l, d = q.shape
+    dt = torch.float32 if q.dtype == torch.float64 else q.dtype
+    live = torch.isfinite(lse)
+    if method == "auto":
+        lv = lse[live]
+        ok = lv.numel() == 0 or (float(lv.abs().max()) < 60 and float(lv.max() - lv.min()) < 50)
+        method = "values" if ok else "bias"
+    if method == "values":
+        e, per = d, d - 1
+        rows_t = k.to(dt)
+        keys_t = q.to(dt) * scale
+        row_scale = torch.where(live, torch.exp(-lse.clamp(-80, 80)), torch.zeros_like(lse)).to(dt)  # B H L
+    elif method == "bias":
+        e, per = d + 1, d
+        lse_f = torch.where(live, lse, torch.full_like(lse, float("inf")))  # dead rows: P = 0
+        rows_t = torch.cat([k.to(dt), torch.ones_like(k[..., :1], dtype=dt)], -1)
+        keys_t = torch.cat([q.to(dt) * scale, (-lse_f).clamp(min=-1e30).to(dt)[..., None]], -1)
+        row_scale = None
+    else:
+        raise ValueError(f"method must be 'auto', 'values' or 'bias', got {method!r}")
+    if causal:
+        rows_t, keys_t = rows_t.flip(2), keys_t.flip(2)
+    zero = torch.zeros(b, h, 1, e, dtype=dt, device=q.device)
+    rows_t = torch.cat([zero, rows_t], 2)  # a dummy row 0: row r + 1 sees keys 0 .. r + 1 (top-left causal)
+    keys_t = torch.cat([zero, keys_t], 2)  # the sentinel key: score 0 for every row
+    qg = w.shape[-1]
+    outs = []
+    for c0 in range(0, qg, per):
+        wc = w[..., c0 : c0 + per].to(dt)  # B L g
+        g = wc.shape[-1]
+        vals = torch.zeros(b, h, l + 1, e, dtype=dt, device=q.device)
+        body = wc[:, None].expand(b, h, l, g)
+        if row_scale is not None:
+            body = body * row_scale[..., None]
+        vals[:, :, 1:, :g] = body.flip(2) if causal else body
+        vals[:, :, 0, g] = 1
+        out = torch.nn.functional.scaled_dot_product_attention(rows_t, keys_t, vals, is_causal=causal, scale=1.0)[:, :, 1:]
+        cs = out[..., :g].float() / out[..., g : g + 1].float()  # B H L g
+        outs.append(cs.flip(2) if causal else cs)
+    return torch.cat(outs, -1).transpose(2, 3)
+
+
+def colsum_with_lse(
+    q: Float[Tensor, "b h lq d"],
+    k: Float[Tensor, "b hkv lk d"],
+    lse: Float[Tensor, "b h lq"],
+    mask: MaskSpec,
+    q_weights: Float[Tensor, "b lq qg"],
+    *,
+    heads: str = "per_head",
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Float[Tensor, "b h qg lk"]:
+    """``W^T P`` given the rows' LSE (e.g. recorded during the model's forward, ``hook_lse``): one pass.
+
+    Plain causal (square) or unmasked layers use :func:`sdpa_colsum_from_lse` (public SDPA, ``backend=None`` or
+    ``"sdpa"``); every other mask, or another ``backend``, the column kernels (:func:`attn_colsum`).
+    """
+    _check_qk(q, k)
+    b, h, lq, d = q.shape
+    sc = d**-0.5 if scale is None else float(scale)
+    _check_lse(lse, mask, sc, q, k.shape[2])
+    w = _query_weights(None, q_weights, b, lq, q.device)
+    if backend in (None, "sdpa") and sdpa_plain(q, k, mask):
+        rep = h // k.shape[1]
+        kk = k.detach().repeat_interleave(rep, dim=1) if rep > 1 else k.detach()
+        cs = sdpa_colsum_from_lse(q.detach(), kk, lse, w, mask.causal and lq > 1, sc)
+        return _reduce_heads(cs, heads, k.shape[1])
+    if backend == "sdpa":
+        raise ValueError("backend='sdpa' needs a plain causal (Lq == Lk) or unmasked MaskSpec; use backend=None")
+    return attn_colsum(q, k, lse, mask, q_weights=w, heads=heads, scale=sc, backend=backend)
+
+
+def attn_out_lse(
+    q: Float[Tensor, "b h lq d"],
+    k: Float[Tensor, "b hkv lk d"],
+    v: Float[Tensor, "b hkv lk dv"],
+    mask: MaskSpec,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> tuple[Float[Tensor, "b h lq dv"], Float[Tensor, "b h lq"]]:
+    """Output and tagged row LSE: the fused CPU flash kernel for plain masks (``backend`` None / ``"sdpa"``), else
+    :func:`attn_fwd` (Triton on CUDA, chunked torch)."""
+    _check_qk(q, k, v)
+    sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend in (None, "sdpa") and sdpa_plain(q, k, mask):
+        r = sdpa_out_lse(q, k, v, mask.causal, sc)
+        if r is not None:
+            return r[0], _tag_lse(r[1], mask, sc, q.shape[2], k.shape[2])
+    out, lse, _ = attn_fwd(q, k, v, mask, scale=sc, backend=None if backend == "sdpa" else backend)
+    return out, lse

@@ -3,12 +3,16 @@
 Each cell runs in a fresh interpreter (``--cell``) so peak RSS is its own; one torch thread. Cells:
 
 * ``forward``: the hooked model's plain forward (SDPA fast path, no grad): the reference;
-* ``maps``: ``attention_map(last token -> every key, all layers)`` + ``rollout(last token)`` (kernels, no L x L);
+* ``maps``: ``rollout(model, inputs, "last", with_map=True)``: one forward that records each layer's q, k and row LSE
+  (stopping after the last layer: no unembedding), the last token's per-layer, per-head map (exact rows) and its
+  rollout (one public SDPA column pass per layer below the top, ``kernels.colsum_with_lse``); no L x L;
 * ``hf_eager``: transformers' eager model with ``output_attentions=True`` (what HF / TransformerLens users run),
   only at lengths where its predicted memory fits (``--eager-max-gib``); otherwise its prediction is printed.
 
 Usage: ``python scripts/bench_attention_maps.py --frames 512 --side 224`` (16k LM tokens with Qwen2-VL's 2x2 merge
-and 2-frame temporal patches: tokens = frames / 2 * (side / 28)^2). Prints one JSON line per cell and a table.
+and 2-frame temporal patches: tokens = frames / 2 * (side / 28)^2). Prints one JSON line per cell and a summary
+with the wall-time and CPU-time ratios (CPU time is this process's own, which other jobs on a shared machine
+barely change).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -75,10 +80,18 @@ def cell(name: str, frames: int, side: int, repeats: int) -> dict:
                 return ro.attention.values.shape, float(ro.values.sum())
         else:
             raise SystemExit(f"unknown cell {name}")
+    cpu: list[float] = []
+
+    def timed():  # this process's CPU time too: far less sensitive than wall time to other jobs on a shared machine
+        c0 = time.process_time()
+        fn()
+        cpu.append(time.process_time() - c0)
+
     base, _ = rss_mib()
-    r = measure(fn, repeats=repeats, warmup=0)
+    r = measure(timed, repeats=repeats, warmup=0)
     _, peak = rss_mib()
-    return {"cell": name, "L": length, "time_s": r["time_s"], "peak_rss_mib": peak, "delta_mib": r["peak_mib"], "base_mib": base}
+    return {"cell": name, "L": length, "time_s": r["time_s"], "times": r["times"], "cpu_s": statistics.median(cpu),
+            "cpus": cpu, "peak_rss_mib": peak, "delta_mib": r["peak_mib"], "base_mib": base}
 
 
 def predicted_pattern_gib(length: int, heads: int = 4, layers: int = TEXT["num_hidden_layers"]) -> float:
@@ -117,7 +130,8 @@ def main() -> None:
     print(json.dumps(rows[-1]))
     f, m = rows[0], rows[1]
     if "time_s" in f and "time_s" in m:
-        summary = {"L": length, "load_avg": load, "time_ratio": m["time_s"] / f["time_s"],
+        summary = {"L": length, "load_avg": load, "load_avg_end": os.getloadavg(), "time_ratio": m["time_s"] / f["time_s"],
+                   "cpu_ratio": m["cpu_s"] / f["cpu_s"],
                    "peak_rss_ratio": m["peak_rss_mib"] / f["peak_rss_mib"],
                    "delta_ratio": m["delta_mib"] / max(f["delta_mib"], 1e-9), "hf_eager_predicted_gib": pred}
         print(json.dumps(summary))

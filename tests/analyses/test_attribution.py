@@ -260,13 +260,111 @@ def test_ig_equals_captum_on_the_transformers_model():
 
 
 def test_pixel_attribution_grid_sums_each_cells_pixels():
-    """LLaVA-NeXT (5-D any-res crops): the base crop's |gradient|, summed over each base-grid cell's pixel box."""
+    """LLaVA-NeXT (5-D any-res crops): |gradient| summed over each grid token's pixels: the any-res grid (a token's
+    canvas pixel box, layout.pixel_box, read from the crop that holds it) and, with part=BASE, the base crop."""
+    from hooked_vlm.families.llava_inputs import BASE, GRID
+
     model, inputs = case("llava-next")
     sal = gradient_saliency(model, inputs, answer_logprob)
-    grid = attribution_grid(model, inputs, sal, image=0)[0]
+    grid = attribution_grid(model, inputs, sal, image=0, part=BASE)[0]
     crop = sal.values[0, 0].abs().sum(0)  # [H, W] of the base crop
     rows, cols = grid.shape
     ch, cw = crop.shape[0] // rows, crop.shape[1] // cols
     for r in range(rows):
         for c in range(cols):
             assert float(grid[r, c]) == pytest.approx(float(crop[r * ch : (r + 1) * ch, c * cw : (c + 1) * cw].sum()), rel=1e-5)
+    lay = model.layout(**inputs)
+    it = lay.items[0]
+    stitched = attribution_grid(model, inputs, sal, image=0)[0]
+    assert tuple(stitched.shape) == tuple(it.grid_size)
+    s = sal.values.shape[-1]
+    px = sal.values[0].abs().sum(1)  # [crops, S, S]
+    for r in range(stitched.shape[0]):
+        for c in range(stitched.shape[1]):
+            pos = lay.cell(r, c, image=0, part=GRID)
+            y0, x0, y1, x1 = lay.pixel_box(0, pos)
+            want = sum(float(px[1 + (y // s) * it.crop_grid[1] + x // s, y % s, x % s]) for y in range(y0, y1) for x in range(x0, x1))
+            assert float(stitched[r, c]) == pytest.approx(want, rel=1e-5)
+
+
+def _plain_grad(model, inputs, hook, p):
+    """Activation and gradient of ``hook`` under log p(token_p | prefix), one plain forward + backward."""
+    keep = {}
+
+    def grab(x, hook):
+        x.retain_grad()
+        keep["a"] = x
+        return x
+
+    ids = inputs["input_ids"]
+    logits = model.run_with_hooks(**inputs, fwd_hooks=[(hook, grab)])
+    torch.log_softmax(logits[0, p - 1].float(), -1)[int(ids[0, p])].backward()
+    return keep["a"].detach(), keep["a"].grad.detach()
+
+
+def _cam(view_a, view_g):
+    """Grad-CAM on a [..., d] view: ReLU(A @ mean over every cell of G)."""
+    a, g = view_a.reshape(-1, view_a.shape[-1]), view_g.reshape(-1, view_g.shape[-1])
+    return torch.relu(a @ g.mean(0)).reshape(view_a.shape[:-1])
+
+
+def _llava_canvas(x, side, crop_grid, unpad, cls):
+    """Any-res crops (tower rows 1..n, raster order of the crop grid) pasted patch by patch into the image."""
+    cr, cc = crop_grid
+    canvas = torch.zeros(cr * side, cc * side, x.shape[-1])
+    for i in range(cr):
+        for j in range(cc):
+            patches = x[1 + i * cc + j, cls:]
+            for n in range(side * side):
+                canvas[i * side + n // side, j * side + n % side] = patches[n]
+    top, left, rows, cols = unpad
+    return canvas[top : top + rows, left : left + cols]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2.5-vl-video", "llava-next-video"])
+def test_grad_cam_video_per_frame_matches_formula(family):
+    """Video: one CAM per frame / temporal slice, channel weights pooled over the whole video's patches."""
+    model, inputs = case(family)
+    ids = inputs["input_ids"]
+    positions = [ids.shape[1] - 2, ids.shape[1] - 1]
+    cams = grad_cam(model, inputs, positions, video=0)
+    lay = model.layout(**inputs)
+    _, it = lay.find_item(video=0)
+    for n, p in enumerate(positions):
+        a, g = _plain_grad(model, inputs, cams.hook, p)
+        if family.startswith("qwen"):
+            t, h, w = it.grid_thw
+            rows = [lay.vision_rows(video=0, frame=f)[1] for f in range(t)]  # raster patch rows of each slice
+            va = torch.stack([a[0, r].reshape(h, w, -1) for r in rows])
+            vg = torch.stack([g[0, r].reshape(h, w, -1) for r in rows])
+        else:  # one tower row per frame, [CLS] first
+            side = lay.geometry.side
+            va, vg = (x[:, 1:].reshape(x.shape[0], side, side, -1) for x in (a, g))
+        want = _cam(va, vg)
+        assert cams.maps[n].shape == want.shape and want.shape[0] == (it.grid_thw[0] if family.startswith("qwen") else 2)
+        np.testing.assert_allclose(cams.maps[n].numpy(), want.numpy(), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava-next", "llava-onevision"])
+def test_grad_cam_anyres_stitches_every_crop(family):
+    """Any-res: the high-resolution crops' patches stitched into the image (padding cut); part=BASE: the base crop."""
+    from hooked_vlm.families.llava_inputs import BASE
+
+    model, inputs = case(family)
+    p = inputs["input_ids"].shape[1] - 1
+    cams = grad_cam(model, inputs, [p])
+    base = grad_cam(model, inputs, [p], part=BASE)
+    lay = model.layout(**inputs)
+    _, it = lay.find_item(image=0)
+    side, cls = lay.geometry.side, int(lay.geometry.has_cls)
+    assert it.crop_grid != (0, 0)
+    a, g = _plain_grad(model, inputs, cams.hook, p)
+    va = _llava_canvas(a, side, it.crop_grid, it.unpad, cls)
+    vg = _llava_canvas(g, side, it.crop_grid, it.unpad, cls)
+    want = _cam(va, vg)
+    assert tuple(cams.maps.shape) == (1, 1, it.unpad[2], it.unpad[3])
+    np.testing.assert_allclose(cams.maps[0, 0].numpy(), want.numpy(), atol=1e-6, rtol=1e-4)
+    wb = _cam(a[0, cls:].reshape(side, side, -1), g[0, cls:].reshape(side, side, -1))
+    np.testing.assert_allclose(base.maps[0, 0].numpy(), wb.numpy(), atol=1e-6, rtol=1e-4)

@@ -122,3 +122,43 @@ def test_rollout_with_map_returns_the_same_forwards_attention_map():
     t, h, w = lay.items[0].merged_grid
     assert grid.shape == (1, t, h, w)
     assert float(grid[0, 1, 0, 2]) == pytest.approx(float(ro.values[0, 0, lay.cell(0, 2, video=0, frame=1)]))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-next", "llava-onevision", "llava-dinov2", "gemma3", "llava-next-video"])
+def test_llava_and_gemma_vision_tower_maps_rollout_and_patch_views(family):
+    """CLIP / SigLIP / DINOv2 towers of LLaVA (every crop or frame is a tower row) and Gemma 3's SigLIP tower:
+    maps == the materialised hook_pattern rows, rollout == the brute-force product per tower row, and the patch
+    view puts each patch where its crop / frame shows it (any-res crops stitched into the image)."""
+    from analyses.attention_maps import attention_map
+
+    model, inputs = case(family)
+    amap = attention_map(model, inputs, {"q": [0, 1]}, tower="vision")
+    pats = patterns(model, inputs, prefix="vision.")
+    assert sorted(pats) == amap.layers
+    for li, layer in enumerate(amap.layers):
+        want = pats[layer][:, :, [0, 1], :].mean(2).numpy()  # [tower rows, H, N]
+        np.testing.assert_allclose(amap.values[li, :, :, 0].numpy(), want, atol=2e-5)
+    ro = rollout(model, inputs, [0], tower="vision")
+    for row in range(pats[0].shape[0]):
+        brute = _brute_rollout([pats[i][row].numpy() for i in sorted(pats)])
+        np.testing.assert_allclose(ro.values[row, 0].numpy(), brute[0], atol=2e-5)
+    lay = model.layout(**inputs)
+    video = family == "llava-next-video"
+    view = amap.grid(video=0) if video else amap.grid(image=0)  # [layers, H, QG, frames, rows, cols]
+    vals = amap.values[:, :, :, 0]  # [layers, tower rows, H, N]
+    if family == "gemma3":
+        t, h, w = lay.items[0].grid_thw
+        assert view.shape[-3:] == (t, h, w)
+        np.testing.assert_allclose(view[:, :, 0, 0].reshape(*view.shape[:2], -1).numpy(), vals[:, 0].numpy())
+        return
+    side, cls = lay.geometry.side, int(lay.geometry.has_cls)
+    it = lay.items[0]
+    for f, r, c in np.ndindex(*view.shape[-3:]):
+        if video:  # frame f is tower row f
+            row, patch = f, cls + r * side + c
+        elif it.crop_grid != (0, 0):  # canvas cell (top + r, c) lies in crop (y // side, x // side)
+            y, x = it.unpad[0] + r, it.unpad[1] + c
+            row, patch = 1 + (y // side) * it.crop_grid[1] + x // side, cls + (y % side) * side + x % side
+        else:
+            row, patch = 0, cls + r * side + c
+        np.testing.assert_allclose(view[:, :, 0, f, r, c].numpy(), vals[:, row, :, patch].numpy())
