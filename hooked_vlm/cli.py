@@ -49,6 +49,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("hooked_vlm.cli:INSPECT", "run a model on an input: top next tokens (or CLIP / SigLIP similarities), token layout, hook table; save activations"),
     "models": ("hooked_vlm.cli:MODELS", "list the built-in models and the supported checkpoint architectures"),
     "organisms": ("hooked_vlm.organisms.cli", "train, evaluate and list the model organisms (tiny VLMs trained on planted tasks)"),
+    "visual-search": ("analyses.pipelines.visual_search.command", "visual search on grid images: presence answers, answer-token attention per head, TP-vs-FN head rankings"),
+    "spatial": ("analyses.pipelines.spatial.command", "spatial relations: accuracy, relation-word attention, mirror patching, probes, attention scaling"),
 }
 
 SYNTHETIC = "synthetic"
