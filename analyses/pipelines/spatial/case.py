@@ -33,7 +33,9 @@ class Scorer:
     option_ids: list[int] | None  # QA only
     device: str
 
-    def inputs(self, image: Any, k: int = 0) -> dict[str, Any]:
+    def inputs(self, image: Any, option: int = 0) -> dict[str, Any]:
+        """Inputs of the prompt that states ``option`` (captions), or of the one QA prompt."""
+        k = option if self.option_ids is None else 0
         return prompt_inputs(self.loaded, self.prompts[k], [image], self.device)
 
     def caption_positions(self, inputs: Mapping[str, Any]) -> Tensor:

@@ -101,8 +101,10 @@ def probe_table(results: pd.DataFrame, output_dir: Path, seed: int = 0) -> tuple
             notes.append(f"probe for {label}: needs two labels and two groups (has {len(set(y))} and {n_groups})")
             continue
         features = {layer: resid[:, layer] for layer in range(resid.shape[1])}
+        constant = pd.Series(y).groupby(groups).nunique().max() == 1  # e.g. a mirrored pair asks the same relation
         try:
-            table = probe_layers(features, y, groups, n_splits=min(5, n_groups), n_resamples=199, seed=seed)
+            table = probe_layers(features, y, groups, n_splits=min(5, n_groups), n_resamples=199, seed=seed,
+                                 control="global" if constant else "within_groups")
         except ValueError as err:
             notes.append(f"probe for {label}: {err}")
             continue
@@ -182,7 +184,9 @@ def write_reports(output_dir: str | Path, options: dict[str, Any], manifest: dic
     out = Path(output_dir)
     results, failures = load_results(out), load_failures(out)
     if results.empty:
-        raise ValueError(f"no case of this run finished ({len(failures)} failed; see index.html); fix the dataset or options and rerun")
+        first = f" (first: {failures['source'].iloc[0]}: {failures['message'].iloc[0]})" if len(failures) else ""
+        raise ValueError(f"no case of this run finished; {len(failures)} failed{first}. Their errors are in "
+                         f"{out / 'failures'} (load_failures); fix the dataset or the options and rerun.")
     columns = ["case_id", "form", "relation", "prediction", "gold", "correct", "confidence", "p_gold", "pair_id", "set_id",
                "pooling", "gated_factor", "gated_correct", "patch_note"]
     _write_csv(results[columns], out / "per_case.csv")

@@ -204,8 +204,9 @@ def write_reports(output_dir: str | Path, templates: list[str], manifest: dict[s
     results = load_results(out)
     failures = load_failures(out)
     if results.empty:
-        raise ValueError(f"no case of this run finished ({len(failures)} failed; see {out / 'failures'} or index.html); "
-                         "fix the dataset or the options and rerun")
+        first = f" (first: {failures['source'].iloc[0]}: {failures['message'].iloc[0]})" if len(failures) else ""
+        raise ValueError(f"no case of this run finished; {len(failures)} failed{first}. Their errors are in "
+                         f"{out / 'failures'} (load_failures); fix the dataset or the options and rerun.")
     columns = ["case_id", "query", "present", "answer", "p_yes", "logit_diff", "outcome", "correct", "n_objects",
                "target_cells", "pooling", "image_share", "attn_cache"]
     _write_csv(_plain_lists(results[columns]), out / "per_case.csv")
