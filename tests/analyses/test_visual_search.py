@@ -53,6 +53,7 @@ def organism():
 
 
 # ------------------------------------------------------------------------------------------ data
+@pytest.mark.slow
 def test_generated_lines_follow_the_format_and_the_organisms_presence_task(tmp_path):
     from hooked_vlm.organisms import get_organism
 
@@ -70,6 +71,7 @@ def test_generated_lines_follow_the_format_and_the_organisms_presence_task(tmp_p
 
 
 # ------------------------------------------------------------------------------------------ stages 2 and 3
+@pytest.mark.slow
 def test_answers_and_attention_cache_match_a_direct_forward_and_the_eager_pattern(run, organism):
     from hooked_vlm.inputs import build_qwen_inputs
 
@@ -277,6 +279,7 @@ def llava_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_tiny_llava_checkpoint_pools_its_token_grid_to_the_dataset_grid(llava_folder, tmp_path):
     out = tmp_path / "reports"
     argv = ["visual-search", "--make-data", "3", str(tmp_path / "data"), "--grid", "2", "--patch", "28", "--model", str(llava_folder),

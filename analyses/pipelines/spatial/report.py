@@ -156,12 +156,14 @@ def _figures(results: pd.DataFrame, attention: pd.DataFrame, patching: pd.DataFr
         ax.set_xlabel("layer"), ax.set_ylabel("attention share"), ax.legend(fontsize=6), ax.set_title("attention to the image per layer")
         paths.append(_save(fig, out / "figs" / "attention_by_layer.png"))
     if len(patching):
-        wide = patching.pivot_table(index="layer", columns="group", values="recovery")
+        wide = patching.assign(effect=patching["patched"] - patching["corrupt"]).pivot_table(index="layer", columns="group", values="effect")
+        lim = float(np.nanmax(np.abs(wide.to_numpy(float)))) or 1e-12
         fig, ax = plt.subplots(figsize=(4, 3))
-        im = ax.imshow(wide.to_numpy(float), aspect="auto", cmap="coolwarm", origin="lower", vmin=-1, vmax=1)
-        ax.set_xticks(range(wide.shape[1]), wide.columns), ax.set_ylabel("layer"), ax.set_title("mirror patching: recovery (resid_pre)")
+        im = ax.imshow(wide.to_numpy(float), aspect="auto", cmap="coolwarm", origin="lower", vmin=-lim, vmax=lim)
+        ax.set_xticks(range(wide.shape[1]), wide.columns), ax.set_ylabel("layer")
+        ax.set_title("mirror patching (resid_pre): patched - mirrored", fontsize=9)
         fig.colorbar(im, ax=ax)
-        paths.append(_save(fig, out / "figs" / "patching_recovery.png"))
+        paths.append(_save(fig, out / "figs" / "patching_effect.png"))
     fixed = adapt[adapt["kind"] == "fixed"].sort_values("factor")
     fig, ax = plt.subplots(figsize=(4, 3))
     ax.errorbar(fixed["factor"], fixed["accuracy"], yerr=[fixed["accuracy"] - fixed["low"], fixed["high"] - fixed["accuracy"]], marker="o")
@@ -213,7 +215,7 @@ def write_reports(output_dir: str | Path, options: dict[str, Any], manifest: dic
                 figures=[by_name[n] for n in ("attention_by_layer.png",) if n in by_name]),
         Section("Mirror activation patching", "Clean (original image) resid_pre patched into the mirrored run, per layer and "
                 "position group; recovery = (patched - mirrored) / (original - mirrored).", tables=[tables["patching"]],
-                figures=[by_name[n] for n in ("patching_recovery.png",) if n in by_name]),
+                figures=[by_name[n] for n in ("patching_effect.png",) if n in by_name]),
         Section("Relation probes", "Logistic probes on the last token's residual stream, GroupKFold by image pair. " + " ".join(probe_notes),
                 tables=[probes] if len(probes) else []),
         Section("AdaptVis attention scaling", f"Image-key logits scaled in layers {options.get('adapt_layers') or 'all'}; gated: factor "
