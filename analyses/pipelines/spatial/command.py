@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-low", type=_factor, default=0.5, help="gated factor for unconfident answers (default: 0.5)")
     parser.add_argument("--gate-high", type=_factor, default=1.5, help="gated factor for confident answers (default: 1.5)")
     parser.add_argument("--figures", type=int, default=6, help="per-case heatmaps to draw (default: 6)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process (default: 1, fastest for small models; raise it for large checkpoints)")
     add_common_args(parser, default_model="grid-qwen2.5-vl", default_output_dir="reports/spatial")
 
 

@@ -7,6 +7,7 @@ A function of the stored per-case results and caches only, so a resumed run repo
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from analyses.pipelines.vlm_cases import cache_path
 
 __all__ = ["write_reports", "accuracy_table", "attention_by_layer", "patching_table", "probe_table", "adaptvis_table"]
 
+#: below this |original - mirrored| metric gap (logits / nats) the recovery ratio is noise and is left empty
+MIN_GAP = 1e-4
 ATTENTION_FIELDS = ("relation_image_share", "relation_mass_a", "relation_mass_b", "answer_image_share", "answer_mass_a", "answer_mass_b")
 
 
@@ -69,7 +72,8 @@ def attention_by_layer(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def patching_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Per layer and group: mean patched metric and recovery ``(patched - corrupt) / (clean - corrupt)`` of the means."""
+    """Per layer and group: mean patched metric and recovery ``(patched - corrupt) / (clean - corrupt)`` of the means
+    (NaN when the original and mirrored runs differ by less than :data:`MIN_GAP`: the model ignores the mirroring)."""
     rows = []
     done = results[results["patch_clean"].notna()]
     if done.empty:
@@ -83,7 +87,7 @@ def patching_table(results: pd.DataFrame) -> pd.DataFrame:
             patched = float(v[:, layer].mean())
             gap = clean - corrupt
             rows.append({"layer": layer, "group": group, "n": int(v.shape[0]), "patched": patched, "clean": clean,
-                         "corrupt": corrupt, "recovery": (patched - corrupt) / gap if gap != 0 else np.nan})
+                         "corrupt": corrupt, "recovery": (patched - corrupt) / gap if abs(gap) > MIN_GAP else np.nan})
     return pd.DataFrame(rows)
 
 
@@ -103,8 +107,10 @@ def probe_table(results: pd.DataFrame, output_dir: Path, seed: int = 0) -> tuple
         features = {layer: resid[:, layer] for layer in range(resid.shape[1])}
         constant = pd.Series(y).groupby(groups).nunique().max() == 1  # e.g. a mirrored pair asks the same relation
         try:
-            table = probe_layers(features, y, groups, n_splits=min(5, n_groups), n_resamples=199, seed=seed,
-                                 control="global" if constant else "within_groups")
+            with warnings.catch_warnings():  # degenerate bootstrap resamples of small runs warn; their CIs are NaN
+                warnings.simplefilter("ignore")
+                table = probe_layers(features, y, groups, n_splits=min(5, n_groups), n_resamples=199, seed=seed,
+                                     control="global" if constant else "within_groups")
         except ValueError as err:
             notes.append(f"probe for {label}: {err}")
             continue

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answers", nargs=2, default=["yes", "no"], metavar=("YES", "NO"),
                         help="the yes / no answer words (single tokens; default: yes no)")
     parser.add_argument("--figures", type=int, default=12, help="per-case heatmaps to draw, TP and FN first (default: 12)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process (default: 1, fastest for small models; raise it for large checkpoints)")
     add_common_args(parser, default_model="grid-qwen2.5-vl", default_output_dir="reports")
 
 

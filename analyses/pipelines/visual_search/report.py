@@ -181,10 +181,14 @@ def _ranking_figure(rankings: pd.DataFrame, output_dir: Path, feature: str = "ta
 
     from analyses.figures import layer_head_grid
 
-    for comparison in ("TP vs FN", "correct vs wrong"):
-        sub = rankings[(rankings["comparison"] == comparison) & (rankings["feature"] == feature) & (rankings["head"] >= 0)]
-        if len(sub):
-            break
+    heads = rankings[rankings["head"] >= 0]
+    comparison = next((c for c in ("TP vs FN", "correct vs wrong") if (heads["comparison"] == c).any()), None)
+    if comparison is None:
+        return None
+    heads = heads[heads["comparison"] == comparison]
+    if not (heads["feature"] == feature).any():  # e.g. correct vs wrong has no target feature: its top-ranked one
+        feature = str(heads["feature"].iloc[0])
+    sub = heads[heads["feature"] == feature]
     if sub.empty:
         return None
     grid = np.full((int(sub["layer"].max()) + 1, int(sub["head"].max()) + 1), np.nan)
