@@ -51,6 +51,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # --- research pipelines III (issue 16) ---
     "cir": ("analyses.pipelines.cir.cli", "composed image retrieval (SEARLE phi) with Grad-ECLIP explanations: build-db, query"),
     "compare-attention": ("analyses.pipelines.compare_attention.cli", "compare two VLMs' image attention / Grad-CAM / saliency per paraphrase, with clustered statistics"),
+    # --- research pipelines I (issue 14) ---
+    "visual-search": ("analyses.pipelines.visual_search.command", "visual search on grid images: presence answers, answer-token attention per head, TP-vs-FN head rankings"),
+    "spatial": ("analyses.pipelines.spatial.command", "spatial relations: accuracy, relation-word attention, mirror patching, probes, attention scaling"),
 }
 
 SYNTHETIC = "synthetic"
