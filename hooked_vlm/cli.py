@@ -115,6 +115,13 @@ class _InputBuilders(dict):
 
         return build
 
+    def get(self, config_family: str, default: InputBuilder | None = None) -> InputBuilder | None:  # type: ignore[override]
+        """Like ``dict.get``, but a family's own builder counts as present (``dict.get`` skips ``__missing__``)."""
+        try:
+            return self[config_family]
+        except KeyError:
+            return default
+
 
 #: ``cfg.family`` -> input builder (see :class:`_InputBuilders`; ``register_input_builder`` overrides one).
 INPUT_BUILDERS: dict[str, InputBuilder] = _InputBuilders()

@@ -1,7 +1,7 @@
 """What the image pipelines need from any model family: its inputs for one prompt, single-token answers,
 and the answer token's attention to the image pooled to a dataset's own grid.
 
-Everything here goes through public APIs: the family's input builder (``hooked_vlm.cli.INPUT_BUILDERS``,
+Everything here goes through public APIs: the family's input builder (``hooked_vlm.cli.input_builder_for``,
 the one ``hooked-vlm inspect`` uses), the token layout, and :func:`analyses.attention_maps.attention_map`
 (attention-statistics kernels, never an L x L matrix). The dataset grid is mapped onto the model's own
 token grid by area (:func:`analyses.attention_maps.pool_grid`, ``mode="mass"``), so no token count is
@@ -60,13 +60,15 @@ def prompt_inputs(loaded: Any, prompt: str, images: Sequence[Any], device: str |
     Uses the input builder ``hooked-vlm inspect`` uses for the model's family, so a checkpoint's own processor
     settings apply; floating tensors (pixels) are cast to the model's dtype.
     """
-    from hooked_vlm.cli import INPUT_BUILDERS, InputRequest
+    from hooked_vlm.cli import INPUT_BUILDERS, InputRequest, input_builder_for
+    from hooked_vlm.families.registry import families
 
     family = loaded.model.cfg.family
-    builder = INPUT_BUILDERS.get(family)
+    builder = input_builder_for(family)
     if builder is None:
         raise ValueError(f"no input builder for model family {family!r}; register one with "
-                         "hooked_vlm.cli.register_input_builder (supported: " + ", ".join(sorted(INPUT_BUILDERS)) + ").")
+                         "hooked_vlm.cli.register_input_builder (supported: "
+                         + ", ".join(sorted({f.name for f in families()} | set(INPUT_BUILDERS))) + ").")
     request = InputRequest(loaded.tokenizer, prompt, list(images), [], loaded.processor, loaded.checkpoint, loaded.tiny, {})
     dtype = model_dtype(loaded.model)
     out = {}

@@ -65,10 +65,10 @@ def answer_ids(tokenizer: Any, words: tuple[str, str], model_name: str) -> tuple
 
 def build_inputs(loaded: Any, image: np.ndarray, prompt: str, device: str) -> dict[str, Any]:
     """The family's keyword tensors for one prompt with one image (the input builder ``hooked-vlm inspect`` uses)."""
-    from hooked_vlm.cli import INPUT_BUILDERS, InputRequest
+    from hooked_vlm.cli import InputRequest, input_builder_for
 
     family = loaded.model.cfg.family
-    builder = INPUT_BUILDERS.get(family)
+    builder = input_builder_for(family)
     pil = Image.fromarray(image)
     if builder is not None:
         built = builder(InputRequest(loaded.tokenizer, prompt, [pil], [], loaded.processor, loaded.checkpoint, loaded.tiny))
