@@ -49,6 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("hooked_vlm.cli:INSPECT", "run a model on an input: top next tokens (or CLIP / SigLIP similarities), token layout, hook table; save activations"),
     "models": ("hooked_vlm.cli:MODELS", "list the built-in models and the supported checkpoint architectures"),
     "organisms": ("hooked_vlm.organisms.cli", "train, evaluate and list the model organisms (tiny VLMs trained on planted tasks)"),
+    "video": ("analyses.pipelines.video.cli:VIDEO", "video QA study: infer, counterfactual trace, Have-1/2 probes, mean vectors, indexing check"),
 }
 
 SYNTHETIC = "synthetic"
