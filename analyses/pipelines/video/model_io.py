@@ -58,7 +58,7 @@ def build_inputs(vm: VideoModel, prompt: str, frames: UInt8[np.ndarray, "time he
                  device: str, dtype: torch.dtype) -> dict[str, Any]:
     """The family's keyword tensors for ``prompt`` (``<video>`` marks the clip) and ``frames`` shot at ``fps``."""
     import hooked_vlm.cli as cli
-    from hooked_vlm.errors import UnsupportedModelError
+    from hooked_vlm.errors import InputError, UnsupportedModelError
 
     options = dict(vm.options)
     if frames is not None:
@@ -73,7 +73,15 @@ def build_inputs(vm: VideoModel, prompt: str, frames: UInt8[np.ndarray, "time he
             raise UnsupportedModelError(f"no input builder for model family {family!r}; register one with "
                                         "hooked_vlm.cli.register_input_builder")
         builder = cli._generic_processor_builder  # noqa: SLF001 - the CLI's own fallback
-    inputs = builder(request)
+    try:
+        inputs = builder(request)
+    except InputError as err:
+        if frames is None or "video" not in str(err).lower():
+            raise
+        raise UnsupportedModelError(
+            f"model {loaded.name!r} cannot take a video ({err}): `hooked-vlm video` needs a video family (Qwen2-VL, Qwen2.5-VL, "
+            "LLaVA-OneVision, LLaVA-NeXT-Video), and a visual_frames token slice has no frames to point at on an image model"
+        ) from err
     out = {}
     for key, value in inputs.items():
         if isinstance(value, Tensor):

@@ -111,8 +111,9 @@ def run_probe(
     if n_groups < 2:
         raise ProbeInputError("every sample comes from one video; grouped splits need at least two videos")
     layers = [layer_idx % n_layers] if layer_idx is not None else list(range(n_layers))
+    varies = pd.Series(y).groupby(groups).nunique().gt(1).any()  # the control shuffles within videos only where labels vary there
     table = probe_layers({layer: X_all[rows, layer] for layer in layers}, y, groups, n_splits=min(n_splits, n_groups),
-                         n_resamples=n_resamples, seed=seed)
+                         control="within_groups" if varies else "global", n_resamples=n_resamples, seed=seed)
     return {"probe_type": probe_type, "representation": representation, "label_key": label_key, "n_samples": int(len(y)),
             "n_videos": int(n_groups), "classes": [str(c) for c in np.unique(y)], "layers": table.to_dict("records"),
             "skipped": skipped}

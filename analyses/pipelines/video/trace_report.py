@@ -162,7 +162,8 @@ def write_trace_outputs(results: pd.DataFrame, failures: pd.DataFrame, output: P
             part = sub[sub["slice_kind"] == kind]
             if len(part):
                 order = list(dict.fromkeys(part["token_slice"]))
-                table = part.pivot_table(index="layer", columns="token_slice", values="recovery", aggfunc="mean").reindex(columns=order)
+                table = (part.groupby(["layer", "token_slice"])["recovery"].mean().unstack("token_slice")
+                         .reindex(index=sorted(part["layer"].unique()), columns=order))  # all-NaN rows stay (undefined recovery)
                 safe = "".join(ch if ch.isalnum() else "_" for ch in cf)
                 figures.append(_heatmap(table, f"{cf}: recovery, layer x {label}", fig_dir / f"recovery_{safe}_{kind}.png"))
     if len(conditions):
