@@ -11,7 +11,7 @@ torch thread, so peak RSS is the cell's own):
   the vision tower runs once per input and the key/value prefix before each patched position is reused
   (``analyses.patching.activation_patching`` defaults).
 
-The table gives wall time, peak RSS above the process baseline, the ratio trace / forward, and what one
+The table gives wall and CPU time (one thread: CPU time is robust to other jobs), peak RSS above the process baseline, the ratio trace / forward, and what one
 L x L fp32 attention matrix (all heads of one layer) would take, to show that none was formed.
 
 Usage::
@@ -86,7 +86,7 @@ def run_cell(cell: str, frames: int, size: int, batch: int, folder: Path) -> dic
     ctx = CaseContext("cpu", torch.float32, 0, np.random.default_rng(0), options, folder)
     base, _ = rss_mib()
     reset_peak_rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if cell == "forward":
         clip = case_clip(case, options)
         inputs = build_inputs(vm, case_prompt(case, options), clip.frames, clip.effective_fps, "cpu", torch.float32)
@@ -98,10 +98,10 @@ def run_cell(cell: str, frames: int, size: int, batch: int, folder: Path) -> dic
         cells = json.loads(out["cells"])
         record = {"seq_len": out["seq_len"], "visual_tokens": out["n_visual_tokens"], "cells": len(cells),
                   "layers": len({c["layer"] for c in cells}), "groups": len({c["token_slice"] for c in cells})}
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     _, peak = rss_mib()
     heads = int(vm.model.cfg.n_heads)
-    record.update(cell=cell, frames=frames, size=size, batch=batch, wall_s=round(wall, 2), peak_mib=round(peak - base, 1),
+    record.update(cell=cell, frames=frames, size=size, batch=batch, wall_s=round(wall, 2), cpu_s=round(cpu, 2), peak_mib=round(peak - base, 1),
                   lxl_fp32_mib=round(heads * record["seq_len"] ** 2 * 4 / 2**20, 1), threads=torch.get_num_threads())
     return record
 
@@ -135,8 +135,8 @@ def main() -> None:
         f, t = by["forward"], by["trace"]
         print(f"\n{t['visual_tokens']:,} visual tokens ({t['seq_len']:,} positions), {t['cells']} cells "
               f"({t['layers']} layers x {t['groups']} token slices)")
-        print(f"plain forward: {f['wall_s']:.1f} s, peak +{f['peak_mib']:.0f} MiB")
-        print(f"trace (reverse): {t['wall_s']:.1f} s, peak +{t['peak_mib']:.0f} MiB = {t['peak_mib'] / max(f['peak_mib'], 1e-9):.2f}x the forward "
+        print(f"plain forward: {f['wall_s']:.1f} s wall ({f['cpu_s']:.1f} s CPU), peak +{f['peak_mib']:.0f} MiB")
+        print(f"trace (reverse): {t['wall_s']:.1f} s wall ({t['cpu_s']:.1f} s CPU), peak +{t['peak_mib']:.0f} MiB = {t['peak_mib'] / max(f['peak_mib'], 1e-9):.2f}x the forward "
               f"(one L x L fp32 matrix of one layer, all heads: {t['lxl_fp32_mib']:,.0f} MiB)")
     append_jsonl(args.out, rows)
 
