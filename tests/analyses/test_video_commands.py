@@ -63,6 +63,7 @@ def test_make_data_writes_the_organism_clips_and_their_truth(data):
 
 
 # ------------------------------------------------------------------------------------------ infer
+@pytest.mark.slow
 def test_infer_chooses_the_likeliest_candidate_and_counts_accuracy(data):
     out = data.parent / "infer.json"
     _cli("video", "infer", "--annotations", str(data), "--output", str(out), "--max_new_tokens", "2", "--no-progress")
@@ -88,6 +89,7 @@ def test_infer_chooses_the_likeliest_candidate_and_counts_accuracy(data):
 
 
 # ------------------------------------------------------------------------------------------ trace
+@pytest.mark.slow
 def test_trace_writes_json_parquet_figures_and_representations(traced):
     result = json.loads(traced.read_text())
     assert len(result["entries"]) == 3 and result["failures"] == []
@@ -301,3 +303,24 @@ def test_trace_shows_the_planted_truth_on_the_organism(tmp_path):
     table = pd.DataFrame(result["answer_frame_recovery"])
     layer0 = table[(table["counterfactual"] == "reverse") & (table["layer"] == 0)].iloc[0]
     assert layer0["answer_frames"] > 2 * max(layer0["other_frames"], 0.0)
+
+
+# ------------------------------------------------------------------------------------------ other video families
+@pytest.mark.slow
+def test_infer_and_trace_run_on_a_tiny_llava_video_model(data, tmp_path):
+    """LLaVA-OneVision (one slice per frame, pooled tokens): same commands, per-frame groups = frames."""
+    _cli("video", "infer", "--model", "tiny-llava-onevision", "--annotations", str(data), "--output", str(tmp_path / "i.json"),
+         "--limit", "1", "--max_new_tokens", "1", "--no-progress")
+    assert json.loads((tmp_path / "i.json").read_text())["entries"][0]["chosen"] in ["left", "right", "up", "down"]
+    _cli("video", "trace", "--model", "tiny-llava-onevision", "--annotations", str(data), "--output", str(tmp_path / "t.json"),
+         "--limit", "1", "--counterfactuals", "reverse", "--token_slice", "visual_frames:3:5", "--no-progress")
+    entry = json.loads((tmp_path / "t.json").read_text())["entries"][0]
+    assert entry["temporal_patch_size"] == 1 and entry["frame_groups"]["frame 3"] == [3]
+    cells = {c["token_slice"]: c["n_positions"] for c in entry["conditions"][0]["cells"] if c["layer"] == 0}
+    assert cells["visual_frames:3:5"] == cells["frame 3"] + cells["frame 4"]
+
+
+def test_check_indexing_command(tmp_path):
+    out = _cli("video", "check-indexing", "--models", "tiny-qwen2-vl", "--output", str(tmp_path / "rows.json"))
+    assert "5/5 spans land on the right tokens" in out
+    assert [r["slices"] for r in json.loads((tmp_path / "rows.json").read_text())][2] == [1, 2]
