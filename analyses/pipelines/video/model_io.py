@@ -69,10 +69,8 @@ def build_inputs(vm: VideoModel, prompt: str, frames: UInt8[np.ndarray, "time he
     family = vm.model.cfg.family
     builder = cli.INPUT_BUILDERS.get(family)
     if builder is None:
-        if loaded.processor is None:
-            raise UnsupportedModelError(f"no input builder for model family {family!r}; register one with "
-                                        "hooked_vlm.cli.register_input_builder")
-        builder = cli._generic_processor_builder  # noqa: SLF001 - the CLI's own fallback
+        raise UnsupportedModelError(f"no input builder for model family {family!r}; register one with "
+                                    "hooked_vlm.cli.register_input_builder")
     try:
         inputs = builder(request)
     except InputError as err:

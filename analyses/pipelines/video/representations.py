@@ -25,8 +25,9 @@ FORMAT = "hooked_vlm.video_representations/1"
 
 
 @torch.no_grad()
-def summarise_layers(model: Any, inputs: Mapping[str, Any], visual_positions: Sequence[int]) -> dict[str, Float[np.ndarray, "layers d"]]:
-    """``{kind: [n_layers, d]}`` of the residual stream after each block (batch row 0)."""
+def summarise_layers(model: Any, inputs: Mapping[str, Any], visual_positions: Sequence[int]
+                     ) -> tuple[dict[str, Float[np.ndarray, "layers d"]], Float[torch.Tensor, "vocab"]]:
+    """``{kind: [n_layers, d]}`` of the residual stream after each block (batch row 0), and the next-token logits."""
     n_layers = int(model.cfg.n_layers)
     rows: dict[str, list[Any]] = {k: [None] * n_layers for k in KINDS}
     vis = torch.as_tensor(list(visual_positions), dtype=torch.long)
@@ -40,8 +41,8 @@ def summarise_layers(model: Any, inputs: Mapping[str, Any], visual_positions: Se
         return hook
 
     hooks = [(f"blocks.{i}.hook_resid_post", reduce(i)) for i in range(n_layers)]
-    model.run_with_hooks(**inputs, fwd_hooks=hooks)
-    return {k: np.stack(v) for k, v in rows.items()}
+    logits = model.run_with_hooks(**inputs, fwd_hooks=hooks)
+    return {k: np.stack(v) for k, v in rows.items()}, logits[0, -1].float()
 
 
 def write_case_file(path: Path, conditions: Mapping[str, Mapping[str, np.ndarray]]) -> None:

@@ -74,27 +74,22 @@ def trace_case(vm: VideoModel, case: Case, ctx: CaseContext) -> dict[str, Any]:
     cfs = build_counterfactuals(clip.frames, tps, opts["counterfactuals"], check_swap_spans([tuple(s) for s in opts.get("swap_spans", [])]),
                                 ctx.seed, n_frames)
     metric = mc_margin(ids, target)
-    with torch.no_grad():
-        clean_logits = vm.model(**clean)[0, -1].float()
+    dump = bool(opts.get("dump_representations"))
+    summaries: dict[str, dict[str, np.ndarray]] = {}
+    clean_logits = _forward(vm, clean, groups["visual"], summaries, "clean", dump)
     clean_margin = float(metric(clean_logits[None, None]))
     conditions, cells = [], []
-    summaries = {}
-    if opts.get("dump_representations"):
-        summaries["clean"] = summarise_layers(vm.model, clean, groups["visual"])
     for name, cf in cfs.items():
         cf_inputs = build_inputs(vm, prompt, cf.frames, clip.effective_fps, ctx.device, ctx.dtype)
         result = activation_patching(vm.model, clean, cf_inputs, metric, sites=("resid_pre",), positions=groups,
                                      batch_size=int(opts.get("batch_size", 8)), progress=False)
-        with torch.no_grad():
-            cf_logits = vm.model(**cf_inputs)[0, -1].float()
+        cf_logits = _forward(vm, cf_inputs, groups["visual"], summaries, name, dump)
         conditions.append({"counterfactual": name, "params": cf.params, "changed_slices": cf.changed_slices(),
                            "cf_margin": result.corrupt_value, "cf_answer": _answer(cf_logits, ids, candidates)})
         for row in result.frame.itertuples(index=False):
             cells.append({"counterfactual": name, "layer": int(row.layer), "token_slice": row.group, "slice_kind": kinds[row.group],
                           "n_positions": int(row.n_positions), "patched_margin": float(row.value),
                           "recovery": None if np.isnan(row.recovery) else float(row.recovery)})
-        if opts.get("dump_representations"):
-            summaries[name] = summarise_layers(vm.model, cf_inputs, groups["visual"])
     if summaries:
         write_case_file(representation_file(ctx.output_dir, case.id), summaries)
     return {
@@ -106,6 +101,15 @@ def trace_case(vm: VideoModel, case: Case, ctx: CaseContext) -> dict[str, Any]:
         "frames_with_answer_object": case.data.get("frames_with_answer_object"),
         "conditions": json.dumps(conditions), "cells": json.dumps(cells),
     }
+
+
+def _forward(vm: VideoModel, inputs: dict[str, Any], visual: list[int], summaries: dict, name: str, dump: bool) -> torch.Tensor:
+    """Next-token logits of one run; with ``dump``, its per-layer summaries go into ``summaries[name]`` (same forward)."""
+    if dump:
+        summaries[name], logits = summarise_layers(vm.model, inputs, visual)
+        return logits
+    with torch.no_grad():
+        return vm.model(**inputs)[0, -1].float()
 
 
 def _group_frames(kinds: dict[str, str], tps: int, n_frames: int) -> dict[str, list[int]]:
