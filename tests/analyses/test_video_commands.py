@@ -62,6 +62,16 @@ def test_make_data_writes_the_organism_clips_and_their_truth(data):
     assert entries[0]["frames_with_answer_object"] == present  # the direction shape is drawn exactly on those frames
 
 
+def test_make_data_flag_writes_the_clips_and_runs_on_them(tmp_path):
+    out = _cli("video", "infer", "--make-data", "1", str(tmp_path / "d"), "--output", str(tmp_path / "i.json"),
+               "--max_new_tokens", "1", "--no-progress")
+    assert (tmp_path / "d" / "videos" / "clip_0000.mp4").is_file() and "'done': 1" in out
+    entry = json.loads((tmp_path / "i.json").read_text())["entries"][0]
+    assert entry["video_name"] == "videos/clip_0000.mp4" and entry["n_frames"] == 12
+    with pytest.raises(ValueError, match="N must be a number of clips, got 'x'"):
+        main(["--debug", "video", "infer", "--make-data", "x", str(tmp_path / "e"), "--output", str(tmp_path / "j.json")])
+
+
 # ------------------------------------------------------------------------------------------ infer
 @pytest.mark.slow
 def test_infer_chooses_the_likeliest_candidate_and_counts_accuracy(data):
