@@ -54,6 +54,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # --- research pipelines I (issue 14) ---
     "visual-search": ("analyses.pipelines.visual_search.command", "visual search on grid images: presence answers, answer-token attention per head, TP-vs-FN head rankings"),
     "spatial": ("analyses.pipelines.spatial.command", "spatial relations: accuracy, relation-word attention, mirror patching, probes, attention scaling"),
+    "video": ("analyses.pipelines.video.cli:VIDEO", "video QA study: infer, counterfactual trace, Have-1/2 probes, mean vectors, indexing check"),
 }
 
 SYNTHETIC = "synthetic"
