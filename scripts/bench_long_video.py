@@ -129,17 +129,17 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     dev = args.device
     hf_attn = "eager" if args.cell == "hf_eager_attn" or args.cell == "tl_bridge_cache" else "sdpa"
-    hf, model = build_models(args.layers, args.width, dev, hf_attn)
-    inputs = video_inputs(args.L, device=dev)
-    metric = logit_diff(5, 6)
-    heads = model.cfg.n_heads
-    row: dict[str, Any] = {"cell": args.cell, "L": int(inputs["input_ids"].shape[1]), "device": dev}
+    row: dict[str, Any] = {"cell": args.cell, "L": args.L, "device": dev}
     if args.cell in ("hf_eager_attn", "tl_bridge_cache"):
+        heads = model_config(args.layers, args.width).text_config.num_attention_heads
         pred = predicted_eager_gb(args.L, args.layers, heads, keep_all=args.cell == "hf_eager_attn")
         row["predicted_gb"] = round(pred, 2)
         if pred > args.max_gb:
             row["skipped"] = f"predicted {pred:.1f} GB > --max-gb {args.max_gb}"
             return row
+    hf, model = build_models(args.layers, args.width, dev, hf_attn)
+    inputs = video_inputs(args.L, device=dev)
+    metric = logit_diff(5, 6)
     with torch.no_grad():
         if args.cell == "forward":
             fn = lambda: model(**inputs)  # noqa: E731

@@ -8,7 +8,7 @@ from hooked_vlm.cache_reduction import CacheReduction, CacheReductionError
 
 @pytest.fixture(scope="module")
 def video_run():
-    """A tiny Qwen2-VL on a 3-slice video prompt (batch of 2, right-padded second row) and its full cache."""
+    """A tiny Qwen2-VL on a 3-slice video prompt (batch of 2, different pixels per row) and its full cache."""
     from qwen_cases import case
 
     from hooked_vlm.tiny import tiny_model
@@ -17,7 +17,8 @@ def video_run():
     one = case("video", "tiny-qwen2-vl")
     ids = one["input_ids"].repeat(2, 1)
     inputs = dict(one, input_ids=ids, attention_mask=torch.ones_like(ids),
-                  pixel_values_videos=one["pixel_values_videos"].repeat(2, 1), video_grid_thw=one["video_grid_thw"].repeat(2, 1))
+                  pixel_values_videos=torch.cat([one["pixel_values_videos"], one["pixel_values_videos"].flip(0)]),
+                  video_grid_thw=one["video_grid_thw"].repeat(2, 1))  # the rows differ in their pixels
     names = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.attn.hook_pattern", "vision.hook_out",
              "ln_final.hook_scale", "hook_embed", "blocks.0.hook_attn_out", "blocks.1.hook_attn_out",
              "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out", "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]

@@ -92,8 +92,10 @@ def test_rows_that_see_nothing_output_zero():
     kv[1] = False  # a row of pure padding
     kv[0, :40] = False
     q, k, v = _qkv()
-    for mask in (MaskSpec(causal=True, key_valid=kv), MaskSpec(causal=True, window=5, key_valid=kv)):
-        got = ma.masked_attention(q, k, v, mask, D**-0.5, tile_elems=4 * L)
+    masks = (MaskSpec(causal=True, key_valid=kv), MaskSpec(causal=True, window=5, key_valid=kv))
+    # 6-row chunks put dead rows 36..39 and live rows 40, 41 in one chunk; the default puts all rows in one
+    for mask, tile_elems in [(m, t) for m in masks for t in (6 * L, None)]:
+        got = ma.masked_attention(q, k, v, mask, D**-0.5, tile_elems=tile_elems)
         assert got[1].abs().max().item() == 0.0
         assert got[0, :40].abs().max().item() == 0.0
         assert (got.double() - _fp64_reference(q, k, v, mask, D**-0.5)).abs().max().item() <= 1e-5
