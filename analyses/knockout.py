@@ -55,17 +55,23 @@ def _as_index(x: Any) -> Tensor:
     return t.reshape(-1)
 
 
+def _check_keys_left(q: Tensor, k: Tensor, length: int) -> None:
+    """Raise if some query would lose every key it can see (causal), in O(|q| + |k|) memory (issue 17: no L x L).
+
+    Query ``p`` sees keys ``0..p``; it loses all of them iff every one of those ``p + 1`` keys is blocked.
+    """
+    blocked = torch.unique(k % length)  # sorted
+    qs = torch.unique(q % length)
+    n_blocked_upto = torch.searchsorted(blocked, qs, right=True)
+    empty = qs[n_blocked_upto == qs + 1]
+    if empty.numel():
+        raise ValueError(f"knockout would block every visible key of query positions {empty.tolist()}")
+
+
 def _checked_mask(q: Tensor, k: Tensor, length: int) -> Tensor:
-    """The ``[L, L]`` blocked-edge mask; raises if some query would lose every key it can see."""
-    mask = knockout_mask(q, k, length)
-    causal_visible = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    left = causal_visible & ~mask
-    empty = (~left.any(-1)) & mask.any(-1)
-    if empty.any():
-        raise ValueError(
-            f"knockout would block every visible key of query positions {empty.nonzero().flatten().tolist()}"
-        )
-    return mask
+    """The ``[L, L]`` blocked-edge mask (score-edit method only); raises if some query would lose every key it can see."""
+    _check_keys_left(q, k, length)
+    return knockout_mask(q, k, length)
 
 
 def knockout_edits(
@@ -133,7 +139,7 @@ def knockout_sweep(
     length = _seq_len(inputs)
     edge_idx = {name: (_as_index(q) % length, _as_index(k) % length) for name, (q, k) in edges.items()}
     for qi, ki in edge_idx.values():
-        _checked_mask(qi, ki, length)
+        _check_keys_left(qi, ki, length)
     cells = [{"edges": name, "first_layer": int(a), "last_layer": int(b)} for name in edges for a, b in windows]
     config = lambda: {  # noqa: E731 -- hashing inputs/model only when a store is used
         "analysis": "attention_knockout",

@@ -26,10 +26,12 @@ _EXPORTS = {
     "InputError": "hooked_vlm.errors",
     "CheckpointError": "hooked_vlm.errors",
     "UnsupportedModelError": "hooked_vlm.errors",
+    "CacheReduction": "hooked_vlm.cache_reduction",  # issue 17
 }
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from hooked_vlm.cache_reduction import CacheReduction
     from hooked_vlm.components.attention import AttnStatsRequest, attn_stats_request
     from hooked_vlm.errors import CheckpointError, InputError, UnsupportedModelError
     from hooked_vlm.layout import TokenLayout

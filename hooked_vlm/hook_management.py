@@ -134,8 +134,19 @@ class CheckedHooksMixin(HookedRootModule):
         ``names_filter``: a callable, a hook name or glob, or a list of them (see :func:`expand_hook_names`).
         Only the requested hooks are attached, so caching residual hooks computes no attention pattern.
         ``incl_bwd=True`` also caches gradients (``name + "_grad"``) of a scalar output such as
-        ``return_type="loss"``.
+        ``return_type="loss"``. ``reduction=CacheReduction(...)`` keeps only chosen positions or per-group
+        reductions, downcasts, offloads or streams to disk at hook time (see :mod:`hooked_vlm.cache_reduction`).
         """
+        # --- issue 17: reduce / downcast / offload / stream each cached activation at hook time
+        reduction = kwargs.pop("reduction", None)
+        if reduction is not None:
+            from hooked_vlm.cache_reduction import run_with_reduced_cache
+
+            return run_with_reduced_cache(
+                self, *model_args, names_filter=names_filter, reduction=reduction, device=device,
+                remove_batch_dim=remove_batch_dim, **kwargs,
+            )
+        # --- end issue 17
         if isinstance(names_filter, (str, list, tuple)):
             names_filter = expand_hook_names(names_filter, list(self.hook_dict))
         if kwargs.get("incl_bwd") and kwargs.get("return_type", "logits") in ("logits", "resid", None):

@@ -36,6 +36,7 @@ from hooked_vlm.components.attn_stats import (  # noqa: F401  (re-exported: thei
     knockout,
     with_knockout,
 )
+from hooked_vlm.components.masked_attention import masked_attention  # issue 17
 from hooked_vlm.components.norms import RMSNorm
 from hooked_vlm.components.rotary import apply_rotary
 from kernels.mask import MaskSpec
@@ -332,16 +333,14 @@ class Attention(nn.Module):
         )
         if only_segments:
             return self._segment_path(q, k, v, mask)
-        k, v = self._expand_kv(k), self._expand_kv(v)
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         if mask.is_plain_causal() and (lq == lk or not mask.causal):
+            k, v = self._expand_kv(k), self._expand_kv(v)
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
             out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=mask.causal and lq > 1, scale=self.scale)
             return out.transpose(1, 2)
-        visible = mask.dense(lq, lk, q.device)  # B|1 q k
-        dead = ~visible.any(-1, keepdim=True)  # rows with no visible key: attend anywhere, then zero
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=(visible | dead)[:, None], scale=self.scale)
-        out = out.transpose(1, 2)
-        return out.masked_fill(dead[..., None], 0.0) if bool(dead.any()) else out
+        # --- issue 17: masks SDPA cannot express run without an [Lq, Lk] tensor (components/masked_attention.py)
+        return masked_attention(q, k, v, mask, self.scale)
+        # --- end issue 17
 
     def _segment_path(self, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> Tensor:
         """Block-diagonal non-causal attention as batched SDPA over equal-length segments."""
