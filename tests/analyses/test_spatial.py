@@ -141,6 +141,35 @@ def test_answers_attention_and_residuals_match_direct_computations(qa_run, organ
         np.testing.assert_allclose(z["resid"], np.stack([cache[f"blocks.{l}.hook_resid_post"][0, -1].numpy() for l in range(3)]), atol=1e-5)
 
 
+def _comparable(results: pd.DataFrame) -> pd.DataFrame:
+    """Per-case results without the columns that name files or run order."""
+    drop = [c for c in results.columns if c in ("act_cache", "attn_cache", "case_index")]
+    return results.drop(columns=drop).sort_values("case_id").reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_to_the_uninterrupted_results(qa_run, tmp_path):
+    """A run stopped after two cases (as a kill at a case boundary leaves it) resumes without redoing them."""
+    _, data, full, _ = qa_run
+    out = tmp_path / "resumed"
+    first = run_pipeline(SPATIAL, data, out, _config(limit=2))
+    assert first.manifest["counts"]["done"] == 2
+    rest = run_pipeline(SPATIAL, data, out, _config())
+    assert rest.manifest["counts"]["skipped"] == 2 and rest.manifest["counts"]["done"] == len(full.results()) - 2
+    pd.testing.assert_frame_equal(_comparable(rest.results()), _comparable(full.results()))
+
+
+@pytest.mark.slow
+def test_ray_two_local_workers_give_the_serial_results(qa_run, tmp_path):
+    pytest.importorskip("ray", reason="Ray is in the dev extra; install hooked-vlm[dev]")
+    _, data, serial, _ = qa_run
+    parallel = run_pipeline(SPATIAL, data, tmp_path / "ray", _config(workers=2, limit=2))
+    assert parallel.manifest["workers"]["backend"] == "ray" and parallel.manifest["workers"]["workers"] == 2
+    expected = _comparable(serial.results())
+    got = _comparable(parallel.results())
+    pd.testing.assert_frame_equal(got, expected[expected["case_id"].isin(got["case_id"])].reset_index(drop=True))
+
+
 def test_mirror_patching_equals_a_hand_patched_forward(qa_run, organism):
     _, data, summary, _ = qa_run
     model, tok = organism.model, organism.tokenizer
