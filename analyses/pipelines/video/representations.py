@@ -18,31 +18,44 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-__all__ = ["KINDS", "summarise_layers", "write_case_file", "assemble", "load_representations"]
+__all__ = ["KINDS", "LayerSummaries", "summarise_layers", "write_case_file", "assemble", "load_representations"]
 
 KINDS = ("layers_mean", "last_token", "frames_mean")
 FORMAT = "hooked_vlm.video_representations/1"
+
+
+class LayerSummaries:
+    """Hooks that reduce ``blocks.{i}.hook_resid_post`` (batch row 0) to the three summaries as each layer runs."""
+
+    def __init__(self, n_layers: int, visual_positions: Sequence[int]) -> None:
+        self.rows: dict[str, list[Any]] = {k: [None] * n_layers for k in KINDS}
+        self.visual = torch.as_tensor(list(visual_positions), dtype=torch.long)
+        self.hooks = [(f"blocks.{i}.hook_resid_post", self._reduce(i)) for i in range(n_layers)]
+
+    def _reduce(self, layer: int):
+        def hook(act: torch.Tensor, hook: Any = None) -> None:
+            x = act[0].float()
+            vis = self.visual.to(x.device)
+            self.rows["layers_mean"][layer] = x.mean(0).cpu().numpy()
+            self.rows["last_token"][layer] = x[-1].cpu().numpy()
+            self.rows["frames_mean"][layer] = (x[vis].mean(0) if len(vis) else torch.full_like(x[0], float("nan"))).cpu().numpy()
+        return hook
+
+    def arrays(self) -> dict[str, Float[np.ndarray, "layers d"]]:
+        """``{kind: [n_layers, d]}``; raises if a forward has not filled every layer."""
+        missing = [i for i, row in enumerate(self.rows["last_token"]) if row is None]
+        if missing:
+            raise RuntimeError(f"layers {missing} produced no resid_post: run the summary hooks through a full forward")
+        return {k: np.stack(v) for k, v in self.rows.items()}
 
 
 @torch.no_grad()
 def summarise_layers(model: Any, inputs: Mapping[str, Any], visual_positions: Sequence[int]
                      ) -> tuple[dict[str, Float[np.ndarray, "layers d"]], Float[torch.Tensor, "vocab"]]:
     """``{kind: [n_layers, d]}`` of the residual stream after each block (batch row 0), and the next-token logits."""
-    n_layers = int(model.cfg.n_layers)
-    rows: dict[str, list[Any]] = {k: [None] * n_layers for k in KINDS}
-    vis = torch.as_tensor(list(visual_positions), dtype=torch.long)
-
-    def reduce(layer: int):
-        def hook(act: torch.Tensor, hook: Any = None) -> None:
-            x = act[0].float()
-            rows["layers_mean"][layer] = x.mean(0).cpu().numpy()
-            rows["last_token"][layer] = x[-1].cpu().numpy()
-            rows["frames_mean"][layer] = (x[vis.to(x.device)].mean(0) if len(vis) else torch.full_like(x[0], float("nan"))).cpu().numpy()
-        return hook
-
-    hooks = [(f"blocks.{i}.hook_resid_post", reduce(i)) for i in range(n_layers)]
-    logits = model.run_with_hooks(**inputs, fwd_hooks=hooks)
-    return {k: np.stack(v) for k, v in rows.items()}, logits[0, -1].float()
+    summaries = LayerSummaries(int(model.cfg.n_layers), visual_positions)
+    logits = model.run_with_hooks(**inputs, fwd_hooks=summaries.hooks)
+    return summaries.arrays(), logits[0, -1].float()
 
 
 def write_case_file(path: Path, conditions: Mapping[str, Mapping[str, np.ndarray]]) -> None:

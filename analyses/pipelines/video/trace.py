@@ -3,8 +3,8 @@
 Per entry: the clean clip and each counterfactual (:mod:`.counterfactual_set`); the metric is the
 multiple-choice margin of the right candidate (its first-token logit minus the best other candidate's);
 for every layer and token slice the clean residual stream entering that layer (``resid_pre``) is patched
-into the counterfactual run (:func:`analyses.patching.activation_patching`: the vision tower runs once per
-input and the key/value prefix before the patched positions is reused across cells), and the normalised
+into the counterfactual run (:mod:`.patch_cells`: the clean clip runs once per entry and caches only the patched
+positions; each counterfactual runs its vision tower once and its key/value prefix is reused across cells), and the normalised
 recovery ``(patched - cf) / (clean - cf)`` is recorded. Token slices: ``visual``, ``text``, each
 ``--token_slice``, and one group per temporal slice (named by its input frames) for the layer x frame map.
 """
@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from analyses.metrics import mc_margin
-from analyses.patching import activation_patching
 from analyses.pipelines.datasets import Case
 from analyses.pipelines.runner import CaseContext, Pipeline
 
@@ -27,7 +26,8 @@ from .annotations import ANNOTATION_SCHEMA, correct_index
 from .clips import case_clip, case_prompt
 from .counterfactual_set import build_counterfactuals, check_swap_spans
 from .model_io import VideoModel, build_inputs, first_token_ids, load_video_model
-from .representations import summarise_layers, write_case_file
+from .patch_cells import clean_run, patch_counterfactual, patched_positions
+from .representations import LayerSummaries, write_case_file
 from .spans import SpanError, frame_groups, parse_token_slice, token_slice_positions
 
 __all__ = ["TRACE", "trace_case", "REPRESENTATIONS_DIR", "representation_file"]
@@ -75,41 +75,41 @@ def trace_case(vm: VideoModel, case: Case, ctx: CaseContext) -> dict[str, Any]:
                                 ctx.seed, n_frames)
     metric = mc_margin(ids, target)
     dump = bool(opts.get("dump_representations"))
-    summaries: dict[str, dict[str, np.ndarray]] = {}
-    clean_logits = _forward(vm, clean, groups["visual"], summaries, "clean", dump)
-    clean_margin = float(metric(clean_logits[None, None]))
+    layers = list(range(int(vm.model.cfg.n_layers)))
+    patched = patched_positions(groups, min(groups["visual"]))
+    summaries: dict[str, LayerSummaries] = {}
+
+    def hooks(name: str) -> list:
+        if not dump:
+            return []
+        summaries[name] = LayerSummaries(len(layers), groups["visual"])
+        return summaries[name].hooks
+
+    clean_state = clean_run(vm.model, clean, patched, layers, extra_hooks=hooks("clean"))
+    clean_margin = float(metric(clean_state.logits[None, None]))
     conditions, cells = [], []
     for name, cf in cfs.items():
         cf_inputs = build_inputs(vm, prompt, cf.frames, clip.effective_fps, ctx.device, ctx.dtype)
-        result = activation_patching(vm.model, clean, cf_inputs, metric, sites=("resid_pre",), positions=groups,
-                                     batch_size=int(opts.get("batch_size", 8)), progress=False)
-        cf_logits = _forward(vm, cf_inputs, groups["visual"], summaries, name, dump)
+        cf_logits, rows = patch_counterfactual(vm.model, clean_state, cf_inputs, patched, metric, int(opts.get("batch_size", 8)),
+                                               clean_inputs=clean, extra_hooks=hooks(name))
         conditions.append({"counterfactual": name, "params": cf.params, "changed_slices": cf.changed_slices(),
-                           "cf_margin": result.corrupt_value, "cf_answer": _answer(cf_logits, ids, candidates)})
-        for row in result.frame.itertuples(index=False):
-            cells.append({"counterfactual": name, "layer": int(row.layer), "token_slice": row.group, "slice_kind": kinds[row.group],
-                          "n_positions": int(row.n_positions), "patched_margin": float(row.value),
-                          "recovery": None if np.isnan(row.recovery) else float(row.recovery)})
+                           "cf_margin": float(metric(cf_logits[None, None])), "cf_answer": _answer(cf_logits, ids, candidates)})
+        for row in rows:
+            recovery = row["recovery"]
+            cells.append({"counterfactual": name, "layer": int(row["layer"]), "token_slice": row["group"], "slice_kind": kinds[row["group"]],
+                          "n_positions": len(groups[row["group"]]), "patched_margin": float(row["patched"]),
+                          "recovery": None if np.isnan(recovery) else float(recovery)})
     if summaries:
-        write_case_file(representation_file(ctx.output_dir, case.id), summaries)
+        write_case_file(representation_file(ctx.output_dir, case.id), {k: v.arrays() for k, v in summaries.items()})
     return {
         "question_id": case.id, "video_name": case.data["video_name"], "task_name": case.data.get("task_name") or "all",
         "n_frames": n_frames, "temporal_patch_size": tps, "n_visual_tokens": len(groups["visual"]), "seq_len": layout.seq_len,
         "candidates": candidates, "answer_number": target, "clean_margin": clean_margin,
-        "clean_answer": _answer(clean_logits, ids, candidates),
+        "clean_answer": _answer(clean_state.logits, ids, candidates),
         "frame_groups": json.dumps(_group_frames(kinds, tps, n_frames)),
         "frames_with_answer_object": case.data.get("frames_with_answer_object"),
         "conditions": json.dumps(conditions), "cells": json.dumps(cells),
     }
-
-
-def _forward(vm: VideoModel, inputs: dict[str, Any], visual: list[int], summaries: dict, name: str, dump: bool) -> torch.Tensor:
-    """Next-token logits of one run; with ``dump``, its per-layer summaries go into ``summaries[name]`` (same forward)."""
-    if dump:
-        summaries[name], logits = summarise_layers(vm.model, inputs, visual)
-        return logits
-    with torch.no_grad():
-        return vm.model(**inputs)[0, -1].float()
 
 
 def _group_frames(kinds: dict[str, str], tps: int, n_frames: int) -> dict[str, list[int]]:
