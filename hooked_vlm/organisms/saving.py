@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "model_card", "write_model_card"]
+__all__ = ["save_checkpoint", "model_card", "write_model_card", "qwen_preprocessor_files"]
 
 
 def save_checkpoint(organism: Any, model: torch.nn.Module, tokenizer: Any, out_dir: str | os.PathLike, result: Any, seed: int,
@@ -51,6 +51,39 @@ def save_checkpoint(organism: Any, model: torch.nn.Module, tokenizer: Any, out_d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def qwen_preprocessor_files(model_config: Any, input_kwargs: dict[str, Any]) -> dict[str, str]:
+    """``preprocessor_config.json`` + ``video_preprocessor_config.json`` (Hugging Face's Qwen2-VL spelling) holding the
+    pixel limits and frame rate a Qwen organism was trained with (its ``input_kwargs``), for
+    :func:`save_checkpoint`'s ``extra_files``: a model loaded from the folder by path then gets the same inputs.
+
+    ``model_config`` is the Hugging Face config (its ``vision_config`` gives the patch, temporal-patch and merge
+    sizes). Settings ``input_kwargs`` does not give keep ``build_qwen_inputs``' defaults. No ``processor_class`` is
+    written, so loading keeps hooked_vlm's exact hand preprocessing rather than building an HF processor.
+    """
+    from hooked_vlm.families.qwen_vl import preprocess as qp
+
+    vision = model_config.vision_config
+    common = {
+        "patch_size": int(vision.patch_size),
+        "temporal_patch_size": int(vision.temporal_patch_size),
+        "merge_size": int(vision.spatial_merge_size),
+        "image_mean": list(input_kwargs.get("image_mean", qp.IMAGE_MEAN)),
+        "image_std": list(input_kwargs.get("image_std", qp.IMAGE_STD)),
+        "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+    }
+
+    def limits(low: int, high: int) -> dict[str, Any]:
+        return {"min_pixels": int(low), "max_pixels": int(high), "size": {"shortest_edge": int(low), "longest_edge": int(high)}}
+
+    image = {"image_processor_type": "Qwen2VLImageProcessor",
+             **limits(input_kwargs.get("min_pixels", qp.MIN_PIXELS), input_kwargs.get("max_pixels", qp.MAX_PIXELS)), **common}
+    video = {"video_processor_type": "Qwen2VLVideoProcessor",
+             **limits(input_kwargs.get("video_min_pixels", qp.VIDEO_MIN_PIXELS), input_kwargs.get("video_max_pixels", qp.VIDEO_MAX_PIXELS)),
+             "fps": float(input_kwargs.get("fps", qp.DEFAULT_VIDEO_FPS)), "do_sample_frames": False, **common}
+    return {"preprocessor_config.json": json.dumps(image, indent=2) + "\n",
+            "video_preprocessor_config.json": json.dumps(video, indent=2) + "\n"}
 
 
 def metadata(organism: Any, model: torch.nn.Module, result: Any, seed: int) -> dict[str, Any]:

@@ -123,8 +123,9 @@ def test_trace_writes_json_parquet_figures_and_representations(traced):
     assert list(index["condition"][:3]) == ["clean", "reverse", "swap 0:2<->2:4"] and arrays["last_token"].shape == (9, 3, 96)
 
 
-def test_a_traced_cell_matches_patching_by_hand(traced, data):
-    """Layer 1, slice 2 (input frames 4-5) of the reversal, recomputed with a plain hook on resid_pre."""
+def test_traced_cells_match_patching_by_hand(traced, data):
+    """Three cells of the reversal recomputed with a plain hook on resid_pre of a full forward: layer 1 slice 2 (input
+    frames 4-5), layer 0 ``text`` (every text position, the prompt's prefix included) and layer 0 ``visual``."""
     from analyses.pipelines.runner import ModelSpec
     from analyses.pipelines.video.decoding import read_video
     from analyses.pipelines.video.model_io import load_video_model
@@ -135,8 +136,10 @@ def test_a_traced_cell_matches_patching_by_hand(traced, data):
     frames = read_video(data.parent / entry["video_name"]).frames
     build = lambda f: build_qwen_inputs(vm.tokenizer, "<video> " + entry["question"], videos=[f], **vm.options)  # noqa: E731
     clean, cf = build(frames), build(frames[::-1].copy())
-    first = int((clean["input_ids"][0] == vm.tokenizer.convert_tokens_to_ids("<|video_pad|>")).nonzero()[0])
-    positions = list(range(first + 2 * 16, first + 3 * 16))  # slice 2: 16 tokens after two slices of 4x4
+    is_video = clean["input_ids"][0] == vm.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    first = int(is_video.nonzero()[0])
+    cells = {(1, "frames 4-5"): list(range(first + 2 * 16, first + 3 * 16)),  # slice 2: 16 tokens after two slices of 4x4
+             (0, "text"): (~is_video).nonzero().flatten().tolist(), (0, "visual"): is_video.nonzero().flatten().tolist()}
     ids = [vm.tokenizer.convert_tokens_to_ids(c) for c in entry["candidates"]]
     right = entry["answer_number"]
 
@@ -144,23 +147,23 @@ def test_a_traced_cell_matches_patching_by_hand(traced, data):
         x = logits[0, -1]
         return float(x[ids[right]] - max(x[i] for k, i in enumerate(ids) if k != right))
 
-    with torch.no_grad():
-        clean_logits, cache = vm.model.run_with_cache(**clean, names_filter=lambda n: n == "blocks.1.hook_resid_pre")
-        saved = cache["blocks.1.hook_resid_pre"]
-
-        def patch(act, hook):
-            act[:, positions] = saved[:, positions]
-            return act
-
-        patched = vm.model.run_with_hooks(**cf, fwd_hooks=[("blocks.1.hook_resid_pre", patch)])
-        cf_logits = vm.model(**cf)
     got = json.loads(traced.read_text())["entries"][0]
     cond = got["conditions"][0]
-    cell = next(c for c in cond["cells"] if c["layer"] == 1 and c["token_slice"] == "frames 4-5")
-    assert cell["n_positions"] == 16
-    assert got["clean_margin"] == pytest.approx(margin(clean_logits), abs=1e-5)
-    assert cond["cf_margin"] == pytest.approx(margin(cf_logits), abs=1e-5)
-    assert cell["patched_margin"] == pytest.approx(margin(patched), abs=1e-5)
+    with torch.no_grad():
+        clean_logits, cache = vm.model.run_with_cache(**clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+        assert got["clean_margin"] == pytest.approx(margin(clean_logits), abs=1e-5)
+        assert cond["cf_margin"] == pytest.approx(margin(vm.model(**cf)), abs=1e-5)
+        for (layer, group), positions in cells.items():
+            saved = cache[f"blocks.{layer}.hook_resid_pre"]
+
+            def patch(act, hook, positions=positions, saved=saved):
+                act[:, positions] = saved[:, positions]
+                return act
+
+            patched = vm.model.run_with_hooks(**cf, fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", patch)])
+            cell = next(c for c in cond["cells"] if c["layer"] == layer and c["token_slice"] == group)
+            assert cell["n_positions"] == len(positions)
+            assert cell["patched_margin"] == pytest.approx(margin(patched), abs=1e-5), (layer, group)
 
 
 def test_probe_commands_run_on_planted_representations(tmp_path):
@@ -282,6 +285,29 @@ def test_trace_resumes_after_a_kill_with_identical_results(data, tmp_path):
     assert manifest["counts"]["skipped"] >= 1 and manifest["previous_runs"][0]["status"] == "running"
     a, b = (np.load(p.parent / "trace_representations.npz") for p in (out, reference))
     assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in b.files)
+
+
+# ------------------------------------------------------------------------------------------ Ray
+@pytest.mark.slow
+def test_ray_two_local_workers_give_the_serial_trace(traced, data, tmp_path):
+    """``--workers 2`` runs the entries on two local Ray actors: same cells and representations as the serial run."""
+    pytest.importorskip("ray", reason="Ray is in the dev extra; install hooked-vlm[dev]")
+    out = tmp_path / "trace.json"
+    _cli("video", "trace", "--annotations", str(data), "--output", str(out), *TRACE_FLAGS, "--workers", "2")
+    manifest = json.loads((out.with_suffix("") / "manifest.json").read_text())
+    assert manifest["workers"]["backend"] == "ray" and manifest["workers"]["workers"] == 2
+    serial, parallel = (json.loads(p.read_text())["entries"] for p in (traced, out))
+    assert [e["question_id"] for e in parallel] == [e["question_id"] for e in serial]
+    for a, b in zip(parallel, serial):
+        assert a["clean_answer"] == b["clean_answer"] and a["clean_margin"] == pytest.approx(b["clean_margin"], abs=1e-5)
+        cells_a, cells_b = (pd.DataFrame([{**c, "cf": cond["counterfactual"]} for cond in e["conditions"] for c in cond["cells"]])
+                            for e in (a, b))
+        assert len(cells_a) == len(cells_b) == 2 * 3 * 9
+        np.testing.assert_allclose(cells_a["patched_margin"], cells_b["patched_margin"], atol=1e-5)
+        assert list(cells_a["token_slice"]) == list(cells_b["token_slice"])
+    ray_reps, serial_reps = (np.load(p.parent / f"{p.stem}_representations.npz") for p in (out, traced))
+    assert list(ray_reps["question_id"]) == list(serial_reps["question_id"])
+    np.testing.assert_allclose(ray_reps["layers_mean"], serial_reps["layers_mean"], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ planted truth (part 8)

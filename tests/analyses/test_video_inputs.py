@@ -180,3 +180,51 @@ def test_mean_vector_streams_files_and_skips_bad_ones(tmp_path):
     (tmp_path / "nothing").mkdir()
     with pytest.raises(MeanVectorError, match=r"holds no \.safetensors / \.pt / \.pth files"):
         mean_vector(tmp_path / "nothing")
+
+
+# ------------------------------------------------------------------------------------------ saved input settings
+def test_a_copied_organism_folder_gets_the_organism_inputs_from_its_saved_processor_config(tmp_path):
+    """The organism's pixel limits and fps, written by ``qwen_preprocessor_files``, reach a model loaded by path; a
+    copy without them falls back to its organism.json's class; a bare copy gets Qwen's defaults (a different grid)."""
+    import dataclasses
+    import shutil
+
+    from analyses.pipelines.runner import ModelSpec
+    from analyses.pipelines.video.model_io import VideoModel, build_inputs, input_options, load_video_model
+    from hooked_vlm.organisms import checkpoint_dir
+    from hooked_vlm.organisms.saving import qwen_preprocessor_files
+    from hooked_vlm.organisms.video_qwen import FRAMES, SIZE, VideoOrganism
+
+    source = checkpoint_dir("video-qwen2-vl")
+    saved, bare, card_only = (tmp_path / n for n in ("saved", "bare", "card"))
+    for folder in (saved, bare, card_only):
+        shutil.copytree(source, folder)
+        (folder / "organism.json").unlink()
+    shutil.copy(source / "organism.json", card_only / "organism.json")
+    vm = load_video_model(ModelSpec("video-qwen2-vl"))
+    files = qwen_preprocessor_files(_hf_config(source), VideoOrganism.input_kwargs)
+    for name, text in files.items():
+        (saved / name).write_text(text)
+    video = json.loads(files["video_preprocessor_config.json"])
+    assert (video["min_pixels"], video["max_pixels"], video["fps"], video["temporal_patch_size"]) == (56 * 56, 224 * 224, 2.0, 2)
+    assert input_options(str(saved), saved) == {"fps": 2.0}
+    assert input_options(str(card_only), card_only) == VideoOrganism.input_kwargs
+    assert input_options(str(bare), bare) == {}
+    frames = np.random.default_rng(0).integers(0, 256, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
+
+    def inputs(folder: Path) -> dict:
+        path_loaded = VideoModel(dataclasses.replace(vm.loaded, checkpoint=folder, name=str(folder)), input_options(str(folder), folder))
+        return build_inputs(path_loaded, "<video> which way ?", frames, 2.0, "cpu", torch.float32)
+
+    expected = build_inputs(vm, "<video> which way ?", frames, 2.0, "cpu", torch.float32)
+    assert expected["video_grid_thw"].tolist() == [[FRAMES // 2, SIZE // 14, SIZE // 14]]  # 112 px kept: 8x8 patches
+    for folder in (saved, card_only):
+        got = inputs(folder)
+        assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected), folder.name
+    assert inputs(bare)["video_grid_thw"].tolist() != expected["video_grid_thw"].tolist()  # Qwen's 128-token floor upsizes
+
+
+def _hf_config(folder: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)

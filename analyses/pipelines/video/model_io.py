@@ -1,15 +1,18 @@
 """A video model for the pipeline: loading, prompt + frames -> the family's inputs, candidate answers -> token ids.
 
 Inputs come from the family's registered input builder (``hooked_vlm.cli.INPUT_BUILDERS``, the same one
-``hooked-vlm inspect`` uses), so nothing here knows a family's keyword names. A shipped organism gets the
-pixel limits and frame rate it was trained with (its ``input_kwargs``); a checkpoint folder its own
-processor settings.
+``hooked-vlm inspect`` uses), so nothing here knows a family's keyword names. A checkpoint folder's saved
+processor settings win (``preprocessor_config.json`` / ``video_preprocessor_config.json``, which organisms
+can ship, see :func:`hooked_vlm.organisms.saving.qwen_preprocessor_files`); an organism folder without them
+gets the pixel limits and frame rate of its organism class (``input_kwargs``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +22,7 @@ from torch import Tensor
 
 from analyses.pipelines.runner import ModelSpec, load_hooked_model
 
-__all__ = ["CandidateError", "VideoModel", "load_video_model", "build_inputs", "candidate_tokens", "first_token_ids",
+__all__ = ["CandidateError", "VideoModel", "load_video_model", "input_options", "PROCESSOR_FILES", "build_inputs", "candidate_tokens", "first_token_ids",
            "candidate_logprobs", "greedy_answer", "last_logits"]
 
 
@@ -45,13 +48,31 @@ class VideoModel:
 
 def load_video_model(spec: ModelSpec) -> VideoModel:
     """Load ``spec.name`` (organism, tiny model, checkpoint folder) with its input options (the Pipeline loader)."""
+    loaded = load_hooked_model(spec)
+    return VideoModel(loaded, input_options(spec.name, loaded.checkpoint))
+
+
+#: the processor files a checkpoint folder may hold its input settings in (the video one first)
+PROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
+
+
+def input_options(name: str, folder: Path | None) -> dict[str, Any]:
+    """Input-builder options for a model: the frame rate saved in its folder's processor config when one is there
+    (the family's input builder reads the pixel limits from the same files), else the ``input_kwargs`` of the
+    organism it is (by name, or by the ``organism.json`` of a copied organism folder), else none."""
     from hooked_vlm.organisms import ORGANISMS, get_organism
 
-    loaded = load_hooked_model(spec)
-    options: dict[str, Any] = {}
-    if spec.name in ORGANISMS:  # the pixel limits / fps the organism was trained with, whatever the organism
-        options.update(getattr(get_organism(spec.name), "input_kwargs", {}) or {})
-    return VideoModel(loaded, options)
+    saved = [folder / f for f in PROCESSOR_FILES if folder is not None and (folder / f).is_file()]
+    if saved:
+        config = json.loads(saved[0].read_text())
+        return {"fps": float(config["fps"])} if "fps" in config else {}
+    organism = name if name in ORGANISMS else None
+    meta = None if folder is None else folder / "organism.json"
+    if organism is None and meta is not None and meta.is_file():
+        organism = json.loads(meta.read_text()).get("name")
+    if organism not in ORGANISMS:
+        return {}
+    return dict(getattr(get_organism(organism), "input_kwargs", {}) or {})
 
 
 def build_inputs(vm: VideoModel, prompt: str, frames: UInt8[np.ndarray, "time height width 3"] | None, fps: float,
