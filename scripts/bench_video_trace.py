@@ -1,4 +1,4 @@
-"""Benchmark: ``video trace`` on a long clip (64 frames at 448x448) on CPU, peak memory against a plain forward.
+"""Benchmark: ``video trace`` on a long clip (64 or 128 frames at 448x448) on CPU, peak memory against a plain forward.
 
 A random-weight Qwen2-VL-shaped model (``tiny-qwen2-vl``: 2 temporal frames per slice, 14-px patches, 2x2
 merge) reads a 64-frame 448x448 clip (an mp4 written here): 32 temporal slices x 16x16 merged cells = 8,192
@@ -7,16 +7,18 @@ torch thread, so peak RSS is the cell's own):
 
 * ``forward``: decode the clip, build the inputs, one plain forward (the memory baseline);
 * ``trace``: ``hooked-vlm video trace``'s per-entry function on that clip with the ``reverse`` counterfactual:
-  the clean resid_pre patched into the reversed run for every layer x (visual, text, every temporal slice):
-  the vision tower runs once per input and the key/value prefix before each patched position is reused
-  (``analyses.patching.activation_patching`` defaults).
+  the clean resid_pre patched into the reversed run for every layer x (visual, text, every temporal slice).
+  The clean clip runs once (resid_pre cached at the patched positions only), the reversed clip once as the base
+  of the cells (its vision tower once, its key/value prefix reused before each cell's first patched position,
+  the layers below the patched one once per batch): ``analyses.pipelines.video.patch_cells``.
 
 The table gives wall and CPU time (one thread: CPU time is robust to other jobs), peak RSS above the process baseline, the ratio trace / forward, and what one
 L x L fp32 attention matrix (all heads of one layer) would take, to show that none was formed.
 
 Usage::
 
-    python scripts/bench_video_trace.py                     # 64 frames, 448x448
+    python scripts/bench_video_trace.py                     # 64 frames, 448x448: 8,192 visual tokens
+    python scripts/bench_video_trace.py --frames 128        # 16,384 visual tokens
     python scripts/bench_video_trace.py --frames 16 --size 224 --out bench.jsonl
 """
 

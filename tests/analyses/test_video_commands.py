@@ -130,6 +130,7 @@ def test_traced_cells_match_patching_by_hand(traced, data):
     from analyses.pipelines.video.decoding import read_video
     from analyses.pipelines.video.model_io import load_video_model
     from hooked_vlm.inputs import build_qwen_inputs
+    from hooked_vlm.layout import TEXT
 
     vm = load_video_model(ModelSpec(ORGANISM))
     entry = json.loads(data.read_text())[0]
@@ -139,7 +140,8 @@ def test_traced_cells_match_patching_by_hand(traced, data):
     is_video = clean["input_ids"][0] == vm.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     first = int(is_video.nonzero()[0])
     cells = {(1, "frames 4-5"): list(range(first + 2 * 16, first + 3 * 16)),  # slice 2: 16 tokens after two slices of 4x4
-             (0, "text"): (~is_video).nonzero().flatten().tolist(), (0, "visual"): is_video.nonzero().flatten().tolist()}
+             (0, "text"): (vm.model.layout(**clean).kind[0] == TEXT).nonzero().flatten().tolist(),
+             (0, "visual"): is_video.nonzero().flatten().tolist()}
     ids = [vm.tokenizer.convert_tokens_to_ids(c) for c in entry["candidates"]]
     right = entry["answer_number"]
 
