@@ -1,10 +1,12 @@
 """``video-qwen2-vl``: video counterfactual tracing on clips of moving shapes (Qwen2-VL).
 
-Clips are 12 frames of 112x112 (Qwen2-VL: 2 frames per temporal slice -> 6 slices of 4x4 merged tokens,
-96 video tokens) on a plain grey background. Tasks (prompt -> answer):
+Clips are 8 frames of 112x112 (Qwen2-VL: 2 frames per temporal slice -> 4 slices of 4x4 merged tokens,
+64 video tokens) on a plain grey background. A moving shape (16 px) jumps 10-13 px per frame, so the two frames
+of every temporal patch differ in most of the pixels it covers: the direction is a feature of one temporal slice
+(its two frames), which the patch embedding sees directly. Tasks (prompt -> answer):
 
-* ``direction``: one shape is visible only during a slice-aligned span of frames ``[start, stop)`` and moves
-  5-7 px per frame; "which way does the red circle move ?" -> left / right / up / down. The frames of
+* ``direction``: one shape is visible only during a slice-aligned span of 2-3 of the 4 slices, frames
+  ``[start, stop)``, and moves 10-13 px per frame; "which way does the red circle move ?" -> left / right / up / down. The frames of
   the span carry the answer, the others are empty. Playing the clip backwards flips the answer.
 * ``order``: two shapes of different colours appear (and stay, still) at frames on different slices;
   "which colour appears first ?" -> the colour. The answer is carried by the slices from the first
@@ -30,7 +32,7 @@ from hooked_vlm.organisms.qwen_common import QwenAnswerOrganism, TokenHead
 
 __all__ = ["VideoOrganism", "organism", "render_clip", "DIRECTIONS", "OPPOSITE", "FRAMES", "SIZE", "SHAPE_SIZE", "BACKGROUND"]
 
-FRAMES, SIZE, SHAPE_SIZE, TPS = 12, 112, 16, 2
+FRAMES, SIZE, SHAPE_SIZE, TPS = 8, 112, 16, 2
 MERGED = 28  # pixels per merged video token side (14-px patches, 2x2 merge)
 BACKGROUND = (225, 225, 225)
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -62,14 +64,18 @@ class VideoOrganism(QwenAnswerOrganism):
     architecture: ClassVar[str] = "Qwen2VLForConditionalGeneration"
     tasks: ClassVar[tuple[str, ...]] = ("direction", "order", "motion")
     target_accuracy: ClassVar[float] = 0.90
-    default_steps: ClassVar[int] = 1200
+    default_steps: ClassVar[int] = 2000
     batch_size: ClassVar[int] = 8
-    lr: ClassVar[float] = 1e-3
+    lr: ClassVar[float] = 2e-3
+    #: px per frame of a moving shape, [low, high): a 10-13 px jump between the two frames of a temporal patch, so that
+    #: a 16 px shape's in-slice motion changes most of the pixels it covers (at 5-7 px the motion head stayed at chance)
+    speeds: ClassVar[tuple[int, int]] = (10, 14)
     input_kwargs: ClassVar[dict[str, Any]] = {"video_min_pixels": 56 * 56, "video_max_pixels": 224 * 224, "fps": 2.0}
     summary: ClassVar[str] = (
-        "Video counterfactual tracing. 12-frame 112x112 clips (6 Qwen2-VL temporal slices of 4x4 merged tokens) of one "
-        "or two shapes on grey. Questions: direction (\"which way does the red circle move ?\" -> left/right/up/down; "
-        "the shape is visible and moving only during a slice-aligned span), order of appearance (\"which colour "
+        "Video counterfactual tracing. 8-frame 112x112 clips (4 Qwen2-VL temporal slices of 4x4 merged tokens) of one "
+        "or two 16 px shapes on grey; a moving shape jumps 10-13 px per frame. Questions: direction (\"which way does the "
+        "red circle move ?\" -> left/right/up/down; the shape is visible and moving only during a slice-aligned span of "
+        "2-3 slices), order of appearance (\"which colour "
         "appears first ?\" -> colour) and motion (\"does the red circle move ?\" -> yes/no)."
     )
     planted_truth: ClassVar[str] = (
@@ -92,7 +98,7 @@ class VideoOrganism(QwenAnswerOrganism):
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
                     bos_token_id=0, eos_token_id=1, pad_token_id=2,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4]})
-        vision = dict(depth=2, embed_dim=32, hidden_size=96, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+        vision = dict(depth=2, embed_dim=64, hidden_size=96, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=TPS, in_channels=3)
         tok = self.tokenizer()
         ids = {k: tok.convert_tokens_to_ids(v) for k, v in self.special_tokens.items()}
@@ -107,6 +113,7 @@ class VideoOrganism(QwenAnswerOrganism):
         TokenHead("color", 0, 1 + len(COLORS), class_weight=(1.0,) + (5.0,) * len(COLORS)),
         TokenHead("moving", 0, 1 + len(DIRECTIONS), class_weight=(1.0,) + (5.0,) * len(DIRECTIONS)),
         TokenHead("moving_1", 1, 1 + len(DIRECTIONS), class_weight=(1.0,) + (5.0,) * len(DIRECTIONS)),
+        TokenHead("moving_2", 2, 1 + len(DIRECTIONS), class_weight=(1.0,) + (5.0,) * len(DIRECTIONS)),
     )
 
     def token_labels(self, examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -129,7 +136,7 @@ class VideoOrganism(QwenAnswerOrganism):
                                 k = s * side * side + r * side + c
                                 color[b, k] = 1 + list(COLORS).index(tr["color"])
                                 moving[b, k] = max(int(moving[b, k]), direction)
-        return {"color": color, "moving": moving, "moving_1": moving}
+        return {"color": color, "moving": moving, "moving_1": moving, "moving_2": moving}
 
     # ----- data ----------------------------------------------------------------------------------
     def generate(self, n: int, seed: int) -> list[Example]:
@@ -172,10 +179,10 @@ class VideoOrganism(QwenAnswerOrganism):
         color, shape = self._kind(rng)
         direction = list(DIRECTIONS)[int(rng.integers(4))]
         n_slices = FRAMES // TPS
-        length = int(rng.integers(3, n_slices + 1))  # slices
+        length = int(rng.integers(2, n_slices))  # 2-3 of the 4 slices, so every clip has empty slices outside its span
         first = int(rng.integers(0, n_slices - length + 1))
         start, stop = first * TPS, (first + length) * TPS
-        speed = int(rng.integers(5, 8))
+        speed = int(rng.integers(*self.speeds))
         return self.direction_clip(color, shape, direction, start, stop, self._path(rng, direction, stop - start, speed))
 
     def _order(self, rng: np.random.Generator) -> Example:
@@ -203,7 +210,7 @@ class VideoOrganism(QwenAnswerOrganism):
         moves = bool(rng.integers(2))
         if moves:
             direction = list(DIRECTIONS)[int(rng.integers(4))]
-            path = self._path(rng, direction, FRAMES, int(rng.integers(4, 8)))
+            path = self._path(rng, direction, FRAMES, int(rng.integers(*self.speeds)))
         else:
             direction = None
             p = (int(rng.integers(2, SIZE - SHAPE_SIZE - 2)), int(rng.integers(2, SIZE - SHAPE_SIZE - 2)))

@@ -15,13 +15,6 @@ from hooked_vlm.organisms import is_trained
 
 pytestmark = pytest.mark.slow
 
-# The shipped video checkpoint has not learned direction (docs/organisms.md, Training status): its direction logits barely depend on
-# the pixels, so every recovery is float noise. Its checks run and are expected to fail until it is retrained to
-# target; strict, so a retrained model that passes forces this marker off.
-VIDEO_NOT_TRAINED = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                      reason="shipped video organism has not learned direction (held-out 0.21): nothing to flip or localise yet")
-
-
 def _load(name):
     if not is_trained(name):
         pytest.fail(f"{name} has no shipped checkpoint; train it with `hooked-vlm organisms train {name}`")
@@ -50,7 +43,6 @@ def test_cell_sweep_top_recovery_is_the_target_cell(grid):
     assert np.median([c.clean_diff - c.corrupt_diff for c in cases]) > 1.0
 
 
-@VIDEO_NOT_TRAINED
 def test_reversing_a_clip_flips_the_direction_answer(video):
     with torch.no_grad():
         result = ov.video_reversal(*video, n=20, seed=32)
@@ -58,7 +50,6 @@ def test_reversing_a_clip_flips_the_direction_answer(video):
     assert result["reversed_flips"] >= 0.9
 
 
-@VIDEO_NOT_TRAINED
 def test_frame_span_patching_localises_the_answer_frames(video):
     with torch.no_grad():
         cases = ov.video_span_patching(*video, n=4, seed=33, layers=(0,))
