@@ -20,7 +20,7 @@ FAMILY = Family(
     ),
     model_class="hooked_vlm.families.clip.model:HookedCLIP",
     config_families=("clip", "siglip"),
-    input_schema=InputSchema(pixels=("pixel_values",)),
+    input_schema=InputSchema(pixels=("pixel_values",), pixel_kinds=(("image", "pixel_values"),)),
     input_builder=None,  # hooked-vlm inspect runs two-tower models through hooked_vlm.cli_two_tower
     tiny_models=(
         TinyModel("tiny-clip", "hooked_vlm.families.clip.tiny:clip_config", "CLIPModel"),

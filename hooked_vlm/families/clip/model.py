@@ -253,6 +253,8 @@ class HookedCLIP(CheckedHooksMixin):
         "output_hidden_states",
         "return_type",
     )
+    #: a two-tower model: ``input_ids`` may hold many texts scored against the images (not one prompt per row)
+    generative: ClassVar[bool] = False
     return_types: ClassVar[tuple[str, ...]] = (
         "output",
         "logits_per_image",
@@ -276,6 +278,13 @@ class HookedCLIP(CheckedHooksMixin):
         self.hook_image_embeds = HookPoint()
         self.hook_text_embeds = HookPoint()
         self.setup()
+
+    @classmethod
+    def input_schema(cls) -> Any:
+        """Which keyword inputs the two-tower family takes (its registration's :class:`InputSchema`)."""
+        from hooked_vlm.families.registry import family
+
+        return family("clip").input_schema
 
     # ----- configuration and weights -----------------------------------------------------------------------
     @classmethod

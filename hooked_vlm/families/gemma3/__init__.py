@@ -20,6 +20,7 @@ FAMILY = Family(
     input_schema=InputSchema(
         per_sequence=("input_ids", "attention_mask", "token_type_ids"),
         pixels=("pixel_values",),
+        pixel_kinds=(("image", "pixel_values"),),
     ),
     input_builder="hooked_vlm.families.gemma3.preprocess:cli_input_builder",
     model_types=(("gemma3", "Gemma3ForConditionalGeneration"),),

@@ -25,6 +25,7 @@ FAMILY = Family(
     config_families=("llava", "llava_next", "llava_onevision", "llava_next_video"),
     input_schema=InputSchema(
         pixels=("pixel_values", "pixel_values_videos"),
+        pixel_kinds=(("image", "pixel_values"), ("video", "pixel_values_videos")),
         structure=("image_sizes", "image_sizes_videos"),
         per_prompt=("batch_num_images",),
         options=("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"),

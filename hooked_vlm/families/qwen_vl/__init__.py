@@ -20,6 +20,7 @@ FAMILY = Family(
     input_schema=InputSchema(
         per_sequence=("input_ids", "attention_mask", "mm_token_type_ids"),
         pixels=("pixel_values", "pixel_values_videos"),
+        pixel_kinds=(("image", "pixel_values"), ("video", "pixel_values_videos")),
         structure=("image_grid_thw", "video_grid_thw", "second_per_grid_ts"),
     ),
     input_builder="hooked_vlm.families.qwen_vl.preprocess:cli_input_builder",
