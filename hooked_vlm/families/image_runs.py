@@ -19,6 +19,19 @@ from hooked_vlm.errors import InputError
 from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, VisualItem
 
 
+def check_square_pixels(pixel_values: Tensor | None, channels: int, image_size: int) -> None:
+    """``pixel_values`` must be ``[n_images, channels, image_size, image_size]`` (every image resized to the tower's
+    fixed input size, as the SigLIP processors do)."""
+    if pixel_values is None:
+        return
+    want = (channels, image_size, image_size)
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+        raise InputError(
+            f"pixel_values must be [n_images, {want[0]}, {want[1]}, {want[2]}] (every image resized to the SigLIP "
+            f"tower's image_size={image_size}); got {tuple(pixel_values.shape)}"
+        )
+
+
 def count_images(inputs: dict[str, Any], n_tokens: int, per_image: int, image_token_id: int, per_image_name: str,
                  how_to_write: str) -> int:
     """How many images the inputs hold (``pixel_values`` rows, else the tokens ``vision_features=`` fills); raises
@@ -85,4 +98,4 @@ def image_run_positions(
     return kind, item, frame, row, col, items
 
 
-__all__ = ["count_images", "image_run_positions"]
+__all__ = ["check_square_pixels", "count_images", "image_run_positions"]

@@ -166,6 +166,20 @@ VISION_BLOCK_HOOKS: tuple[str, ...] = (
 )
 
 
+def lazy_attributes(package: str, modules: tuple[str, ...]) -> Any:
+    """A module ``__getattr__`` for a family package: a name of one of its ``modules`` (``"model"``, ...) resolves
+    on first use, so importing the package (its ``FAMILY``) imports no torch."""
+
+    def __getattr__(name: str) -> Any:
+        for sub in modules:
+            module = importlib.import_module(f"{package}.{sub}")
+            if name in vars(module):
+                return getattr(module, name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 def _resolve(target: str) -> Any:
     module, _, attribute = target.partition(":")
     return getattr(importlib.import_module(module), attribute)
@@ -260,4 +274,5 @@ __all__ = [
     "all_pixel_inputs",
     "architecture_for_model_type",
     "expand_hooks",
+    "lazy_attributes",
 ]

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from hooked_vlm.errors import InputError
 from hooked_vlm.input_checks import check_float_pixels, check_token_inputs
-from hooked_vlm.families.image_runs import count_images, image_run_positions
+from hooked_vlm.families.image_runs import check_square_pixels, count_images, image_run_positions
 from hooked_vlm.layout import TokenLayout, VisualItem
 
 if TYPE_CHECKING:
@@ -37,15 +37,7 @@ def check_common_inputs(model: "HookedGemma3", inputs: dict[str, Any], past: int
     check_token_inputs(model, inputs, past, per_position=() if past else ("token_type_ids",),
                        how_to_build="hooked_vlm.families.gemma3_inputs.build_gemma3_inputs or the HF processor")
     check_float_pixels(inputs, ("pixel_values",))
-    pv = inputs.get("pixel_values")
-    if pv is not None:
-        spec = model.vision_spec
-        want = (spec.num_channels, spec.image_size, spec.image_size)
-        if pv.dim() != 4 or tuple(pv.shape[1:]) != want:
-            raise InputError(
-                f"pixel_values must be [n_images, {want[0]}, {want[1]}, {want[2]}] (every image resized to the SigLIP "
-                f"tower's image_size={spec.image_size}); got {tuple(pv.shape)}"
-            )
+    check_square_pixels(inputs.get("pixel_values"), model.vision_spec.num_channels, model.vision_spec.image_size)
 
 
 def block_ids_from_token_types(token_type_ids: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from hooked_vlm.errors import InputError
 from hooked_vlm.input_checks import check_float_pixels, check_token_inputs
-from hooked_vlm.families.image_runs import count_images, image_run_positions
+from hooked_vlm.families.image_runs import check_square_pixels, count_images, image_run_positions
 from hooked_vlm.layout import TokenLayout, VisualItem
 
 if TYPE_CHECKING:
@@ -31,15 +31,7 @@ def check_common_inputs(model: "HookedPaliGemma", inputs: dict[str, Any], past: 
     is read at prefill only (transformers ignores it at decode steps too)."""
     check_token_inputs(model, inputs, past, per_position=() if past else ("token_type_ids",), how_to_build=HOW_TO_BUILD)
     check_float_pixels(inputs, ("pixel_values",))
-    pv = inputs.get("pixel_values")
-    if pv is not None:
-        spec = model.vision_spec
-        want = (spec.in_channels, spec.image_size, spec.image_size)
-        if pv.dim() != 4 or tuple(pv.shape[1:]) != want:
-            raise InputError(
-                f"pixel_values must be [n_images, {want[0]}, {want[1]}, {want[2]}] (every image resized to the SigLIP "
-                f"tower's image_size={spec.image_size}); got {tuple(pv.shape)}"
-            )
+    check_square_pixels(inputs.get("pixel_values"), model.vision_spec.in_channels, model.vision_spec.image_size)
     tt = inputs.get("token_type_ids")
     if tt is not None and past == 0:
         bad = ~((tt == 0) | (tt == 1))
