@@ -42,6 +42,28 @@ class VisualItem:
     pixel_offset: int  # first row of this item in the packed pixel_values(_videos) tensor
     second_per_grid_t: float | None = None
 
+    # Generic names of the fields above (the stored names are Qwen's; they stay for one release, then swap):
+    @property
+    def patch_grid(self) -> tuple[int, int, int]:
+        """(temporal slices, rows, cols) of vision-tower patches before merging (``grid_thw``)."""
+        return self.grid_thw
+
+    @property
+    def frames_per_slice(self) -> int:
+        """Input frames merged into one temporal slice (``temporal_patch_size``; 1 for images of most families)."""
+        return self.temporal_patch_size
+
+    @property
+    def pixel_row(self) -> int:
+        """First row (packed patches) or index (one tensor per image) of this item in its pixel input
+        (``pixel_offset``; the input is ``layout.pixel_input(item.kind)``)."""
+        return self.pixel_offset
+
+    @property
+    def seconds_per_slice(self) -> float | None:
+        """Seconds one temporal slice spans, where the inputs say (``second_per_grid_t``)."""
+        return self.second_per_grid_t
+
     @property
     def merged_grid(self) -> tuple[int, int, int]:
         t, h, w = self.grid_thw

@@ -94,6 +94,9 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
             self.unembed.weight = self.embed.weight
         self._register_rope()
         self._extra_hooks()
+        from hooked_vlm.components.attention import share_segment_plans
+
+        share_segment_plans(self)  # one cache of block-diagonal segment plans per model
         self.setup()
 
     # ----- family hooks (override) -------------------------------------------------------------------
