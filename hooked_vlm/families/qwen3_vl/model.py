@@ -39,7 +39,7 @@ from hooked_vlm.components.norms import LayerNorm
 from hooked_vlm.components.rotary import inverse_frequencies, vision_2d_cos_sin
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import InputError
-from hooked_vlm.families.decoder import FULL
+from hooked_vlm.families.decoder import decoder_config
 from hooked_vlm.families.qwen3_vl import FAMILY
 from hooked_vlm.families.qwen_vl.model import HookedQwenVL, VisionPlan
 from hooked_vlm.layout import TokenLayout
@@ -234,25 +234,8 @@ class HookedQwen3VL(HookedQwenVL):
         if rope.get("rope_type", "default") != "default":
             raise NotImplementedError(f"rope_type {rope.get('rope_type')!r} is not supported yet (only default interleaved M-RoPE)")
         Qwen3VisionSpec.from_hf_dict(d["vision_config"])  # validates the geometry early
-        n_heads = t["num_attention_heads"]
-        return HookedVLMConfig(
-            family="qwen3_vl",
-            architecture="Qwen3VLForConditionalGeneration",
-            n_layers=t["num_hidden_layers"],
-            d_model=t["hidden_size"],
-            n_heads=n_heads,
-            n_key_value_heads=t.get("num_key_value_heads") or n_heads,
-            d_head=t.get("head_dim") or t["hidden_size"] // n_heads,
-            d_mlp=t["intermediate_size"],
-            d_vocab=t["vocab_size"],
-            act_fn=t["hidden_act"],
-            eps=t["rms_norm_eps"],
-            layer_types=[FULL] * t["num_hidden_layers"],
-            hf_config=d,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            model_name=d.get("_name_or_path", "") or "qwen3_vl",
-            original_architecture="Qwen3VLForConditionalGeneration",
-        )
+        return decoder_config(t, "qwen3_vl", "Qwen3VLForConditionalGeneration", d,
+                              tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
 
     @property
     def n_deepstack(self) -> int:
