@@ -374,3 +374,15 @@ def test_cli_inspect_runs_on_tiny_paligemma(tmp_path):
     assert code == 0 and "[    0,    16) image   image 0: 1 slice(s) x 4x4 cells of 14px" in text
     assert "[   16,    17) special" in text  # <bos> after the image
     assert tuple(saved.shape) == (1, PER_IMAGE, 64)
+
+
+def test_strong_attention_soft_capping_matches_transformers():
+    """With a cap small enough to bend the scores (c = 0.02), the capped logits still match transformers, and the cap
+    moves them far more than the tolerance (so a decoder that forgot to cap would fail here)."""
+    hf, model = tiny_pair("tiny-paligemma2", seed=0, attn_logit_softcapping=0.02)
+    inputs = CASES["image_with_answer"]()
+    assert max_diff(hf, model, inputs) <= TOL
+    for block in model.blocks:  # the same model without the cap
+        block.attn.softcap = None
+    uncapped = max_diff(hf, model, inputs)
+    assert uncapped > 100 * TOL, uncapped
