@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from hooked_vlm.layout import BASE
 from kernels import MaskSpec, attn_rows, colsum_with_lse, weighted_colsum
 
 QuerySpec = str | int | Sequence[int] | Tensor | Mapping[str, Sequence[int] | Tensor]
@@ -328,10 +329,7 @@ def grid_view(values: Tensor, layout: Any, image: int | None = None, video: int 
     lay_part = getattr(layout, "part", None)
     if lay_part is not None:
         if part is None:
-            from hooked_vlm.families.llava_inputs import BASE, FRAME, GRID
-
-            parts = set(lay_part[b][sel].tolist())
-            part = GRID if GRID in parts else (FRAME if FRAME in parts else BASE)
+            part = layout.default_part(image, video)
         sel &= lay_part[b] == part
     pos = sel.nonzero().flatten()
     f, r, c = (t[b][pos].clamp(min=0) for t in (layout.frame, layout.row, layout.col))
@@ -357,17 +355,11 @@ def item_patch_grid(layout: Any, act: Tensor, image: int | None = 0, video: int 
         return layout.vision_grid(act, image=image, video=video)
     if it.kind == "video":  # LLaVA-NeXT-Video / OneVision: one tower row per frame
         return torch.stack([layout.vision_grid(act, video=video, frame=f) for f in range(it.n_rows)])
-    from hooked_vlm.families.llava_inputs import BASE
-
-    if part == BASE or it.crop_grid == (0, 0):
+    n_crops = layout.n_crops(image)
+    if part == BASE or n_crops == 0:
         return layout.vision_grid(act, image=image, crop=0)[None]
-    cr, cc = it.crop_grid
-    crops = [layout.vision_grid(act, image=image, crop=1 + i) for i in range(cr * cc)]  # raster order of the crop grid
-    side = crops[0].shape[0]
-    rest = crops[0].shape[2:]
-    canvas = torch.stack(crops).reshape(cr, cc, side, side, *rest).transpose(1, 2).reshape(cr * side, cc * side, *rest)
-    top, left, rows, cols = it.unpad  # the image inside the best-resolution canvas (patch units)
-    return canvas[top : top + rows, left : left + cols][None]
+    crops = [layout.vision_grid(act, image=image, crop=1 + i) for i in range(n_crops)]  # raster order of the crop grid
+    return layout.stitch_crops(torch.stack(crops), image)[None]  # the image inside the best-resolution canvas
 
 
 def _overlap(n_in: int, n_out: int) -> np.ndarray:

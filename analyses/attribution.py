@@ -1,6 +1,6 @@
 """Gradient attributions for the hooked VLMs and CLIP / SigLIP: integrated gradients, saliency, Grad-CAM, Grad-ECLIP.
 
-* :func:`integrated_gradients` on ``pixels`` (through the vision tower: the ``pixel_values`` path is kept),
+* :func:`integrated_gradients` on ``pixels`` (through the vision tower: the pixel-input path is kept),
   ``visual_embeds`` or ``text_embeds`` (the language model's input ``hook_embed`` at visual / text positions; for
   CLIP / SigLIP ``vision.hook_embed`` / ``text.hook_embed``), with ``black`` / ``blur`` / ``mean`` / ``zero``
   baselines (or a tensor). Interpolation steps run in batches of ``batch_size`` copies of the prompt, so memory
@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from hooked_vlm.layout import BASE
 from analyses.attention_maps import (
     MethodNotApplicableError,
     _layout_or_none,
@@ -36,30 +37,45 @@ from analyses.attention_maps import (
 )
 
 Metric = Callable[[Any], Tensor]
-PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
+def __getattr__(name: str) -> Any:
+    """Deprecated alias: ``PIXEL_KEYS`` (every registered family's pixel inputs; read ``model.input_schema().pixels``)."""
+    if name == "PIXEL_KEYS":
+        from hooked_vlm.families.registry import all_pixel_inputs
+
+        return all_pixel_inputs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _pixel_inputs(model: nn.Module | None) -> tuple[str, ...]:
+    """The model's pixel inputs (its input schema); without a model, those of every registered family."""
+    from hooked_vlm.families.registry import all_pixel_inputs
+
+    schema = getattr(model, "input_schema", None)
+    return schema().pixels if schema is not None else all_pixel_inputs()
+
+
 # --------------------------------------------------------------------------------------------- inputs
-def tile_inputs(inputs: Mapping[str, Any], k: int) -> dict[str, Any]:
-    """``k`` copies of a one-prompt input along the batch (every per-prompt and per-image tensor tiled on dim 0)."""
+def tile_inputs(inputs: Mapping[str, Any], k: int, model: nn.Module | None = None) -> dict[str, Any]:
+    """``k`` copies of a one-prompt input along the batch (every per-prompt and per-image tensor tiled on dim 0).
+
+    With a generative ``model``, a batch of several prompts is refused (attributions run on one prompt at a time);
+    a two-tower model's ``input_ids`` rows are texts and may be many."""
     ids = inputs.get("input_ids")
-    if isinstance(ids, Tensor) and ids.ndim == 2 and ids.shape[0] != 1 and "pixel_values" in inputs and not _is_two_tower_ids(inputs):
+    if getattr(model, "generative", False) and isinstance(ids, Tensor) and ids.ndim == 2 and ids.shape[0] != 1:
         raise ValueError(f"attribution runs on one prompt at a time; got a batch of {ids.shape[0]}: loop over prompts")
     return {n: (v.repeat(k, *([1] * (v.ndim - 1))) if isinstance(v, Tensor) and v.ndim > 0 else v) for n, v in inputs.items()}
 
 
-def _is_two_tower_ids(inputs: Mapping[str, Any]) -> bool:
-    return "image_grid_thw" not in inputs and "mm_token_type_ids" not in inputs and "token_type_ids" not in inputs and "image_sizes" not in inputs
-
-
-def pixel_key(inputs: Mapping[str, Any], key: str | None = None) -> str:
-    """The pixel tensor to attribute: ``key`` or the only one of pixel_values / pixel_values_videos present."""
+def pixel_key(inputs: Mapping[str, Any], key: str | None = None, model: nn.Module | None = None) -> str:
+    """The pixel tensor to attribute: ``key`` or the only one of the model's pixel inputs present."""
     if key is not None:
         if key not in inputs:
             raise KeyError(f"{key!r} is not among the inputs {sorted(inputs)}")
         return key
-    present = [k for k in PIXEL_KEYS if inputs.get(k) is not None]
+    present = [k for k in _pixel_inputs(model) if inputs.get(k) is not None]
     if len(present) != 1:
         raise MethodNotApplicableError(
             f"pixel attribution needs exactly one pixel tensor, found {present or 'none'}; pass pixel_key='...' "
@@ -111,7 +127,7 @@ def pixel_baseline(model: nn.Module, inputs: Mapping[str, Any], kind: str | Tens
                    sigma: float = 10.0, norm: tuple[Sequence[float], Sequence[float]] | None = None) -> Tensor:
     """Baseline for the (normalised) pixel tensor: ``black`` (0 in pixel space), ``zero`` (0 after normalisation,
     i.e. the processor's mean colour), ``mean`` (the image's own per-channel mean), ``blur`` (Gaussian, ``sigma`` px)."""
-    key = pixel_key(inputs, key)
+    key = pixel_key(inputs, key, model)
     x = inputs[key]
     if isinstance(kind, Tensor):
         if kind.shape != x.shape:
@@ -120,7 +136,7 @@ def pixel_baseline(model: nn.Module, inputs: Mapping[str, Any], kind: str | Tens
     packed = _is_packed(x)
     if packed:
         layout = _layout_or_none(model, inputs)
-        items = [it for it in layout.items if (it.kind == "image") == (key == "pixel_values")]
+        items = [it for it in layout.items if layout.pixel_input(it.kind) == key]
         frames = [unpack_qwen_pixels(x, it) for it in items]
     else:
         frames = [x]
@@ -252,7 +268,7 @@ def integrated_gradients(
     alphas, weights = _alphas(steps, method)
     with eval_mode(model):
         if target == "pixels":
-            key = pixel_key(inputs, pixel_key_name)
+            key = pixel_key(inputs, pixel_key_name, model)
             x = inputs[key].detach()
             b = pixel_baseline(model, inputs, baseline, key=key, sigma=sigma).detach()
             hook, pos = None, None
@@ -271,7 +287,7 @@ def integrated_gradients(
             w = torch.as_tensor(weights[start : start + batch_size], dtype=torch.float64)
             k = len(a)
             path = (b[None] + a.reshape(-1, *[1] * x.ndim) * (x - b)[None]).detach().requires_grad_(True)  # k, *x
-            tiled = tile_inputs(inputs, k)
+            tiled = tile_inputs(inputs, k, model)
             if key is not None:
                 tiled[key] = path.reshape(k * x.shape[0], *x.shape[1:])
                 vals = _scores(model, tiled, metric)
@@ -283,7 +299,7 @@ def integrated_gradients(
             total += (g.double() * w.reshape(-1, *[1] * x.ndim)).sum(0)
         attr = (total * (x - b).double()).to(torch.float32)
         with torch.no_grad():
-            ends = tile_inputs(inputs, 2)
+            ends = tile_inputs(inputs, 2, model)
             if key is not None:
                 ends[key] = torch.cat([x, b], 0)
                 fx, fb = _scores(model, ends, metric).tolist()
@@ -309,7 +325,7 @@ def _embed_baseline(model, inputs, x, baseline, hook, pos, sigma) -> Tensor:
     if baseline == "mean":
         return x.mean(dim=-2, keepdim=True).expand_as(x).clone()
     if baseline in ("black", "blur"):
-        key = pixel_key(inputs)
+        key = pixel_key(inputs, model=model)
         other = dict(inputs)
         other[key] = pixel_baseline(model, inputs, baseline, key=key, sigma=sigma)
         full = _hook_value(model, other, hook)[:1]
@@ -346,7 +362,7 @@ def gradient_saliency(
     pixel_key_name: str | None = None,
 ) -> Attribution:
     """Gradient of the metric w.r.t. the pixel tensor (``times_input``: input x gradient), same shape as the pixels."""
-    key = pixel_key(inputs, pixel_key_name)
+    key = pixel_key(inputs, pixel_key_name, model)
     with eval_mode(model), torch.enable_grad():
         x = inputs[key].detach().clone().requires_grad_(True)
         run = dict(inputs)
@@ -388,20 +404,14 @@ def anyres_canvas(layout: Any, x: Float[Tensor, "n crops c s s"], image: int = 0
     """An any-res image's pixels (or pixel attributions) as one image: its high-resolution crops pasted side by side
     in raster order, cut to the unpadded box the LM's grid tokens cover (``item.unpad``), or its base crop
     (``part=BASE``, or an image without crops)."""
-    from hooked_vlm.families.llava_inputs import BASE
-
     if layout is None or getattr(layout, "part", None) is None:
         raise MethodNotApplicableError("5-D any-res pixel tensors need the LLaVA-NeXT / OneVision token layout")
-    _, it = layout.find_item(image=image)
     px = x[image]
-    if part == BASE or it.crop_grid == (0, 0):
+    n_crops = layout.n_crops(image)
+    if part == BASE or n_crops == 0:
         return px[:1]
-    cr, cc = it.crop_grid
-    c, s = px.shape[1], px.shape[-1]
-    canvas = px[1 : 1 + cr * cc].reshape(cr, cc, c, s, s).permute(2, 0, 3, 1, 4).reshape(c, cr * s, cc * s)
-    top, left, rows, cols = it.unpad
-    p = it.patch_size
-    return canvas[:, top * p : (top + rows) * p, left * p : (left + cols) * p][None]
+    crops = px[1 : 1 + n_crops].permute(0, 2, 3, 1)  # [crops, s, s, c]
+    return layout.stitch_crops(crops, image, in_pixels=True).permute(2, 0, 1)[None]
 
 
 def attribution_grid(model: nn.Module, inputs: Mapping[str, Any], attr: Attribution, image: int | None = None,
@@ -497,7 +507,7 @@ def grad_cam(
         raise ValueError("answer position 0 has no prefix to predict it from")
     tokens = [int(ids[0, p]) for p in pos]
     k = len(pos)
-    tiled = tile_inputs(inputs, k)
+    tiled = tile_inputs(inputs, k, model)
     store: dict[str, Tensor] = {}
 
     def keep(x, hook):
@@ -547,7 +557,7 @@ def clip_match(out: Any) -> Tensor:
 
 def grad_eclip(
     model: nn.Module,
-    pixel_values: Float[Tensor, "1 c h w"],
+    pixels: Float[Tensor, "1 c h w"],
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     *,
@@ -576,11 +586,12 @@ def grad_eclip(
         store[hook.name] = x
         return x
 
-    size = pixel_values.shape[-2:]
+    size = pixels.shape[-2:]
     interp = tuple(size) != (spec.image_size, spec.image_size)
+    pixel_input = model.input_schema().pixel_input("image")
     with eval_mode(model), torch.enable_grad():
-        out = model.run_with_hooks(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                   interpolate_pos_encoding=interp, fwd_hooks=[(n, keep) for n in names])
+        out = model.run_with_hooks(input_ids=input_ids, attention_mask=attention_mask, interpolate_pos_encoding=interp,
+                                   fwd_hooks=[(n, keep) for n in names], **{pixel_input: pixels})
         score = (out.image_embeds[0] * out.text_embeds[0]).sum()
         score.backward()
     res = EclipMap(float(score.detach()))

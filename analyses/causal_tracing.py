@@ -121,7 +121,7 @@ def causal_trace(
     seed: int = 0,
     severed: Literal["mlp", "attn"] | None = None,
     pixel_rows: Sequence[int] | Tensor | None = None,
-    pixel_key: str = "pixel_values",
+    pixel_key: str | None = None,
     confidence: float = 0.95,
     batch_size: int = 16,
     store: str | os.PathLike | CellStore | None = None,
@@ -136,7 +136,8 @@ def causal_trace(
         noise_positions: sequence positions whose embeddings get noise (e.g. ``layout.box(...)`` of an
             object, or a text subject's ``layout.text_span(...)``). Exactly one of this and
             ``pixel_rows`` must be given.
-        pixel_rows: rows of ``inputs[pixel_key]`` (the processor's patch rows) to noise instead.
+        pixel_rows: rows of ``inputs[pixel_key]`` (the processor's patch rows) to noise instead; ``pixel_key``
+            defaults to the model's image pixel input (``model.input_schema().pixel_input("image")``).
         restore_positions: position groups to restore (``"each"``, a list, or named groups).
         kinds: which states to restore: ``"resid"`` (residual entering layer l), ``"mlp"``, ``"attn"``
             (outputs of the ``window`` layers centred on l).
@@ -184,6 +185,7 @@ def causal_trace(
         noise_desc: dict[str, Any] = {"target": "embed", "positions": npos.tolist()}
     else:
         rows = torch.as_tensor(pixel_rows, dtype=torch.long).reshape(-1)
+        pixel_key = pixel_key or model.input_schema().pixel_input("image")
         pix = inputs[pixel_key]
         std = float(pix[rows].float().std()) * noise_scale if noise_std is None else float(noise_std)
         noisy = expand_inputs(inputs, n_samples)

@@ -6,7 +6,7 @@ count. Group names are readable and stable (``"image0"``, ``"video0/frame2"``, `
 ``"text0"``, ``"last"``), which keeps result tables and resumable stores self-describing.
 
 Also: :func:`pixel_rows` maps visual positions to the rows of the processor's packed
-``pixel_values`` they were computed from (for pixel-space corruption in causal tracing).
+pixel input they were computed from (for pixel-space corruption in causal tracing).
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def pixel_rows(layout: Any, positions: Sequence[int] | Tensor, batch: int = 0) -
 
     Qwen processors pack each image (video) as ``t * h * w`` patch rows in merge-block order: merged
     token (slice f, row r, col c) of an item covers rows ``offset + f*h*w + (r*(w/m) + c)*m*m + k`` for
-    ``k < m*m``. Returns ``(key, rows)`` with ``key`` = ``"pixel_values"`` or ``"pixel_values_videos"``;
-    all positions must belong to items of one kind.
+    ``k < m*m``. Returns ``(key, rows)`` with ``key`` the keyword input holding those items' pixels
+    (``layout.pixel_input(kind)``, from the family's input schema); all positions must belong to items of one kind.
     """
     pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
     keys, rows = set(), []
@@ -119,7 +119,7 @@ def pixel_rows(layout: Any, positions: Sequence[int] | Tensor, batch: int = 0) -
         f, r, c = int(layout.frame[batch, p]), int(layout.row[batch, p]), int(layout.col[batch, p])
         first = it.pixel_offset + f * h * w + (r * (w // m) + c) * m * m
         rows.extend(range(first, first + m * m))
-        keys.add("pixel_values" if it.kind == "image" else "pixel_values_videos")
+        keys.add(layout.pixel_input(it.kind))
     if len(keys) != 1:
         raise ValueError("positions mix image and video tokens; corrupt them in two calls")
     return keys.pop(), torch.tensor(rows, dtype=torch.long)

@@ -27,11 +27,13 @@ _SHAPES: list[tuple[str, str]] = [
     (r"projector\.mm_soft_emb_norm\.hook_normalized$", "B M d_vision"),
     (r"\.hook_scale$", "B L 1"),
     (r"\.hook_normalized$", "B L d"),
-    (r"merger\.hook_in$", "B M (merge^2 d_vision)"),
+    (r"(merger|deepstack_merger_list\.\d+)\.hook_in$", "B M (merge^2 d_vision)"),
+    (r"^projector\.hook_in$", "I T (k d_vision)"),  # LLaVA: the selected tower layer(s) per crop / frame
+    (r"^vision\.hook_last_hidden$", "B L d"),
     (r"vision\.hook_out$", "B M d_model"),
     (r"projector\.hook_out$", "I T d_model"),  # one row per image / crop / frame (I), T tokens each
     (r"projector\.hook_pooled$", "B M d_vision"),
-    (r"hook_(embed|resid_pre|resid_mid|resid_post|attn_out|mlp_out|patch_embed)$", "B L d"),
+    (r"hook_(embed|resid_pre|resid_mid|resid_post|attn_out|mlp_out|patch_embed|pos_embed|deepstack)$", "B L d"),
 ]
 
 

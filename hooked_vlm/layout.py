@@ -20,6 +20,11 @@ from torch import Tensor
 TEXT, IMAGE, VIDEO, SPECIAL, PAD = 0, 1, 2, 3, -1
 KIND_NAMES = {TEXT: "text", IMAGE: "image", VIDEO: "video", SPECIAL: "special", PAD: "pad"}
 
+#: Part codes of layouts whose items have several token parts (``TokenLayout.part``; any-res LLaVA): the base
+#: crop, the stitched high-resolution grid, row-end newline tokens, a CLS token, a video frame.
+BASE, GRID, NEWLINE, CLS, FRAME = 0, 1, 2, 3, 4
+PART_NAMES = {BASE: "base", GRID: "grid", NEWLINE: "newline", CLS: "cls", FRAME: "frame", -1: "-"}
+
 
 @dataclass(frozen=True)
 class VisualItem:
@@ -36,6 +41,28 @@ class VisualItem:
     vision_offset: int  # first row of this item in its prompt's vision-tower batch row
     pixel_offset: int  # first row of this item in the packed pixel_values(_videos) tensor
     second_per_grid_t: float | None = None
+
+    # Generic names of the fields above (the stored names are Qwen's; they stay for one release, then swap):
+    @property
+    def patch_grid(self) -> tuple[int, int, int]:
+        """(temporal slices, rows, cols) of vision-tower patches before merging (``grid_thw``)."""
+        return self.grid_thw
+
+    @property
+    def frames_per_slice(self) -> int:
+        """Input frames merged into one temporal slice (``temporal_patch_size``; 1 for images of most families)."""
+        return self.temporal_patch_size
+
+    @property
+    def pixel_row(self) -> int:
+        """First row (packed patches) or index (one tensor per image) of this item in its pixel input
+        (``pixel_offset``; the input is ``layout.pixel_input(item.kind)``)."""
+        return self.pixel_offset
+
+    @property
+    def seconds_per_slice(self) -> float | None:
+        """Seconds one temporal slice spans, where the inputs say (``second_per_grid_t``)."""
+        return self.second_per_grid_t
 
     @property
     def merged_grid(self) -> tuple[int, int, int]:
@@ -78,8 +105,19 @@ class TokenLayout:
     rope_deltas: Int[Tensor, "batch"] | None = None
     attention_mask: Int[Tensor, "batch pos"] | None = None
     meta: dict = field(default_factory=dict)
+    #: item kind (``"image"`` / ``"video"``) -> the keyword input holding its pixels (set by ``model.layout``)
+    pixel_inputs: dict[str, str] = field(default_factory=dict, kw_only=True)
 
     # ----- selection helpers -------------------------------------------------------------------------
+    def pixel_input(self, kind: str) -> str:
+        """The keyword input that holds the pixels of this layout's items of ``kind`` (``"image"`` / ``"video"``)."""
+        if kind not in self.pixel_inputs:
+            raise ValueError(
+                f"this layout does not know which input holds {kind} pixels (known: {self.pixel_inputs}); "
+                "build it with model.layout(**inputs)"
+            )
+        return self.pixel_inputs[kind]
+
     @property
     def batch_size(self) -> int:
         return self.input_ids.shape[0]

@@ -94,6 +94,9 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
             self.unembed.weight = self.embed.weight
         self._register_rope()
         self._extra_hooks()
+        from hooked_vlm.components.attention import share_segment_plans
+
+        share_segment_plans(self)  # one cache of block-diagonal segment plans per model
         self.setup()
 
     # ----- family hooks (override) -------------------------------------------------------------------
@@ -149,7 +152,7 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         self._check_inputs(inputs, past)
         layout = None
         if past == 0:
-            layout = self._layout(inputs)
+            layout = self._described(self._layout(inputs))
         elif any(inputs.get(k) is not None for k in self._pixel_inputs() + ("vision_features",)):
             raise InputError("pixel inputs can only be given with the prompt (prefill), not at a decode step")
         embeds = self._embed_tokens(inputs["input_ids"])
@@ -258,9 +261,16 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
 
     def layout(self, **inputs: Any) -> TokenLayout:
         """Describe every position of the given inputs (see :class:`hooked_vlm.layout.TokenLayout`), validated."""
-        return self._layout(dict(inputs))
+        return self._described(self._layout(dict(inputs)))
+
+    def _described(self, layout: TokenLayout) -> TokenLayout:
+        """The layout with the family's item-kind -> pixel-input names (``TokenLayout.pixel_inputs``)."""
+        layout.pixel_inputs = dict(self.input_schema().pixel_kinds)
+        return layout
 
     # ----- capability queries (what analyses may rely on; public, no private state) ----------------------
+    #: ``input_ids`` rows are prompts of one batch (a two-tower model's rows are texts scored against images).
+    generative: ClassVar[bool] = True
     #: ``forward`` takes ``past_key_values`` (a :class:`KVCache`): generation and prefix reuse work.
     supports_kv_cache: ClassVar[bool] = True
     #: every block broadcasts positions and masks over the batch, so a batch-1 residual may be expanded to n

@@ -16,6 +16,7 @@ from hooked_vlm import loading, tiny
 from hooked_vlm.cli import InputRequest
 from hooked_vlm.errors import InputError
 from hooked_vlm.families.registry import GENERIC_INPUTS, expand_hooks, families, family_for_architecture, family_of
+from hooked_vlm.hook_table import describe_hook
 from hooked_vlm.tiny_tokenizer import build_tiny_tokenizer
 
 FAMILIES = {fam.name: fam for fam in families()}
@@ -69,6 +70,9 @@ def test_every_declared_hook_exists(family, name):
     declared = expand_hooks(fam.hooks, n_layers, n_vision)
     missing = [h for h in declared if h not in model.hook_dict]
     assert declared and not missing, f"{name} lacks declared hooks {missing[:5]}"
+    # hook shapes have one source, hooked_vlm.hook_table (the README's table and model.hook_table() read it too)
+    undocumented = [h for h in fam.hooks if describe_hook(h.format(i=0, j=0)) == "see docstring"]
+    assert not undocumented, f"add the shapes of {undocumented} to hooked_vlm.hook_table._SHAPES"
     if fam.generative:
         assert set(model.input_names) == set(fam.input_schema.names)
         assert model.input_schema() == fam.input_schema

@@ -16,35 +16,22 @@ import torch
 from hooked_vlm.errors import InputError
 from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT
 
+from helpers.family_checks import reload_saved, same_logits, tiny_pair
+from helpers.family_checks import max_logit_diff as max_diff
 from helpers.gemma_cases import BOI, CASES, EOI, IMG, PADID, make, prompt
+
 TOL = 2e-5
 
 
 @pytest.fixture(scope="module")
 def pair():
-    from hooked_vlm.loading import from_hf
-    from hooked_vlm.tiny import tiny_hf_model
-
-    hf = tiny_hf_model("tiny-gemma3", seed=0)
-    return hf, from_hf(hf)
+    return tiny_pair("tiny-gemma3", seed=0)
 
 
 @pytest.fixture(scope="module")
 def long_pair():
     """16 tokens per image (pool kernel 1 on the 4x4 patch grid), window 4, no ViT blocks."""
-    from hooked_vlm.loading import from_hf
-    from hooked_vlm.tiny import tiny_hf_model
-
-    hf = tiny_hf_model("tiny-gemma3", seed=1, mm_tokens_per_image=16, sliding_window=4, vision_layers=0)
-    return hf, from_hf(hf)
-
-
-def max_diff(hf, model, inputs) -> float:
-    with torch.no_grad():
-        ref = hf(**inputs).logits
-        out = model(**inputs)
-    valid = inputs["attention_mask"].bool()
-    return float((ref - out)[valid].abs().max())
+    return tiny_pair("tiny-gemma3", seed=1, mm_tokens_per_image=16, sliding_window=4, vision_layers=0)
 
 
 # ----------------------------------------------------------------------------------------------- equivalence
@@ -377,18 +364,14 @@ def test_missing_token_type_ids_are_derived(pair):
 
 # ----------------------------------------------------------------------------------------------- loading
 def test_from_pretrained_and_released_layout(pair, tmp_path):
-    from hooked_vlm import HookedVLM
     from hooked_vlm.families.gemma3 import HookedGemma3
     from hooked_vlm.loading import build
 
     hf, model = pair
-    hf.save_pretrained(tmp_path)
-    loaded = HookedVLM.from_pretrained(str(tmp_path))
-    assert isinstance(loaded, HookedGemma3)
+    loaded = reload_saved(hf, tmp_path, HookedGemma3)
     assert loaded.unembed.weight.data_ptr() == loaded.embed.weight.data_ptr()  # tied
     inputs = CASES["image"]()
-    with torch.no_grad():
-        assert torch.equal(loaded(**inputs), model(**inputs))
+    assert same_logits(loaded, model, inputs)
     # the released checkpoints' names (transformers 4.5x on-disk layout), no lm_head (tied)
     legacy = {}
     for k, v in hf.state_dict().items():

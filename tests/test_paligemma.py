@@ -15,6 +15,9 @@ import torch
 from hooked_vlm.errors import InputError
 from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT
 
+from helpers.family_checks import cli_inspect, reload_saved, same_logits, stats_rows_match_pattern, tiny_pair
+from helpers.family_checks import max_logit_diff as max_diff
+
 TOL = 2e-5
 IMG, BOS, EOS, PADID, PER_IMAGE = 100, 0, 1, 2, 16
 VARIANTS = ["tiny-paligemma", "tiny-paligemma2"]
@@ -55,28 +58,12 @@ CASES = {
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def pair(request):
-    from hooked_vlm.loading import from_hf
-    from hooked_vlm.tiny import tiny_hf_model
-
-    hf = tiny_hf_model(request.param, seed=0)
-    return hf, from_hf(hf)
+    return tiny_pair(request.param, seed=0)
 
 
 @pytest.fixture(scope="module")
 def pg1():
-    from hooked_vlm.loading import from_hf
-    from hooked_vlm.tiny import tiny_hf_model
-
-    hf = tiny_hf_model("tiny-paligemma", seed=0)
-    return hf, from_hf(hf)
-
-
-def max_diff(hf, model, inputs) -> float:
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = hf(**inputs).logits
-        out = model(**inputs)
-    return float((ref - out)[inputs["attention_mask"].bool()].abs().max())
+    return tiny_pair("tiny-paligemma", seed=0)
 
 
 # ----------------------------------------------------------------------------------------------- equivalence
@@ -248,8 +235,6 @@ def test_sliding_window_bounds_the_answer_only():
 
 def test_attention_statistics_path_matches_the_pattern(pg1):
     """AttnStatsRequest (kernels' torch backend) under the prefix-LM MaskSpec: same logits, rows = hook_pattern."""
-    from hooked_vlm.components.attention import AttnStatsRequest, attn_stats_request
-
     _, model = pg1
     inputs = CASES["padded_left"]()
     lay = model.layout(**inputs)
@@ -257,17 +242,9 @@ def test_attention_statistics_path_matches_the_pattern(pg1):
     in_prefix = (inputs["token_type_ids"] == 0) & inputs["attention_mask"].bool()
     last_prefix = torch.where(in_prefix, torch.arange(in_prefix.shape[1]), -1).amax(-1)
     rows = torch.stack([first_image, lay.last_token()], dim=1)  # [B, 2]: an image token, the last token
-    with torch.no_grad():
-        ref, cache = model.run_with_cache(**inputs, names_filter=lambda n: n.endswith("attn.hook_pattern") and n.startswith("blocks"))
-        req = AttnStatsRequest(rows=rows, key_group_ids=lay.group_ids("kind"), backend="torch")
-        with attn_stats_request(model, req):
-            logits, stats = model.run_with_cache(**inputs, names_filter=lambda n: n.endswith(("hook_rows", "hook_region")))
-    valid = inputs["attention_mask"].bool()
-    assert (logits - ref)[valid].abs().max() < 1e-5
+    stats = stats_rows_match_pattern(model, inputs, rows, lay.group_ids("kind"))
     for layer in range(model.cfg.n_layers):
-        pattern, got = cache[f"blocks.{layer}.attn.hook_pattern"], stats[f"blocks.{layer}.attn.hook_rows"]
-        for b in range(2):
-            assert torch.allclose(got[b], pattern[b][:, rows[b]], atol=1e-5)
+        got = stats[f"blocks.{layer}.attn.hook_rows"]
         for b in range(2):  # an image token sees the end of its prefix, never the answer after it
             assert (got[b, :, 0, last_prefix[b]] > 0).all() and (got[b, :, 0, last_prefix[b] + 1 :] == 0).all()
 
@@ -375,17 +352,14 @@ def test_bad_inputs_raise_clear_errors(pg1):
 
 
 def test_from_pretrained_and_released_layout(pair, tmp_path):
-    from hooked_vlm import HookedVLM
     from hooked_vlm.families.paligemma import HookedPaliGemma
     from hooked_vlm.loading import build
 
     hf, model = pair
-    hf.save_pretrained(tmp_path)
-    loaded = HookedVLM.from_pretrained(str(tmp_path))
-    assert isinstance(loaded, HookedPaliGemma) and loaded.unembed.weight.data_ptr() == loaded.embed.weight.data_ptr()
+    loaded = reload_saved(hf, tmp_path, HookedPaliGemma)
+    assert loaded.unembed.weight.data_ptr() == loaded.embed.weight.data_ptr()
     inputs = CASES["image_with_answer"]()
-    with torch.no_grad():
-        assert torch.equal(loaded(**inputs), model(**inputs))
+    assert same_logits(loaded, model, inputs)
     legacy = {}  # the released checkpoints' names (transformers 4.x on-disk layout)
     for k, v in hf.state_dict().items():
         k = k.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.", "vision_tower.vision_model.")
@@ -396,17 +370,19 @@ def test_from_pretrained_and_released_layout(pair, tmp_path):
 
 
 def test_cli_inspect_runs_on_tiny_paligemma(tmp_path):
-    import io
-
-    from safetensors.torch import load_file
-
-    from hooked_vlm import cli
-
-    out = tmp_path / "pg.safetensors"
-    stdout = io.StringIO()
-    code = cli.main(["inspect", "--quiet", "--model", "tiny-paligemma", "--image", "synthetic", "--hook-table", "none",
-                     "--hooks", "vision.hook_out", "--out", str(out)], stdout=stdout)
-    text = stdout.getvalue()
+    code, text, saved = cli_inspect(tmp_path, "tiny-paligemma", "vision.hook_out", "--image", "synthetic")
     assert code == 0 and "[    0,    16) image   image 0: 1 slice(s) x 4x4 cells of 14px" in text
     assert "[   16,    17) special" in text  # <bos> after the image
-    assert tuple(load_file(out)["vision.hook_out"].shape) == (1, PER_IMAGE, 64)
+    assert tuple(saved.shape) == (1, PER_IMAGE, 64)
+
+
+def test_strong_attention_soft_capping_matches_transformers():
+    """With a cap small enough to bend the scores (c = 0.02), the capped logits still match transformers, and the cap
+    moves them far more than the tolerance (so a decoder that forgot to cap would fail here)."""
+    hf, model = tiny_pair("tiny-paligemma2", seed=0, attn_logit_softcapping=0.02)
+    inputs = CASES["image_with_answer"]()
+    assert max_diff(hf, model, inputs) <= TOL
+    for block in model.blocks:  # the same model without the cap
+        block.attn.softcap = None
+    uncapped = max_diff(hf, model, inputs)
+    assert uncapped > 100 * TOL, uncapped

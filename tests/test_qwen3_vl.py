@@ -13,6 +13,8 @@ import torch
 from hooked_vlm.errors import InputError
 from hooked_vlm.layout import IMAGE, SPECIAL, TEXT, VIDEO
 
+from helpers.family_checks import cli_inspect, reload_saved, same_logits, stats_rows_match_pattern, tiny_pair
+from helpers.family_checks import max_logit_diff as max_diff
 from helpers.qwen3_cases import CASES, IMG, PADID, VID, image_block, make, video_block
 
 TOL = 2e-5
@@ -20,18 +22,7 @@ TOL = 2e-5
 
 @pytest.fixture(scope="module")
 def pair():
-    from hooked_vlm.loading import from_hf
-    from hooked_vlm.tiny import tiny_hf_model
-
-    hf = tiny_hf_model("tiny-qwen3-vl", seed=0)
-    return hf, from_hf(hf)
-
-
-def max_diff(hf, model, inputs) -> float:
-    with torch.no_grad():
-        ref = hf(**inputs).logits
-        out = model(**inputs)
-    return float((ref - out)[inputs["attention_mask"].bool()].abs().max())
+    return tiny_pair("tiny-qwen3-vl", seed=0)
 
 
 # ----------------------------------------------------------------------------------------------- equivalence
@@ -221,23 +212,12 @@ def test_builder_video_runs_and_matches_transformers(pair):
 
 
 def test_attention_statistics_path_matches_the_pattern(pair):
-    from hooked_vlm.components.attention import AttnStatsRequest, attn_stats_request
-
     _, model = pair
     inputs = CASES["padded_right"]()
     lay = model.layout(**inputs)
     rows = torch.stack([lay.last_token(), lay.last_token() - 1], dim=1)
-    with torch.no_grad():
-        ref, cache = model.run_with_cache(**inputs, names_filter=lambda n: n.startswith("blocks") and n.endswith("attn.hook_pattern"))
-        req = AttnStatsRequest(rows=rows, key_group_ids=lay.group_ids("frame"), backend="torch")
-        with attn_stats_request(model, req):
-            logits, stats = model.run_with_cache(**inputs, names_filter=lambda n: n.endswith(("hook_rows", "hook_region")))
-    valid = inputs["attention_mask"].bool()
-    assert (logits - ref)[valid].abs().max() < 1e-5
+    stats = stats_rows_match_pattern(model, inputs, rows, lay.group_ids("frame"))
     for layer in range(model.cfg.n_layers):
-        pattern, got = cache[f"blocks.{layer}.attn.hook_pattern"], stats[f"blocks.{layer}.attn.hook_rows"]
-        for b in range(2):
-            assert torch.allclose(got[b], pattern[b][:, rows[b]], atol=1e-5)
         region = stats[f"blocks.{layer}.attn.hook_region"]  # B H 1 n_frame_groups: mass of all queries per frame group
         assert region.shape[-1] == 3 and (region >= 0).all()
 
@@ -273,30 +253,14 @@ def test_vision_features_replace_the_merged_features_only(pair):
 
 
 def test_from_pretrained_round_trip(pair, tmp_path):
-    from hooked_vlm import HookedVLM
     from hooked_vlm.families.qwen3_vl import HookedQwen3VL
 
     hf, model = pair
-    hf.save_pretrained(tmp_path)
-    loaded = HookedVLM.from_pretrained(str(tmp_path))
-    assert isinstance(loaded, HookedQwen3VL)
-    inputs = CASES["video"]()
-    with torch.no_grad():
-        assert torch.equal(loaded(**inputs), model(**inputs))
+    assert same_logits(reload_saved(hf, tmp_path, HookedQwen3VL), model, CASES["video"]())
 
 
 def test_cli_inspect_runs_on_tiny_qwen3_vl(tmp_path):
-    import io
-
-    from safetensors.torch import load_file
-
-    from hooked_vlm import cli
-
-    out = tmp_path / "q3.safetensors"
-    stdout = io.StringIO()
-    code = cli.main(["inspect", "--quiet", "--model", "tiny-qwen3-vl", "--image", "synthetic", "--video", "synthetic",
-                     "--hook-table", "none", "--hooks", "blocks.0.hook_deepstack", "--out", str(out)], stdout=stdout)
-    text = stdout.getvalue()
+    code, text, saved = cli_inspect(tmp_path, "tiny-qwen3-vl", "blocks.0.hook_deepstack", "--image", "synthetic",
+                                    "--video", "synthetic")
     assert code == 0 and "image 0: 1 slice(s) x 4x4 cells of 28px" in text and "video 0: 4 slice(s) x 2x2 cells" in text
-    saved = load_file(out)["blocks.0.hook_deepstack"]
     assert saved.shape[0] == 1 and saved.shape[2] == 64

@@ -82,15 +82,23 @@ class KVCache:
         return next(iter(self.keys.values())).shape[1] if self.keys else 0
 
 
-_SEGMENT_PLANS: "weakref.WeakKeyDictionary[MaskSpec, list[Tensor]]" = weakref.WeakKeyDictionary()
+class SegmentPlans(weakref.WeakKeyDictionary):
+    """A model's cache of block-diagonal segment plans, one per live mask object; pickles / copies as empty."""
+
+    def __reduce__(self):
+        return (SegmentPlans, ())
+
+    def __deepcopy__(self, memo):
+        return SegmentPlans()
 
 
-def segment_plan(mask: MaskSpec) -> list[Tensor]:
+def segment_plan(mask: MaskSpec, plans: SegmentPlans | None = None) -> list[Tensor]:
     """Flat indices ``b * L + i`` of each block-diagonal segment, grouped into ``[S, n]`` tensors of equal length.
 
-    Computed once per mask object and shared by every layer that uses it.
+    ``plans``: a model's cache (see :func:`share_segment_plans`), so a plan is computed once per mask object and
+    shared by every layer of that model that uses it; None computes it uncached.
     """
-    plan = _SEGMENT_PLANS.get(mask)
+    plan = None if plans is None else plans.get(mask)
     if plan is not None:
         return plan
     doc = mask.doc_ids
@@ -105,8 +113,17 @@ def segment_plan(mask: MaskSpec) -> list[Tensor]:
     for seg in segments:
         by_len.setdefault(seg.numel(), []).append(seg)
     plan = [torch.stack(group) for group in by_len.values()]
-    _SEGMENT_PLANS[mask] = plan
+    if plans is not None:
+        plans[mask] = plan
     return plan
+
+
+def share_segment_plans(model: nn.Module) -> None:
+    """Give every :class:`Attention` of ``model`` one segment-plan cache (per-model state, dropped with each mask)."""
+    plans = SegmentPlans()
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.segment_plans = plans
 
 
 class Attention(nn.Module):
@@ -138,6 +155,8 @@ class Attention(nn.Module):
         self.scale = scale if scale is not None else d_head**-0.5
         self.rotary_in_fp32 = rotary_in_fp32
         self.layer_index = layer_index
+        #: segment plans of block-diagonal masks, per mask object (shared model-wide by share_segment_plans)
+        self.segment_plans = SegmentPlans()
         self.q_proj = nn.Linear(d_model, n_heads * d_head, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=qkv_bias)
@@ -348,7 +367,7 @@ class Attention(nn.Module):
         k, v = self._expand_kv(k), self._expand_kv(v)
         qf, kf, vf = (t.reshape(b * length, self.n_heads, self.d_head) for t in (q, k, v))
         out = torch.empty_like(qf)
-        for idx in segment_plan(mask):  # S n
+        for idx in segment_plan(mask, self.segment_plans):  # S n
             qs, ks, vs = (t[idx].transpose(1, 2) for t in (qf, kf, vf))  # S H n dh
             o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scale)
             out[idx.reshape(-1)] = o.transpose(1, 2).reshape(-1, self.n_heads, self.d_head)

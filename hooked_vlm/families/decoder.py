@@ -13,6 +13,11 @@ distinguishes one decoder from another; :func:`build_decoder_block`, :func:`deco
   ``sliding_window`` keys including itself, as ``transformers.masking_utils.sliding_window_overlay``.
 * Qwen2 (and the Qwen2-VL / Qwen2.5-VL text models): q/k/v biases, no o bias; sliding layers only where
   ``layer_types`` says so (the VLMs' M-RoPE tables are built by their family).
+* Qwen3 (and the Qwen3-VL text model): ``attention_bias`` on q/k/v/o, QK-norm (RMSNorm over each head, no offset).
+* Gemma (PaliGemma): RMSNorms ``(1 + w)``, embeddings times ``sqrt(d_model)``, GeGLU. Gemma 2 (PaliGemma 2) adds a
+  norm after each sublayer, the softmax scale ``query_pre_attn_scalar ** -0.5``, alternating sliding / full layers
+  and soft-capping of the attention scores (``attn_softcap``: :class:`~hooked_vlm.components.softcap.SoftcapAttention`)
+  and of the final logits (``final_softcap``).
 * Gemma 3: RMSNorms ``(1 + w)``, QK-norm, a norm after each sublayer, embeddings times ``sqrt(d_model)``, the
   softmax scale ``query_pre_attn_scalar ** -0.5``, GeGLU, alternating sliding / full layers with their own RoPE
   per layer type.
@@ -43,7 +48,7 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 class DecoderSpec:
     """What distinguishes one decoder from another (parsed once per model)."""
 
-    model_type: str  # "llama" | "mistral" | "qwen2" | "gemma3_text"
+    model_type: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3_text"
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
@@ -55,6 +60,8 @@ class DecoderSpec:
     embed_scale: float | None = None  # token embeddings times this (Gemma: sqrt(d_model)), cast to the weight dtype
     attn_scale: float | None = None  # softmax scale (None: d_head ** -0.5)
     rope_per_layer_type: bool = False  # each layer type has its own RoPE parameters (Gemma 3)
+    attn_softcap: float | None = None  # attention scores soft-capped c * tanh(s / c) before the mask (Gemma 2)
+    final_softcap: float | None = None  # final logits soft-capped (Gemma 2)
 
     @classmethod
     def from_text_config(cls, t: dict[str, Any]) -> "DecoderSpec":
@@ -64,12 +71,31 @@ class DecoderSpec:
             window = int(t.get("sliding_window") or 0) if t.get("use_sliding_window") else 0
             types = tuple(t.get("layer_types") or [FULL] * n) if window else (FULL,) * n
             return cls("qwen2", True, False, False, window, types)
+        if mt in ("qwen3", "qwen3_vl_text"):
+            window = int(t.get("sliding_window") or 0) if t.get("use_sliding_window") else 0
+            types = tuple(t.get("layer_types") or [FULL] * n) if window else (FULL,) * n
+            bias = bool(t.get("attention_bias", False))
+            return cls("qwen3", bias, bias, False, window, types, qk_norm=True)
         if mt == "mistral":
             window = int(t.get("sliding_window") or 0)
             return cls(mt, False, False, False, window, ((SLIDING if window else FULL),) * n)
         if mt in ("llama", "vicuna"):
             bias = bool(t.get("attention_bias", False))
             return cls("llama", bias, bias, bool(t.get("mlp_bias", False)), 0, (FULL,) * n)
+        if mt in ("gemma", "gemma2"):
+            bias = bool(t.get("attention_bias", False))
+            embed_scale = float(t["hidden_size"]) ** 0.5
+            if mt == "gemma":
+                return cls(mt, bias, bias, False, 0, (FULL,) * n, norm_offset=1.0, embed_scale=embed_scale)
+            types = tuple(t.get("layer_types") or [SLIDING if (i + 1) % 2 else FULL for i in range(n)])
+            d_head = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+            attn_cap, final_cap = t.get("attn_logit_softcapping"), t.get("final_logit_softcapping")
+            return cls(
+                mt, bias, bias, False, int(t.get("sliding_window") or 0), types, norm_offset=1.0, post_norms=True,
+                embed_scale=embed_scale, attn_scale=float(t.get("query_pre_attn_scalar") or d_head) ** -0.5,
+                attn_softcap=None if attn_cap is None else float(attn_cap),
+                final_softcap=None if final_cap is None else float(final_cap),
+            )
         if mt == "gemma3_text":
             if t.get("use_bidirectional_attention"):
                 raise NotImplementedError("use_bidirectional_attention (EmbeddingGemma) is not supported: Gemma3 VLMs are causal")
@@ -85,7 +111,7 @@ class DecoderSpec:
                 attn_scale=float(t.get("query_pre_attn_scalar") or d_head) ** -0.5, rope_per_layer_type=True,
             )
         raise NotImplementedError(
-            f"text model_type {mt!r} is not a supported decoder (llama, mistral, qwen2, gemma3_text)"
+            f"text model_type {mt!r} is not a supported decoder (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text)"
         )
 
 
@@ -120,11 +146,16 @@ def decoder_config(
 
 def build_decoder_block(cfg: HookedVLMConfig, spec: DecoderSpec, index: int) -> TransformerBlock:
     """One decoder layer: RMSNorm -> attention (GQA, RoPE; QK-norm) -> [post-norm] -> RMSNorm -> gated MLP -> [post-norm]."""
-    attn = Attention(
-        cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, qkv_bias=spec.qkv_bias, o_bias=spec.o_bias,
-        scale=spec.attn_scale, qk_norm_eps=cfg.eps if spec.qk_norm else None, qk_norm_offset=spec.norm_offset,
-        layer_index=index,
+    kwargs = dict(
+        qkv_bias=spec.qkv_bias, o_bias=spec.o_bias, scale=spec.attn_scale, qk_norm_eps=cfg.eps if spec.qk_norm else None,
+        qk_norm_offset=spec.norm_offset, layer_index=index,
     )
+    if spec.attn_softcap is not None:
+        from hooked_vlm.components.softcap import SoftcapAttention
+
+        attn: Attention = SoftcapAttention(cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, softcap=spec.attn_softcap, **kwargs)
+    else:
+        attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, **kwargs)
     mlp = GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, bias=spec.mlp_bias)
 
     def norm() -> RMSNorm:

@@ -36,6 +36,8 @@ class InputSchema:
     * ``options``: non-tensor per-call settings (never batched; equal across the runs of one analysis).
     * ``padded_pixels``: pixel inputs ``[items, crops, ...]`` whose crop axis may be zero-padded when items of
       different crop counts are batched (the model reads the true count from ``structure``).
+    * ``pixel_kinds``: ``(item kind, pixel input)`` pairs: which pixel input holds the pixels of a layout item
+      of each kind (``"image"`` / ``"video"``).
     """
 
     per_sequence: tuple[str, ...] = ("input_ids", "attention_mask")
@@ -45,6 +47,7 @@ class InputSchema:
     options: tuple[str, ...] = ()
     pad_values: tuple[tuple[str, int], ...] = (("attention_mask", 0),)
     padded_pixels: tuple[str, ...] = ()
+    pixel_kinds: tuple[tuple[str, str], ...] = ()
 
     @property
     def per_item(self) -> tuple[str, ...]:
@@ -63,6 +66,20 @@ class InputSchema:
 
     def pad_value(self, name: str) -> int:
         return dict(self.pad_values).get(name, 0)
+
+    def pixel_input(self, kind: str) -> str:
+        """The pixel input that holds the pixels of layout items of ``kind`` (``"image"`` / ``"video"``)."""
+        for k, name in self.pixel_kinds:
+            if k == kind:
+                return name
+        raise ValueError(f"this family takes no {kind} pixels; its pixel inputs are {dict(self.pixel_kinds)}")
+
+    def pixel_kind(self, name: str) -> str:
+        """The layout item kind (``"image"`` / ``"video"``) whose pixels the input ``name`` holds."""
+        for k, n in self.pixel_kinds:
+            if n == name:
+                return k
+        raise ValueError(f"{name!r} is not a pixel input of this family; its pixel inputs are {dict(self.pixel_kinds)}")
 
 
 @dataclass(frozen=True)
@@ -149,6 +166,20 @@ VISION_BLOCK_HOOKS: tuple[str, ...] = (
 )
 
 
+def lazy_attributes(package: str, modules: tuple[str, ...]) -> Any:
+    """A module ``__getattr__`` for a family package: a name of one of its ``modules`` (``"model"``, ...) resolves
+    on first use, so importing the package (its ``FAMILY``) imports no torch."""
+
+    def __getattr__(name: str) -> Any:
+        for sub in modules:
+            module = importlib.import_module(f"{package}.{sub}")
+            if name in vars(module):
+                return getattr(module, name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 def _resolve(target: str) -> Any:
     module, _, attribute = target.partition(":")
     return getattr(importlib.import_module(module), attribute)
@@ -198,6 +229,11 @@ def family_of(config_family: str) -> Family | None:
     return None
 
 
+def all_pixel_inputs() -> tuple[str, ...]:
+    """Every pixel input name of every registered family (for code that has inputs but no model)."""
+    return tuple(dict.fromkeys(n for fam in families() for n in fam.input_schema.pixels))
+
+
 def supported_architectures() -> list[str]:
     return sorted(a for fam in families() for a in fam.architectures)
 
@@ -235,6 +271,8 @@ __all__ = [
     "family_for_architecture",
     "family_of",
     "supported_architectures",
+    "all_pixel_inputs",
     "architecture_for_model_type",
     "expand_hooks",
+    "lazy_attributes",
 ]

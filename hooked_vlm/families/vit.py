@@ -52,6 +52,15 @@ def _config_dict(config: Any) -> dict[str, Any]:
     raise TypeError(f"expected a transformers vision config or a dict, got {type(config).__name__}")
 
 
+def encoder_shape(d: dict[str, Any]) -> dict[str, Any]:
+    """The transformer shape of a CLIP / SigLIP tower config (``width``, ``depth``, ``n_heads``, ``d_mlp``, ``act``,
+    ``eps``), shared by the vision and text specs."""
+    return dict(
+        width=d["hidden_size"], depth=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
+        d_mlp=d["intermediate_size"], act=d["hidden_act"], eps=d["layer_norm_eps"],
+    )
+
+
 @dataclass(frozen=True)
 class ViTSpec:
     """The shape of a CLIP or SigLIP vision tower, read from its transformers vision config."""
@@ -89,12 +98,7 @@ class ViTSpec:
             raise ValueError(f"kind must be 'clip' or 'siglip', got {kind!r}")
         return cls(
             kind=kind,
-            width=d["hidden_size"],
-            depth=d["num_hidden_layers"],
-            n_heads=d["num_attention_heads"],
-            d_mlp=d["intermediate_size"],
-            act=d["hidden_act"],
-            eps=d["layer_norm_eps"],
+            **encoder_shape(d),
             image_size=d["image_size"],
             patch_size=d["patch_size"],
             in_channels=d.get("num_channels", 3),

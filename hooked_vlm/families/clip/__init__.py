@@ -7,9 +7,7 @@ share a sequence. Importing this package imports no torch.
 
 from __future__ import annotations
 
-from typing import Any
-
-from hooked_vlm.families.registry import Family, InputSchema, TinyModel
+from hooked_vlm.families.registry import Family, InputSchema, TinyModel, lazy_attributes
 
 FAMILY = Family(
     name="clip",
@@ -20,7 +18,7 @@ FAMILY = Family(
     ),
     model_class="hooked_vlm.families.clip.model:HookedCLIP",
     config_families=("clip", "siglip"),
-    input_schema=InputSchema(pixels=("pixel_values",)),
+    input_schema=InputSchema(pixels=("pixel_values",), pixel_kinds=(("image", "pixel_values"),)),
     input_builder=None,  # hooked-vlm inspect runs two-tower models through hooked_vlm.cli_two_tower
     tiny_models=(
         TinyModel("tiny-clip", "hooked_vlm.families.clip.tiny:clip_config", "CLIPModel"),
@@ -33,15 +31,5 @@ FAMILY = Family(
     generative=False,
 )
 
-_MODULES = ("model", "preprocess")
-
-
-def __getattr__(name: str) -> Any:
-    """The model module's names (``HookedCLIP``, ...) on first use (imports torch)."""
-    import importlib
-
-    for sub in _MODULES:
-        module = importlib.import_module(f"{__name__}.{sub}")
-        if name in vars(module):
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: The model module's names (``HookedCLIP``, ...) on first use (imports torch).
+__getattr__ = lazy_attributes(__name__, ("model", "preprocess"))

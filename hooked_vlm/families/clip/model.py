@@ -37,7 +37,16 @@ from hooked_vlm.components.mlp import MLP
 from hooked_vlm.components.norms import LayerNorm
 from hooked_vlm.errors import InputError
 from hooked_vlm.hook_management import CheckedHooksMixin
-from hooked_vlm.families.vit import HookedViT, ViTSpec, _config_dict, _convert_vit_key, convert_vit_state_dict, normalize_layer, run_blocks
+from hooked_vlm.families.vit import (
+    HookedViT,
+    ViTSpec,
+    _config_dict,
+    _convert_vit_key,
+    convert_vit_state_dict,
+    encoder_shape,
+    normalize_layer,
+    run_blocks,
+)
 from kernels.mask import MaskSpec
 
 
@@ -72,12 +81,7 @@ class TextSpec:
         return cls(
             kind=kind,
             vocab_size=d["vocab_size"],
-            width=d["hidden_size"],
-            depth=d["num_hidden_layers"],
-            n_heads=d["num_attention_heads"],
-            d_mlp=d["intermediate_size"],
-            act=d["hidden_act"],
-            eps=d["layer_norm_eps"],
+            **encoder_shape(d),
             max_positions=d["max_position_embeddings"],
             eos_token_id=eos,
             head_dim_out=(d.get("projection_size") or d["hidden_size"]) if kind == "siglip" else None,
@@ -253,6 +257,8 @@ class HookedCLIP(CheckedHooksMixin):
         "output_hidden_states",
         "return_type",
     )
+    #: a two-tower model: ``input_ids`` may hold many texts scored against the images (not one prompt per row)
+    generative: ClassVar[bool] = False
     return_types: ClassVar[tuple[str, ...]] = (
         "output",
         "logits_per_image",
@@ -276,6 +282,13 @@ class HookedCLIP(CheckedHooksMixin):
         self.hook_image_embeds = HookPoint()
         self.hook_text_embeds = HookPoint()
         self.setup()
+
+    @classmethod
+    def input_schema(cls) -> Any:
+        """Which keyword inputs the two-tower family takes (its registration's :class:`InputSchema`)."""
+        from hooked_vlm.families.registry import family
+
+        return family("clip").input_schema
 
     # ----- configuration and weights -----------------------------------------------------------------------
     @classmethod

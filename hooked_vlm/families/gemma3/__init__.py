@@ -7,9 +7,7 @@ config. Importing this package imports no torch; the old names (``HookedGemma3``
 
 from __future__ import annotations
 
-from typing import Any
-
-from hooked_vlm.families.registry import LM_HOOKS, VISION_BLOCK_HOOKS, Family, InputSchema, TinyModel
+from hooked_vlm.families.registry import LM_HOOKS, VISION_BLOCK_HOOKS, Family, InputSchema, TinyModel, lazy_attributes
 
 FAMILY = Family(
     name="gemma3",
@@ -20,6 +18,7 @@ FAMILY = Family(
     input_schema=InputSchema(
         per_sequence=("input_ids", "attention_mask", "token_type_ids"),
         pixels=("pixel_values",),
+        pixel_kinds=(("image", "pixel_values"),),
     ),
     input_builder="hooked_vlm.families.gemma3.preprocess:cli_input_builder",
     model_types=(("gemma3", "Gemma3ForConditionalGeneration"),),
@@ -29,15 +28,5 @@ FAMILY = Family(
     ),
 )
 
-_MODULES = ("model", "layout", "preprocess")
-
-
-def __getattr__(name: str) -> Any:
-    """The model module's names (``HookedGemma3``, ...) on first use (imports torch)."""
-    import importlib
-
-    for sub in _MODULES:
-        module = importlib.import_module(f"{__name__}.{sub}")
-        if name in vars(module):
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: The model module's names (``HookedGemma3``, ...) on first use (imports torch).
+__getattr__ = lazy_attributes(__name__, ("model", "layout", "preprocess"))

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from hooked_vlm.errors import InputError
 from hooked_vlm.input_checks import check_float_pixels, check_token_inputs
-from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, TokenLayout, VisualItem
+from hooked_vlm.families.image_runs import check_square_pixels, count_images, image_run_positions
+from hooked_vlm.layout import TokenLayout, VisualItem
 
 if TYPE_CHECKING:
     from hooked_vlm.families.gemma3.model import HookedGemma3
@@ -36,15 +37,7 @@ def check_common_inputs(model: "HookedGemma3", inputs: dict[str, Any], past: int
     check_token_inputs(model, inputs, past, per_position=() if past else ("token_type_ids",),
                        how_to_build="hooked_vlm.families.gemma3_inputs.build_gemma3_inputs or the HF processor")
     check_float_pixels(inputs, ("pixel_values",))
-    pv = inputs.get("pixel_values")
-    if pv is not None:
-        spec = model.vision_spec
-        want = (spec.num_channels, spec.image_size, spec.image_size)
-        if pv.dim() != 4 or tuple(pv.shape[1:]) != want:
-            raise InputError(
-                f"pixel_values must be [n_images, {want[0]}, {want[1]}, {want[2]}] (every image resized to the SigLIP "
-                f"tower's image_size={spec.image_size}); got {tuple(pv.shape)}"
-            )
+    check_square_pixels(inputs.get("pixel_values"), model.vision_spec.num_channels, model.vision_spec.image_size)
 
 
 def block_ids_from_token_types(token_type_ids: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
@@ -107,69 +100,23 @@ def build_gemma3_layout(model: "HookedGemma3", inputs: dict[str, Any]) -> TokenL
     tok = model.token_ids
     ids: Tensor = inputs["input_ids"]
     am: Tensor | None = inputs.get("attention_mask")
-    pv: Tensor | None = inputs.get("pixel_values")
-    feats: Tensor | None = inputs.get("vision_features")
-    b, length = ids.shape
     per_image = spec.tokens_per_image
     is_image = ids == tok["image_token_id"]
-    n_tokens = int(is_image.sum())
+    n_images = count_images(
+        inputs, int(is_image.sum()), per_image, tok["image_token_id"], "mm_tokens_per_image",
+        f"each image needs exactly {per_image} consecutive image tokens between <start_of_image> (id {tok['boi_token_id']}) "
+        f"and <end_of_image> (id {tok['eoi_token_id']}); build the prompt with build_gemma3_inputs or Gemma3Processor",
+    )
+    n = spec.patches_per_side
 
-    if pv is not None:
-        n_images = pv.shape[0]
-    elif feats is not None:
-        if n_tokens % per_image:
-            raise InputError(
-                f"found {n_tokens} image tokens (id {tok['image_token_id']}), not a multiple of mm_tokens_per_image={per_image}"
-            )
-        n_images = n_tokens // per_image
-    else:
-        n_images = 0
-    if n_tokens != n_images * per_image:
-        if n_images == 0:
-            raise InputError(
-                f"input_ids holds {n_tokens} image tokens (id {tok['image_token_id']}) but no pixel_values were given; "
-                "pass the images' pixel_values (or remove the image tokens)"
-            )
-        raise InputError(
-            f"found {n_tokens} image tokens (id {tok['image_token_id']}) in input_ids but pixel_values holds {n_images} "
-            f"image(s) x mm_tokens_per_image={per_image} = {n_images * per_image}; each image needs exactly {per_image} "
-            f"consecutive image tokens between <start_of_image> (id {tok['boi_token_id']}) and <end_of_image> "
-            f"(id {tok['eoi_token_id']}); build the prompt with build_gemma3_inputs or Gemma3Processor"
-        )
+    def make_item(idx: int, bi: int, start: int, vision_offset: int) -> VisualItem:
+        return VisualItem("image", idx, bi, start, (1, n, n), spec.pool_kernel, spec.patch_size, 1, vision_offset, idx)
 
-    kind = torch.full_like(ids, TEXT, dtype=torch.long)
-    kind[(ids == tok["boi_token_id"]) | (ids == tok["eoi_token_id"])] = SPECIAL
-    kind[is_image] = IMAGE
-    if am is not None:
-        kind = kind.masked_fill(am == 0, PAD)
-    item = torch.full_like(kind, -1)
-    frame, row, col = item.clone(), item.clone(), item.clone()
-    items: list[VisualItem] = []
-    flat = is_image.reshape(-1).nonzero().flatten().cpu()
-    side = spec.tokens_per_side
-    offsets = [0] * b
-    for idx in range(n_images):
-        chunk = flat[idx * per_image : (idx + 1) * per_image]
-        bi = int(chunk[0]) // length
-        pos = chunk - bi * length
-        if int(chunk[-1]) // length != bi:
-            raise InputError(f"image {idx}'s {per_image} image tokens span two prompts; each prompt needs all of its own image tokens")
-        if int(pos[-1] - pos[0]) != per_image - 1:
-            raise InputError(
-                f"image {idx}'s {per_image} image tokens are not consecutive (positions {int(pos[0])}..{int(pos[-1])} in "
-                f"prompt {bi}); write each image as <start_of_image> + {per_image} image tokens + <end_of_image>"
-            )
-        items.append(
-            VisualItem("image", idx, bi, int(pos[0]), (1, spec.patches_per_side, spec.patches_per_side), spec.pool_kernel,
-                       spec.patch_size, 1, offsets[bi], idx)
-        )
-        offsets[bi] += spec.n_patches
-        k = torch.arange(per_image)
-        pos = pos.to(ids.device)
-        item[bi, pos] = idx
-        frame[bi, pos] = 0
-        row[bi, pos] = (k // side).to(ids.device)
-        col[bi, pos] = (k % side).to(ids.device)
+    special = (ids == tok["boi_token_id"]) | (ids == tok["eoi_token_id"])
+    kind, item, frame, row, col, items = image_run_positions(
+        ids, am, is_image, special, n_images, per_image, spec.tokens_per_side, make_item, spec.n_patches,
+        f"write each image as <start_of_image> + {per_image} image tokens + <end_of_image>",
+    )
     token_types = resolve_token_type_ids(model, inputs, is_image)
     bidir = block_ids_from_token_types(token_types)
     meta = {"token_type_ids": token_types, "bidir_ids": bidir, "n_images": n_images}

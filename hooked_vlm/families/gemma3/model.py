@@ -39,7 +39,7 @@ from hooked_vlm.components.norms import RMSNorm
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import InputError
 from hooked_vlm.families.gemma3 import FAMILY
-from hooked_vlm.families.decoder import convert_decoder_key
+from hooked_vlm.families.decoder import convert_decoder_key, decoder_config
 from hooked_vlm.families.vit import HookedViT, ViTSpec, convert_vit_state_dict
 from hooked_vlm.layout import TokenLayout
 from hooked_vlm.model import HookedVLM
@@ -152,34 +152,11 @@ class HookedGemma3(HookedVLM):
     def config_from_hf(cls, hf_config: Any) -> HookedVLMConfig:
         d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
         t = d["text_config"]
-        if t.get("use_bidirectional_attention"):
-            raise NotImplementedError("use_bidirectional_attention (EmbeddingGemma) is not supported: Gemma3 VLMs are causal")
         # final_logit_softcapping / attn_logit_softcapping: Gemma3ForConditionalGeneration applies neither.
-        n = t["num_hidden_layers"]
-        layer_types = list(t.get("layer_types") or [])
-        if not layer_types:
-            pattern = int(t.get("sliding_window_pattern") or t.get("_sliding_window_pattern") or 6)
-            layer_types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n)]
-        n_heads = t["num_attention_heads"]
         Gemma3VisionSpec.from_hf_dict(d)  # validates the geometry early
-        return HookedVLMConfig(
-            family="gemma3",
-            architecture="Gemma3ForConditionalGeneration",
-            n_layers=n,
-            d_model=t["hidden_size"],
-            n_heads=n_heads,
-            n_key_value_heads=t.get("num_key_value_heads") or n_heads,
-            d_head=t.get("head_dim") or t["hidden_size"] // n_heads,
-            d_mlp=t["intermediate_size"],
-            d_vocab=t["vocab_size"],
-            act_fn=t.get("hidden_activation") or t.get("hidden_act") or "gelu_pytorch_tanh",
-            eps=t.get("rms_norm_eps", 1e-6),
-            layer_types=layer_types,
-            hf_config=d,
-            tie_word_embeddings=True,  # Gemma3ForConditionalGeneration always ties lm_head to the embeddings
-            model_name=d.get("_name_or_path", "") or "gemma3",
-            original_architecture="Gemma3ForConditionalGeneration",
-        )
+        t = {**t, "hidden_activation": t.get("hidden_activation") or t.get("hidden_act") or "gelu_pytorch_tanh"}
+        # Gemma3ForConditionalGeneration always ties lm_head to the embeddings
+        return decoder_config(t, "gemma3", "Gemma3ForConditionalGeneration", d, tie_word_embeddings=True)
 
     @property
     def vision_spec(self) -> Gemma3VisionSpec:

@@ -8,9 +8,7 @@ videos -> keyword tensors, ``tiny.py`` the tiny configs. Importing this package 
 
 from __future__ import annotations
 
-from typing import Any
-
-from hooked_vlm.families.registry import LM_HOOKS, VISION_BLOCK_HOOKS, Family, InputSchema, TinyModel
+from hooked_vlm.families.registry import LM_HOOKS, VISION_BLOCK_HOOKS, Family, InputSchema, TinyModel, lazy_attributes
 
 _T = "hooked_vlm.families.llava.tiny:"
 
@@ -25,6 +23,7 @@ FAMILY = Family(
     config_families=("llava", "llava_next", "llava_onevision", "llava_next_video"),
     input_schema=InputSchema(
         pixels=("pixel_values", "pixel_values_videos"),
+        pixel_kinds=(("image", "pixel_values"), ("video", "pixel_values_videos")),
         structure=("image_sizes", "image_sizes_videos"),
         per_prompt=("batch_num_images",),
         options=("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"),
@@ -41,15 +40,5 @@ FAMILY = Family(
     hooks=LM_HOOKS + VISION_BLOCK_HOOKS + ("projector.hook_in", "projector.hook_out"),
 )
 
-_MODULES = ("model", "layout", "preprocess")
-
-
-def __getattr__(name: str) -> Any:
-    """The model module's names (``HookedLlava``, ...) on first use (imports torch)."""
-    import importlib
-
-    for sub in _MODULES:
-        module = importlib.import_module(f"{__name__}.{sub}")
-        if name in vars(module):
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: The model module's names (``HookedLlava``, ...) on first use (imports torch).
+__getattr__ = lazy_attributes(__name__, ("model", "layout", "preprocess"))

@@ -23,14 +23,12 @@ from torch import Tensor
 
 from hooked_vlm.errors import InputError
 from hooked_vlm.input_checks import check_float_pixels, check_token_inputs
-from hooked_vlm.layout import IMAGE, PAD, TEXT, VIDEO, TokenLayout, VisualItem
+# ``LlavaLayout.part`` codes (where a visual token's feature comes from) are the generic ones of hooked_vlm.layout
+from hooked_vlm.layout import BASE, CLS, FRAME, GRID, IMAGE, NEWLINE, PAD, PART_NAMES, TEXT, VIDEO, TokenLayout, VisualItem
 
 if TYPE_CHECKING:
     from hooked_vlm.families.llava.model import HookedLlava
 
-#: ``LlavaLayout.part`` codes: where a visual token's feature comes from.
-BASE, GRID, NEWLINE, CLS, FRAME = 0, 1, 2, 3, 4
-PART_NAMES = {BASE: "base", GRID: "grid", NEWLINE: "newline", CLS: "cls", FRAME: "frame", -1: "-"}
 
 
 @dataclass(frozen=True)
@@ -294,6 +292,33 @@ class LlavaLayout(TokenLayout):
             off = torch.tensor(offsets + [0], dtype=torch.long)
             return torch.where(visual & (self.frame >= 0), off[self.item.clamp(min=0)] + self.frame, out)
         return super().group_ids(by)  # type: ignore[arg-type]
+
+    # ----- any-res views ---------------------------------------------------------------------------------
+    def default_part(self, image: int | None = None, video: int | None = None) -> int:
+        """The part a grid view of an item shows by default: the stitched any-res grid when the item has one, a
+        video's frames, else the base crop."""
+        item_id, it = self.find_item(image, video)
+        parts = set(self.part[it.batch][self.item[it.batch] == item_id].tolist())
+        return GRID if GRID in parts else (FRAME if FRAME in parts else BASE)
+
+    def n_crops(self, image: int = 0) -> int:
+        """High-resolution crops of an any-res image (0: only the base crop)."""
+        _, it = self.find_item(image=image)
+        return it.crop_grid[0] * it.crop_grid[1]
+
+    def stitch_crops(self, crops: Tensor, image: int = 0, in_pixels: bool = False) -> Tensor:
+        """An any-res image's high-resolution crops ``[crops, side, side, ...]`` (raster order of the crop grid)
+        pasted side by side into ``[rows, cols, ...]`` and cut to the unpadded box its grid tokens cover
+        (``in_pixels``: the sides are pixels, else patches)."""
+        _, it = self.find_item(image=image)
+        cr, cc = it.crop_grid
+        if crops.shape[0] < cr * cc:
+            raise ValueError(f"image {image} has {cr}x{cc} crops; got {crops.shape[0]}")
+        side, rest = crops.shape[1], crops.shape[3:]
+        canvas = crops[: cr * cc].reshape(cr, cc, side, side, *rest).transpose(1, 2).reshape(cr * side, cc * side, *rest)
+        top, left, rows, cols = it.unpad
+        u = it.patch_size if in_pixels else 1
+        return canvas[top * u : (top + rows) * u, left * u : (left + cols) * u]
 
     # ----- vision tower rows -----------------------------------------------------------------------------
     def tower_rows(self, image: int | None = None, video: int | None = None) -> Int[Tensor, "n"]:
@@ -653,4 +678,5 @@ __all__ = [
     "NEWLINE",
     "CLS",
     "FRAME",
+    "PART_NAMES",
 ]

@@ -8,9 +8,7 @@ imports no torch; ``HookedPaliGemma`` & co resolve lazily.
 
 from __future__ import annotations
 
-from typing import Any
-
-from hooked_vlm.families.registry import LM_HOOKS, VISION_BLOCK_HOOKS, Family, InputSchema, TinyModel
+from hooked_vlm.families.registry import LM_HOOKS, VISION_BLOCK_HOOKS, Family, InputSchema, TinyModel, lazy_attributes
 
 _ARCH = "PaliGemmaForConditionalGeneration"
 
@@ -23,6 +21,7 @@ FAMILY = Family(
     input_schema=InputSchema(
         per_sequence=("input_ids", "attention_mask", "token_type_ids"),
         pixels=("pixel_values",),
+        pixel_kinds=(("image", "pixel_values"),),
     ),
     input_builder="hooked_vlm.families.paligemma.preprocess:cli_input_builder",
     model_types=(("paligemma", _ARCH),),
@@ -35,15 +34,5 @@ FAMILY = Family(
     ),
 )
 
-_MODULES = ("model", "layout", "preprocess", "softcap")
-
-
-def __getattr__(name: str) -> Any:
-    """The model module's names (``HookedPaliGemma``, ...) on first use (imports torch)."""
-    import importlib
-
-    for sub in _MODULES:
-        module = importlib.import_module(f"{__name__}.{sub}")
-        if name in vars(module):
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: The model module's names (``HookedPaliGemma``, ...) on first use (imports torch).
+__getattr__ = lazy_attributes(__name__, ("model", "layout", "preprocess", "softcap"))

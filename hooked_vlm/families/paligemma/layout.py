@@ -17,7 +17,8 @@ from torch import Tensor
 
 from hooked_vlm.errors import InputError
 from hooked_vlm.input_checks import check_float_pixels, check_token_inputs
-from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, TokenLayout, VisualItem
+from hooked_vlm.families.image_runs import check_square_pixels, count_images, image_run_positions
+from hooked_vlm.layout import TokenLayout, VisualItem
 
 if TYPE_CHECKING:
     from hooked_vlm.families.paligemma.model import HookedPaliGemma
@@ -30,15 +31,7 @@ def check_common_inputs(model: "HookedPaliGemma", inputs: dict[str, Any], past: 
     is read at prefill only (transformers ignores it at decode steps too)."""
     check_token_inputs(model, inputs, past, per_position=() if past else ("token_type_ids",), how_to_build=HOW_TO_BUILD)
     check_float_pixels(inputs, ("pixel_values",))
-    pv = inputs.get("pixel_values")
-    if pv is not None:
-        spec = model.vision_spec
-        want = (spec.in_channels, spec.image_size, spec.image_size)
-        if pv.dim() != 4 or tuple(pv.shape[1:]) != want:
-            raise InputError(
-                f"pixel_values must be [n_images, {want[0]}, {want[1]}, {want[2]}] (every image resized to the SigLIP "
-                f"tower's image_size={spec.image_size}); got {tuple(pv.shape)}"
-            )
+    check_square_pixels(inputs.get("pixel_values"), model.vision_spec.in_channels, model.vision_spec.image_size)
     tt = inputs.get("token_type_ids")
     if tt is not None and past == 0:
         bad = ~((tt == 0) | (tt == 1))
@@ -68,55 +61,21 @@ def build_paligemma_layout(model: "HookedPaliGemma", inputs: dict[str, Any]) -> 
     tok = model.token_ids
     ids: Tensor = inputs["input_ids"]
     am: Tensor | None = inputs.get("attention_mask")
-    pv: Tensor | None = inputs.get("pixel_values")
-    b, length = ids.shape
     per_image = model.tokens_per_image
     is_image = ids == tok["image_token_id"]
-    n_tokens = int(is_image.sum())
-    if pv is not None:
-        n_images = pv.shape[0]
-    elif inputs.get("vision_features") is not None:
-        if n_tokens % per_image:
-            raise InputError(f"found {n_tokens} image tokens (id {tok['image_token_id']}), not a multiple of {per_image} per image")
-        n_images = n_tokens // per_image
-    else:
-        n_images = 0
-    if n_tokens != n_images * per_image:
-        if n_images == 0:
-            raise InputError(
-                f"input_ids holds {n_tokens} image tokens (id {tok['image_token_id']}) but no pixel_values were given; "
-                "pass the images' pixel_values (or remove the image tokens)"
-            )
-        raise InputError(
-            f"found {n_tokens} image tokens (id {tok['image_token_id']}) in input_ids but pixel_values holds {n_images} "
-            f"image(s) x {per_image} tokens = {n_images * per_image}; each image needs exactly {per_image} consecutive "
-            f"image tokens ((image_size / patch_size)**2) before <bos>; build the prompt with {HOW_TO_BUILD}"
-        )
-    kind = torch.full_like(ids, TEXT, dtype=torch.long)
-    kind[ids == tok["bos_token_id"]] = SPECIAL
-    kind[is_image] = IMAGE
-    if am is not None:
-        kind = kind.masked_fill(am == 0, PAD)
-    item = torch.full_like(kind, -1)
-    frame, row, col = item.clone(), item.clone(), item.clone()
-    items: list[VisualItem] = []
-    flat = is_image.reshape(-1).nonzero().flatten().cpu()
+    n_images = count_images(
+        inputs, int(is_image.sum()), per_image, tok["image_token_id"], "(image_size / patch_size)**2",
+        f"each image needs exactly {per_image} consecutive image tokens before <bos>; build the prompt with {HOW_TO_BUILD}",
+    )
     side = spec.grid
-    offsets = [0] * b
-    for idx in range(n_images):
-        chunk = flat[idx * per_image : (idx + 1) * per_image]
-        bi = int(chunk[0]) // length
-        pos = chunk - bi * length
-        if int(chunk[-1]) // length != bi or int(pos[-1] - pos[0]) != per_image - 1:
-            raise InputError(
-                f"image {idx}'s {per_image} image tokens are not consecutive in one prompt (prompt {bi}, positions "
-                f"{int(pos[0])}..{int(pos[-1])}); write each image as {per_image} image tokens in a row ({HOW_TO_BUILD})"
-            )
-        items.append(VisualItem("image", idx, bi, int(pos[0]), (1, side, side), 1, spec.patch_size, 1, offsets[bi], idx))
-        offsets[bi] += per_image
-        k = torch.arange(per_image, device=ids.device)
-        pos = pos.to(ids.device)
-        item[bi, pos], frame[bi, pos], row[bi, pos], col[bi, pos] = idx, 0, k // side, k % side
+
+    def make_item(idx: int, bi: int, start: int, vision_offset: int) -> VisualItem:
+        return VisualItem("image", idx, bi, start, (1, side, side), 1, spec.patch_size, 1, vision_offset, idx)
+
+    kind, item, frame, row, col, items = image_run_positions(
+        ids, am, is_image, ids == tok["bos_token_id"], n_images, per_image, side, make_item, per_image,
+        f"write each image as {per_image} image tokens in a row ({HOW_TO_BUILD})",
+    )
     tt = inputs.get("token_type_ids")
     meta = {"token_type_ids": tt, "bidir_ids": prefix_block_ids(tt), "n_images": n_images}
     return TokenLayout(ids, kind, item, frame, row, col, items, None, None, am, meta)

@@ -33,16 +33,11 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from hooked_vlm.components.attention import Attention
-from hooked_vlm.components.block import TransformerBlock
-from hooked_vlm.components.mlp import GatedMLP
-from hooked_vlm.components.norms import RMSNorm
-from hooked_vlm.components.rotary import rope_cos_sin
+from hooked_vlm.components.softcap import SoftcapUnembed
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import InputError
-from hooked_vlm.families.decoder import FULL, SLIDING, convert_decoder_key, rope_inverse_frequencies
+from hooked_vlm.families.decoder import SLIDING, convert_decoder_key, decoder_config
 from hooked_vlm.families.gemma3.model import Gemma3SiglipTower
-from hooked_vlm.families.paligemma.softcap import SoftcapAttention, SoftcapUnembed
 from hooked_vlm.families.vit import ViTSpec, convert_vit_state_dict
 from hooked_vlm.families.paligemma import FAMILY
 from hooked_vlm.layout import TokenLayout
@@ -89,30 +84,9 @@ class HookedPaliGemma(HookedVLM):
         model_type = t.get("model_type", "gemma")
         if model_type not in ("gemma", "gemma2"):
             raise NotImplementedError(f"PaliGemma text model_type {model_type!r} is not supported (gemma, gemma2)")
-        n = t["num_hidden_layers"]
-        if model_type == "gemma2":
-            layer_types = list(t.get("layer_types") or [SLIDING if (i + 1) % 2 else FULL for i in range(n)])
-        else:
-            layer_types = [FULL] * n
-        n_heads = t["num_attention_heads"]
-        return HookedVLMConfig(
-            family="paligemma",
-            architecture="PaliGemmaForConditionalGeneration",
-            n_layers=n,
-            d_model=t["hidden_size"],
-            n_heads=n_heads,
-            n_key_value_heads=t.get("num_key_value_heads") or n_heads,
-            d_head=t.get("head_dim") or t["hidden_size"] // n_heads,
-            d_mlp=t["intermediate_size"],
-            d_vocab=t["vocab_size"],
-            act_fn=t.get("hidden_activation") or t.get("hidden_act") or "gelu_pytorch_tanh",
-            eps=t.get("rms_norm_eps", 1e-6),
-            layer_types=layer_types,
-            hf_config=d,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-            model_name=d.get("_name_or_path", "") or "paligemma",
-            original_architecture="PaliGemmaForConditionalGeneration",
-        )
+        t = {**t, "hidden_activation": t.get("hidden_activation") or t.get("hidden_act") or "gelu_pytorch_tanh"}
+        return decoder_config(t, "paligemma", "PaliGemmaForConditionalGeneration", d,
+                              tie_word_embeddings=bool(d.get("tie_word_embeddings", True)))
 
     @property
     def text_config(self) -> dict[str, Any]:
@@ -137,12 +111,7 @@ class HookedPaliGemma(HookedVLM):
 
     @property
     def sliding_window(self) -> int:
-        return int(self.text_config.get("sliding_window") or 0) if self.is_gemma2 else 0
-
-    def _parse_decoder(self) -> None:
-        """None: this family builds its Gemma / Gemma 2 blocks, norms, embeddings, masks and rotary itself (the shared
-        :class:`~hooked_vlm.families.decoder.DecoderSpec` does not describe Gemma / Gemma 2 yet)."""
-        return None
+        return self.decoder.sliding_window
 
     def _build_vision(self) -> nn.Module:
         d = self.cfg.hf_config
@@ -151,31 +120,8 @@ class HookedPaliGemma(HookedVLM):
         self.projector = PaliGemmaProjector(spec.width, self.cfg.d_model)  # listed after the tower
         return self.vision
 
-    def _build_block(self, index: int) -> TransformerBlock:
-        c, t = self.cfg, self.cfg.hf_config["text_config"]
-        bias = bool(t.get("attention_bias", False))
-
-        def norm() -> RMSNorm:
-            return RMSNorm(c.d_model, c.eps, offset=1.0)
-
-        if t.get("model_type") != "gemma2":
-            attn = Attention(c.d_model, c.n_heads, c.n_key_value_heads, c.d_head, qkv_bias=bias, o_bias=bias, layer_index=index)
-            return TransformerBlock(norm(), attn, norm(), GatedMLP(c.d_model, c.d_mlp, c.act_fn))
-        scalar = t.get("query_pre_attn_scalar") or c.d_head
-        attn = SoftcapAttention(
-            c.d_model, c.n_heads, c.n_key_value_heads, c.d_head, qkv_bias=bias, o_bias=bias, scale=float(scalar) ** -0.5,
-            layer_index=index, softcap=t.get("attn_logit_softcapping"),
-        )
-        return TransformerBlock(norm(), attn, norm(), GatedMLP(c.d_model, c.d_mlp, c.act_fn), ln1_post=norm(), ln2_post=norm())
-
-    def _build_final_norm(self) -> nn.Module:
-        return RMSNorm(self.cfg.d_model, self.cfg.eps, offset=1.0)
-
     def _extra_hooks(self) -> None:
-        inv_freq, scaling = rope_inverse_frequencies(self.text_config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.rope_attention_scaling = scaling
-        cap = self.text_config.get("final_logit_softcapping") if self.is_gemma2 else None
+        cap = self.decoder.final_softcap
         if cap is not None:  # Gemma 2: logits = c * tanh(W_U x / c); unembed.hook_pre_softcap holds W_U x
             self.unembed = SoftcapUnembed(self.cfg.d_model, self.cfg.d_vocab, float(cap))
             if self.cfg.tie_word_embeddings:
@@ -228,14 +174,6 @@ class HookedPaliGemma(HookedVLM):
 
         return build_paligemma_layout(self, inputs)
 
-    def _embed_tokens(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        """Token embeddings times ``sqrt(d_model)`` (cast to the weight dtype first, as transformers); ids outside
-        the vocabulary (an image token id >= vocab size) embed as id 0 and are replaced by image features."""
-        w = self.embed.weight
-        ids = ids.masked_fill(ids >= self.cfg.d_vocab, 0)
-        scale = torch.tensor(self.cfg.d_model**0.5, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
-        return self.embed(ids) * scale
-
     def _attention_masks(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> dict[str, MaskSpec]:
         """Causal + padding; at prefill the prefix (``token_type_ids == 0``) is one bidirectional block (``bidir_ids``),
         in full and sliding layers; sliding layers bound the past by ``sliding_window``."""
@@ -252,10 +190,6 @@ class HookedPaliGemma(HookedVLM):
                 _check_prefix_fits_window(bidir if am is None else bidir.masked_fill(am == 0, -1), window)
             masks[kind] = MaskSpec(causal=True, window=window, key_valid=key_valid, bidir_ids=bidir, q_offset=past)
         return masks
-
-    def _rotary_tables(self, positions: Tensor, masks: dict[str, MaskSpec]) -> dict[str, tuple[Tensor, Tensor]]:
-        cos_sin = rope_cos_sin(positions, self.inv_freq, self.rope_attention_scaling)
-        return {kind: cos_sin for kind in masks}
 
     def _warn_without_token_types(self, inputs: dict[str, Any], layout: TokenLayout) -> None:
         if inputs.get("token_type_ids") is None and layout.items and not self._warned_token_types:

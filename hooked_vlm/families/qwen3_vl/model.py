@@ -34,16 +34,16 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_vlm.components.attention import Attention
 from hooked_vlm.components.block import TransformerBlock
-from hooked_vlm.components.mlp import MLP, GatedMLP
-from hooked_vlm.components.norms import LayerNorm, RMSNorm
+from hooked_vlm.components.mlp import MLP
+from hooked_vlm.components.norms import LayerNorm
 from hooked_vlm.components.rotary import inverse_frequencies, vision_2d_cos_sin
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import InputError
-from hooked_vlm.families.decoder import FULL, convert_decoder_key, decoder_masks
+from hooked_vlm.families.decoder import decoder_config
 from hooked_vlm.families.qwen3_vl import FAMILY
-from hooked_vlm.families.qwen_vl.model import VisionPlan, build_vision_plan
+from hooked_vlm.families.qwen_vl.model import HookedQwenVL, VisionPlan
 from hooked_vlm.layout import TokenLayout
-from hooked_vlm.model import HookedVLM, LMInput
+from hooked_vlm.model import LMInput
 
 #: Qwen3 decoder norms: two per layer plus QK-norm (the rest maps as in any decoder).
 QWEN3_NORMS: dict[str, str] = {
@@ -209,13 +209,21 @@ def interleaved_mrope_cos_sin(
     return emb.cos(), emb.sin()
 
 
-class HookedQwen3VL(HookedVLM):
-    """Qwen3-VL (dense) with hooks on both towers, the DeepStack mergers and each DeepStack injection."""
+class HookedQwen3VL(HookedQwenVL):
+    """Qwen3-VL (dense) with hooks on both towers, the DeepStack mergers and each DeepStack injection.
+
+    A Qwen-VL model (:class:`HookedQwenVL`: token ids, position ids, the vision plan, weight names, generation)
+    with its own vision tower (resampled position table, DeepStack mergers), the Qwen3 decoder (the shared
+    :class:`~hooked_vlm.families.decoder.DecoderSpec`), interleaved M-RoPE, timestamped video slices and the
+    DeepStack additions after the first blocks."""
 
     hf_architectures = ("Qwen3VLForConditionalGeneration",)
     input_names = FAMILY.input_schema.names
     #: what DeepStack adds after each of the first blocks (listed by ActivationCache.decompose_resid)
     extra_residual_hooks = ("hook_deepstack",)
+    default_rope_theta = 5e6
+    default_mrope_section = (24, 20, 20)
+    decoder_norm_names = QWEN3_NORMS
 
     # ----- configuration ---------------------------------------------------------------------------------
     @classmethod
@@ -226,88 +234,32 @@ class HookedQwen3VL(HookedVLM):
         if rope.get("rope_type", "default") != "default":
             raise NotImplementedError(f"rope_type {rope.get('rope_type')!r} is not supported yet (only default interleaved M-RoPE)")
         Qwen3VisionSpec.from_hf_dict(d["vision_config"])  # validates the geometry early
-        n_heads = t["num_attention_heads"]
-        return HookedVLMConfig(
-            family="qwen3_vl",
-            architecture="Qwen3VLForConditionalGeneration",
-            n_layers=t["num_hidden_layers"],
-            d_model=t["hidden_size"],
-            n_heads=n_heads,
-            n_key_value_heads=t.get("num_key_value_heads") or n_heads,
-            d_head=t.get("head_dim") or t["hidden_size"] // n_heads,
-            d_mlp=t["intermediate_size"],
-            d_vocab=t["vocab_size"],
-            act_fn=t["hidden_act"],
-            eps=t["rms_norm_eps"],
-            layer_types=[FULL] * t["num_hidden_layers"],
-            hf_config=d,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            model_name=d.get("_name_or_path", "") or "qwen3_vl",
-            original_architecture="Qwen3VLForConditionalGeneration",
-        )
-
-    @property
-    def vision_spec(self) -> Qwen3VisionSpec:
-        return self.vision.spec
-
-    @property
-    def token_ids(self) -> dict[str, int]:
-        d = self.cfg.hf_config
-        return {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+        return decoder_config(t, "qwen3_vl", "Qwen3VLForConditionalGeneration", d,
+                              tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
 
     @property
     def n_deepstack(self) -> int:
         """How many LM blocks (the first ones) receive DeepStack features."""
         return min(len(self.vision_spec.deepstack), self.cfg.n_layers)
 
-    def _parse_decoder(self) -> None:
-        """None: this family builds its Qwen3 blocks, norms, embeddings, masks and rotary itself (the shared
-        :class:`~hooked_vlm.families.decoder.DecoderSpec` does not describe Qwen3 yet)."""
-        return None
-
     def _build_vision(self) -> nn.Module:
         return Qwen3VisionTower(Qwen3VisionSpec.from_hf_dict(self.cfg.hf_config["vision_config"]))
 
     def _build_block(self, index: int) -> TransformerBlock:
-        c = self.cfg
-        bias = bool(c.hf_config["text_config"].get("attention_bias", False))
-        attn = Attention(c.d_model, c.n_heads, c.n_key_value_heads, c.d_head, qkv_bias=bias, o_bias=bias, qk_norm_eps=c.eps, layer_index=index)
-        block = TransformerBlock(RMSNorm(c.d_model, c.eps), attn, RMSNorm(c.d_model, c.eps), GatedMLP(c.d_model, c.d_mlp, c.act_fn))
+        """The shared Qwen3 decoder block, plus ``hook_deepstack`` on the blocks that receive DeepStack features."""
+        block = super()._build_block(index)
         if index < len(self.vision.spec.deepstack):
             block.hook_deepstack = HookPoint()  # what DeepStack adds after this block [B, L, d_model]
         return block
 
-    def _build_final_norm(self) -> nn.Module:
-        return RMSNorm(self.cfg.d_model, self.cfg.eps)
-
-    def _extra_hooks(self) -> None:
-        rope = self.cfg.hf_config["text_config"].get("rope_parameters") or {}
-        self.register_buffer("inv_freq", inverse_frequencies(self.cfg.d_head, float(rope.get("rope_theta", 5e6))), persistent=False)
-        self.mrope_section = list(rope.get("mrope_section", [24, 20, 20]))
-
-    # ----- weights -----------------------------------------------------------------------------------------
+    # ----- weights (HookedQwenVL.convert_hf_state_dict: both layouts, Qwen3 norm names) ------------------
     @classmethod
-    def convert_hf_state_dict(cls, hf_config: Any, sd: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Accepts the in-memory / released layout (``model.visual.*``, ``model.language_model.*``, ``lm_head``) and
-        the flat one (``visual.*``, ``model.layers.*``)."""
-        d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
-        out: dict[str, Tensor] = {}
-        for k, v in sd.items():
-            if k.startswith("visual."):
-                k = "model." + k
-            elif k.startswith("model.") and not k.startswith(("model.visual.", "model.language_model.")):
-                k = "model.language_model." + k[len("model.") :]
-            if k.startswith("model.visual."):
-                out.update(_convert_vision_key(k[len("model.visual.") :], v))
-            elif k.startswith("model.language_model."):
-                out.update(convert_decoder_key(k[len("model.language_model.") :], v, norm_names=QWEN3_NORMS))
-            elif k == "lm_head.weight":
-                out["unembed.weight"] = v
-            else:
-                raise KeyError(f"unexpected Qwen3-VL weight {k!r}")
-        if d.get("tie_word_embeddings") or "unembed.weight" not in out:
-            out["unembed.weight"] = out["embed.weight"]
-        return out
+    def _unexpected_key(cls, k: str) -> None:
+        raise KeyError(f"unexpected Qwen3-VL weight {k!r}")
+
+    @staticmethod
+    def _convert_vision_key(k: str, v: Tensor) -> dict[str, Tensor]:
+        return _convert_vision_key(k, v)
 
     # ----- the steps of the forward skeleton that differ (HookedVLM._prepare runs them) --------------------
     def _check_inputs(self, inputs: dict[str, Any], past: int) -> None:
@@ -324,9 +276,7 @@ class HookedQwen3VL(HookedVLM):
     def _vision_features(self, inputs: dict[str, Any], layout: TokenLayout) -> tuple[Tensor, dict[str, Tensor]]:
         """Merged features and DeepStack features (``extras["deepstack.{k}"]``), one row per prompt, visual tokens in
         sequence order (zero-padded)."""
-        pv, pvv = inputs.get("pixel_values"), inputs.get("pixel_values_videos")
-        pixels = torch.cat([p.reshape(p.shape[0], -1) for p in (pv, pvv) if p is not None], dim=0)
-        plan = build_vision_plan(layout, self.vision_spec, 0 if pv is None else pv.shape[0], pixels.device)
+        pixels, plan = self._vision_pixels(inputs, layout)
         merged, deepstack = self.vision(pixels, plan, _patch_grid_sizes(layout, plan.src.shape[1]).to(pixels.device))
         return merged, {f"deepstack.{k}": f for k, f in enumerate(deepstack[: self.n_deepstack])}
 
@@ -358,36 +308,9 @@ class HookedQwen3VL(HookedVLM):
             add = full[:, full.shape[1] - resid.shape[1] :]
         return resid + self.blocks[index].hook_deepstack(add)
 
-    def _position_ids(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int) -> Int[Tensor, "3 batch pos"]:
-        """``position_ids`` ([B, L], [3, B, L] or transformers' [4, B, L] with the text row first), else the layout's
-        M-RoPE ids (prefill with visual inputs), else ``past .. past + L - 1`` on all three axes."""
-        ids = inputs["input_ids"]
-        pos = inputs.get("position_ids")
-        if pos is not None:
-            pos = pos.to(ids.device)
-            if pos.dim() == 2:
-                return pos[None].expand(3, -1, -1)
-            if pos.dim() == 3 and pos.shape[0] in (3, 4):
-                return pos[-3:]
-            raise InputError(f"position_ids must be [B, L], [3, B, L] or [4, B, L]; got {tuple(pos.shape)}")
-        if layout is not None and layout.position_ids is not None:
-            return layout.position_ids
-        b, length = ids.shape
-        return (torch.arange(length, device=ids.device) + past).view(1, 1, -1).expand(3, b, -1)
-
-    def _attention_masks(self, inputs: dict[str, Any], layout: TokenLayout | None, past: int):
-        return decoder_masks(self.cfg.layer_types, inputs.get("attention_mask"), past, 0)
-
     def _rotary_tables(self, positions: Tensor, masks: dict) -> dict[str, tuple[Tensor, Tensor]]:
         cos_sin = interleaved_mrope_cos_sin(positions, self.inv_freq, self.mrope_section)
         return {kind: cos_sin for kind in masks}
-
-    def _generation_positions(self, input_ids: Tensor, attention_mask: Tensor, inputs: dict[str, Any]) -> Tensor:
-        if inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None:
-            layout = self._layout({"input_ids": input_ids, "attention_mask": attention_mask, **inputs})
-            assert layout.position_ids is not None
-            return layout.position_ids
-        return super()._generation_positions(input_ids, attention_mask, inputs)[None].expand(3, -1, -1)
 
 
 def _patch_grid_sizes(layout: TokenLayout, n_max: int) -> Int[Tensor, "batch n 2"]:

@@ -7,9 +7,7 @@ the tiny configs. Importing this package imports no torch; the old names (``Hook
 
 from __future__ import annotations
 
-from typing import Any
-
-from hooked_vlm.families.registry import LM_HOOKS, VISION_BLOCK_HOOKS, Family, InputSchema, TinyModel
+from hooked_vlm.families.registry import LM_HOOKS, VISION_BLOCK_HOOKS, Family, InputSchema, TinyModel, lazy_attributes
 
 FAMILY = Family(
     name="qwen_vl",
@@ -20,6 +18,7 @@ FAMILY = Family(
     input_schema=InputSchema(
         per_sequence=("input_ids", "attention_mask", "mm_token_type_ids"),
         pixels=("pixel_values", "pixel_values_videos"),
+        pixel_kinds=(("image", "pixel_values"), ("video", "pixel_values_videos")),
         structure=("image_grid_thw", "video_grid_thw", "second_per_grid_ts"),
     ),
     input_builder="hooked_vlm.families.qwen_vl.preprocess:cli_input_builder",
@@ -31,15 +30,5 @@ FAMILY = Family(
     hooks=LM_HOOKS + VISION_BLOCK_HOOKS + ("vision.hook_patch_embed", "vision.merger.hook_in"),
 )
 
-_MODULES = ("model", "layout", "preprocess")
-
-
-def __getattr__(name: str) -> Any:
-    """The model module's names (``HookedQwenVL``, ``build_vision_plan``, ...) on first use (imports torch)."""
-    import importlib
-
-    for sub in _MODULES:
-        module = importlib.import_module(f"{__name__}.{sub}")
-        if name in vars(module):
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: The model module's names (``HookedQwenVL``, ``build_vision_plan``, ...) on first use (imports torch).
+__getattr__ = lazy_attributes(__name__, ("model", "layout", "preprocess"))

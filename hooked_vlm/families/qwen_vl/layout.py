@@ -6,6 +6,7 @@ Every check raises :class:`InputError` naming what is wrong and how to fix it.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -20,11 +21,95 @@ if TYPE_CHECKING:
     from hooked_vlm.families.qwen_vl.model import HookedQwenVL
 
 
-def check_common_inputs(model: "HookedQwenVL", inputs: dict[str, Any], past: int = 0) -> None:
+HOW_TO_BUILD = "hooked_vlm.inputs.build_qwen_inputs or the HF processor"
+
+
+def check_common_inputs(model: "HookedQwenVL", inputs: dict[str, Any], past: int = 0, how_to_build: str = HOW_TO_BUILD) -> None:
     """Types, devices and batch shapes shared by prefill and decode (``past`` cached positions)."""
-    check_token_inputs(model, inputs, past, per_position=("mm_token_type_ids",),
-                       how_to_build="hooked_vlm.inputs.build_qwen_inputs or the HF processor")
+    check_token_inputs(model, inputs, past, per_position=("mm_token_type_ids",), how_to_build=how_to_build)
     check_float_pixels(inputs, ("pixel_values", "pixel_values_videos"))
+
+
+def check_grids(inputs: dict[str, Any], spec: Any) -> tuple[Tensor | None, Tensor | None]:
+    """``(image_grid_thw, video_grid_thw)``, each checked against its pixel rows; a grid is needed to place
+    ``vision_features=``."""
+    igrid, vgrid = inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
+    _check_grid("image_grid_thw", igrid, inputs.get("pixel_values"), "pixel_values", spec)
+    _check_grid("video_grid_thw", vgrid, inputs.get("pixel_values_videos"), "pixel_values_videos", spec)
+    if inputs.get("vision_features") is not None and igrid is None and vgrid is None:
+        raise InputError("vision_features needs image_grid_thw / video_grid_thw to place them")
+    return igrid, vgrid
+
+
+def token_types(ids: Tensor, am: Tensor | None, given: Tensor | None, tok: dict[str, int]) -> Tensor:
+    """``mm_token_type_ids`` (0 text, 1 image, 2 video): derived from the placeholder ids, checked against ``given``;
+    padding positions are text."""
+    derived = torch.zeros_like(ids, dtype=torch.long)
+    derived[ids == tok["image_token_id"]] = IMAGE
+    derived[ids == tok["video_token_id"]] = VIDEO
+    if given is not None and not torch.equal(given.long(), derived):
+        bad = (given.long() != derived).nonzero()[0].tolist()
+        raise InputError(
+            f"mm_token_type_ids disagrees with input_ids at (batch, pos) = {tuple(bad)}: it must be 1 exactly at image "
+            f"tokens (id {tok['image_token_id']}) and 2 at video tokens (id {tok['video_token_id']}); omit it and "
+            "hooked_vlm derives it from the ids"
+        )
+    return derived if am is None else derived.masked_fill(am == 0, TEXT)
+
+
+def place_items(
+    model: Any, ids: Tensor, am: Tensor | None, mm: Tensor, igrid: Tensor | None, vgrid: Tensor | None,
+    how_to_build: str, seconds: list[float] | None = None, check_slices: Callable[[Tensor, str, int], None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[VisualItem]]:
+    """Per-position ``kind, item, frame, row, col`` and the :class:`VisualItem` list of a Qwen-style prompt: each
+    image / video is ``t*h*w / merge^2`` placeholders in slice-major, raster order (``check_slices(pos [t, per
+    slice], label, index)`` checks where each slice's placeholders stand); ``seconds``: per video."""
+    spec, tok = model.vision_spec, model.token_ids
+    b, length = ids.shape
+    kind = torch.where(mm == IMAGE, IMAGE, torch.where(mm == VIDEO, VIDEO, TEXT))
+    special = (ids == tok["vision_start_token_id"]) | (ids == tok["vision_end_token_id"])
+    kind = torch.where(special, torch.full_like(kind, SPECIAL), kind)
+    if am is not None:
+        kind = kind.masked_fill(am == 0, PAD)
+    item = torch.full_like(kind, -1)
+    frame, row, col = item.clone(), item.clone(), item.clone()
+    items: list[VisualItem] = []
+    for code, grid, label in ((IMAGE, igrid, "image"), (VIDEO, vgrid, "video")):
+        flat = (mm == code).reshape(-1).nonzero().flatten()
+        grids = [] if grid is None else [tuple(int(x) for x in g) for g in grid.tolist()]
+        needed = sum(t * h * w // spec.merge**2 for t, h, w in grids)
+        pad_id = tok["image_token_id" if code == IMAGE else "video_token_id"]
+        if flat.numel() != needed:
+            raise InputError(
+                f"found {flat.numel()} {label} placeholder tokens (id {pad_id}) in input_ids but {label}_grid_thw implies "
+                f"{needed} (= sum of t*h*w / {spec.merge}^2 over {len(grids)} {label}(s)); build the prompt with "
+                f"{how_to_build}, which repeats the placeholder exactly that many times per {label}"
+            )
+        cursor, pix = 0, 0
+        for idx, (t, h, w) in enumerate(grids):
+            per_slice = h * w // spec.merge**2
+            n = t * per_slice
+            flat_pos = flat[cursor : cursor + n]
+            bi = int(flat_pos[0]) // length
+            pos = flat_pos - bi * length
+            if int(flat_pos[-1]) // length != bi:
+                raise InputError(f"{label} {idx}'s {n} placeholder tokens span two prompts; each prompt needs all of its own placeholders")
+            if check_slices is not None:
+                check_slices(pos.view(t, per_slice), label, idx)
+            sec = seconds[idx] if (code == VIDEO and seconds is not None) else None
+            items.append(
+                VisualItem(label, idx, bi, int(pos[0]), (t, h, w), spec.merge, spec.patch_size, spec.temporal_patch_size, 0, pix, sec)
+            )
+            gw = w // spec.merge
+            k = torch.arange(n)
+            pos = pos.to(ids.device)
+            item[bi, pos] = len(items) - 1
+            frame[bi, pos] = (k // per_slice).to(ids.device)
+            row[bi, pos] = ((k % per_slice) // gw).to(ids.device)
+            col[bi, pos] = (k % gw).to(ids.device)
+            cursor += n
+            pix += t * h * w
+    return kind, item, frame, row, col, _with_vision_offsets(items, b, item)
 
 
 def _check_grid(name: str, grid: Tensor | None, pixels: Tensor | None, pixel_name: str, spec) -> None:
@@ -61,11 +146,7 @@ def build_qwen_layout(model: "HookedQwenVL", inputs: dict[str, Any]) -> TokenLay
     tok = model.token_ids
     ids: Tensor = inputs["input_ids"]
     am: Tensor | None = inputs.get("attention_mask")
-    igrid, vgrid = inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
-    _check_grid("image_grid_thw", igrid, inputs.get("pixel_values"), "pixel_values", spec)
-    _check_grid("video_grid_thw", vgrid, inputs.get("pixel_values_videos"), "pixel_values_videos", spec)
-    if inputs.get("vision_features") is not None and igrid is None and vgrid is None:
-        raise InputError("vision_features needs image_grid_thw / video_grid_thw to place them")
+    igrid, vgrid = check_grids(inputs, spec)
     spgt = inputs.get("second_per_grid_ts")
     if spgt is not None:
         spgt = torch.as_tensor(spgt).flatten()
@@ -76,64 +157,9 @@ def build_qwen_layout(model: "HookedQwenVL", inputs: dict[str, Any]) -> TokenLay
                 "give one value per video (temporal_patch_size / fps)"
             )
 
-    derived = torch.zeros_like(ids, dtype=torch.long)
-    derived[ids == tok["image_token_id"]] = IMAGE
-    derived[ids == tok["video_token_id"]] = VIDEO
-    mm = inputs.get("mm_token_type_ids")
-    if mm is not None:
-        mm = mm.long()
-        if not torch.equal(mm, derived):
-            bad = (mm != derived).nonzero()[0].tolist()
-            raise InputError(
-                f"mm_token_type_ids disagrees with input_ids at (batch, pos) = {tuple(bad)}: it must be 1 exactly at "
-                f"image tokens (id {tok['image_token_id']}) and 2 at video tokens (id {tok['video_token_id']}); "
-                "omit it and hooked_vlm derives it from the ids"
-            )
-    mm = derived
-    if am is not None:
-        mm = mm.masked_fill(am == 0, TEXT)
-
-    b, length = ids.shape
-    kind = torch.where(mm == IMAGE, IMAGE, torch.where(mm == VIDEO, VIDEO, TEXT))
-    special = (ids == tok["vision_start_token_id"]) | (ids == tok["vision_end_token_id"])
-    kind = torch.where(special, torch.full_like(kind, SPECIAL), kind)
-    if am is not None:
-        kind = kind.masked_fill(am == 0, PAD)
-    item = torch.full_like(kind, -1)
-    frame, row, col = item.clone(), item.clone(), item.clone()
-    items: list[VisualItem] = []
-    for code, grid, label in ((IMAGE, igrid, "image"), (VIDEO, vgrid, "video")):
-        flat = (mm == code).reshape(-1).nonzero().flatten()
-        grids = [] if grid is None else [tuple(int(x) for x in g) for g in grid.tolist()]
-        needed = sum(t * h * w // spec.merge**2 for t, h, w in grids)
-        pad_id = tok["image_token_id" if code == IMAGE else "video_token_id"]
-        if flat.numel() != needed:
-            raise InputError(
-                f"found {flat.numel()} {label} placeholder tokens (id {pad_id}) in input_ids but {label}_grid_thw implies "
-                f"{needed} (= sum of t*h*w / {spec.merge}^2 over {len(grids)} {label}(s)); build the prompt with "
-                f"hooked_vlm.inputs.build_qwen_inputs or repeat the placeholder exactly that many times per {label}"
-            )
-        cursor, pix = 0, 0
-        for idx, (t, h, w) in enumerate(grids):
-            n = t * h * w // spec.merge**2
-            flat_pos = flat[cursor : cursor + n]
-            bi = int(flat_pos[0]) // length
-            pos = flat_pos - bi * length
-            if int(flat_pos[-1]) // length != bi:
-                raise InputError(f"{label} {idx}'s {n} placeholder tokens span two prompts; each prompt needs all of its own placeholders")
-            sec = float(spgt[idx]) if (code == VIDEO and spgt is not None) else None
-            items.append(
-                VisualItem(label, idx, bi, int(pos[0]), (t, h, w), spec.merge, spec.patch_size, spec.temporal_patch_size, 0, pix, sec)
-            )
-            gh, gw = h // spec.merge, w // spec.merge
-            k = torch.arange(n)
-            item[bi, pos] = len(items) - 1
-            frame[bi, pos] = k // (gh * gw)
-            row[bi, pos] = (k % (gh * gw)) // gw
-            col[bi, pos] = k % gw
-            cursor += n
-            pix += t * h * w
-    items = _with_vision_offsets(items, b, item)
+    mm = token_types(ids, am, inputs.get("mm_token_type_ids"), tok)
+    seconds = None if spgt is None else [float(x) for x in spgt]
+    kind, item, frame, row, col, items = place_items(model, ids, am, mm, igrid, vgrid, HOW_TO_BUILD, seconds=seconds)
 
     position_ids, deltas = None, None
     if igrid is not None or vgrid is not None:

@@ -28,7 +28,7 @@ from hooked_vlm.components.rotary import inverse_frequencies, mrope_cos_sin, vis
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.errors import InputError
 from hooked_vlm.families.qwen_vl import FAMILY
-from hooked_vlm.families.decoder import convert_decoder_key
+from hooked_vlm.families.decoder import LLAMA_NORMS, convert_decoder_key
 from hooked_vlm.layout import IMAGE, PAD, SPECIAL, TEXT, VIDEO, TokenLayout, VisualItem
 from hooked_vlm.model import HookedVLM
 from kernels.mask import MaskSpec
@@ -223,6 +223,11 @@ class HookedQwenVL(HookedVLM):
     #: ``"official"`` (transformers 4.x / Qwen's reference code); they differ only for scaled video time.
     #: Set per model (``model.rope_rule = "official"``); passed to :func:`mrope_position_ids` as ``rule=``.
     rope_rule: str = "transformers-5.23"
+    #: text-config defaults of the M-RoPE tables (a subclass family with other defaults overrides them)
+    default_rope_theta: float = 1e6
+    default_mrope_section: tuple[int, ...] = (16, 24, 24)
+    #: decoder norm weight names beyond the shared ones (``convert_decoder_key``'s ``norm_names``)
+    decoder_norm_names: dict[str, str] = LLAMA_NORMS
 
     # ----- configuration ---------------------------------------------------------------------------------
     @classmethod
@@ -273,32 +278,42 @@ class HookedQwenVL(HookedVLM):
         """M-RoPE: one table of inverse frequencies split into (time, row, column) sections."""
         t = self.cfg.hf_config["text_config"]
         rope = t.get("rope_parameters") or {}
-        self.register_buffer("inv_freq", inverse_frequencies(self.cfg.d_head, rope.get("rope_theta", 1e6)), persistent=False)
-        self.mrope_section = list(rope.get("mrope_section", [16, 24, 24]))
+        theta = float(rope.get("rope_theta", self.default_rope_theta))
+        self.register_buffer("inv_freq", inverse_frequencies(self.cfg.d_head, theta), persistent=False)
+        self.mrope_section = list(rope.get("mrope_section", self.default_mrope_section))
 
     # ----- weights -----------------------------------------------------------------------------------------
     @classmethod
     def convert_hf_state_dict(cls, hf_config: Any, sd: dict[str, Tensor]) -> dict[str, Tensor]:
         """Accepts the in-memory (``model.visual.*``, ``model.language_model.*``) or on-disk (``visual.*``,
         ``model.layers.*``) Qwen layout."""
-        canon: dict[str, Tensor] = {}
-        for k, v in sd.items():
-            if k.startswith("visual."):
-                k = "model." + k
-            elif k.startswith("model.") and not k.startswith(("model.visual.", "model.language_model.")):
-                k = "model.language_model." + k[len("model.") :]
-            canon[k] = v
         out: dict[str, Tensor] = {}
-        for k, v in canon.items():
+        for k, v in sd.items():
+            k = cls._canonical_key(k)
             if k.startswith("model.visual."):
                 out.update(cls._convert_vision_key(k[len("model.visual.") :], v))
             elif k.startswith("model.language_model."):
-                out.update(convert_decoder_key(k[len("model.language_model.") :], v))
+                out.update(convert_decoder_key(k[len("model.language_model.") :], v, norm_names=cls.decoder_norm_names))
             elif k == "lm_head.weight":
                 out["unembed.weight"] = v
-        if "unembed.weight" not in out:
+            else:
+                cls._unexpected_key(k)
+        if (hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)).get("tie_word_embeddings") or "unembed.weight" not in out:
             out["unembed.weight"] = out["embed.weight"]
         return out
+
+    @staticmethod
+    def _canonical_key(k: str) -> str:
+        """The in-memory name of a weight saved in either layout (``visual.*`` / ``model.layers.*`` on disk)."""
+        if k.startswith("visual."):
+            return "model." + k
+        if k.startswith("model.") and not k.startswith(("model.visual.", "model.language_model.")):
+            return "model.language_model." + k[len("model.") :]
+        return k
+
+    @classmethod
+    def _unexpected_key(cls, k: str) -> None:
+        """A weight outside the vision tower, the language model and ``lm_head``: ignored (Qwen2-VL checkpoints)."""
 
     @staticmethod
     def _convert_vision_key(k: str, v: Tensor) -> dict[str, Tensor]:
@@ -359,12 +374,15 @@ class HookedQwenVL(HookedVLM):
         cos_sin = mrope_cos_sin(positions, self.inv_freq, self.mrope_section)
         return {kind: cos_sin for kind in masks}
 
-    def _vision_features(self, inputs: dict[str, Any], layout: TokenLayout) -> Tensor:
+    def _vision_pixels(self, inputs: dict[str, Any], layout: TokenLayout) -> tuple[Tensor, VisionPlan]:
+        """The packed image then video patch rows, and the plan that places them in batch-first raster order."""
         pv, pvv = inputs.get("pixel_values"), inputs.get("pixel_values_videos")
         parts = [p for p in (pv, pvv) if p is not None]
         pixels = torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=0)
-        plan = build_vision_plan(layout, self.vision_spec, 0 if pv is None else pv.shape[0], pixels.device)
-        return self.vision(pixels, plan)
+        return pixels, build_vision_plan(layout, self.vision_spec, 0 if pv is None else pv.shape[0], pixels.device)
+
+    def _vision_features(self, inputs: dict[str, Any], layout: TokenLayout) -> Tensor:
+        return self.vision(*self._vision_pixels(inputs, layout))
 
     def _generation_positions(self, input_ids: Tensor, attention_mask: Tensor, inputs: dict[str, Any]) -> Tensor:
         if inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None:
