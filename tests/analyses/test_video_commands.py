@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from hooked_vlm.cli import main
+from hooked_vlm.organisms.video_qwen import FRAMES
 
 pytest.importorskip("av", reason="PyAV is in the dev extra; install hooked-vlm[video]")
 
@@ -67,7 +68,7 @@ def test_make_data_flag_writes_the_clips_and_runs_on_them(tmp_path):
                "--max_new_tokens", "1", "--no-progress")
     assert (tmp_path / "d" / "videos" / "clip_0000.mp4").is_file() and "'done': 1" in out
     entry = json.loads((tmp_path / "i.json").read_text())["entries"][0]
-    assert entry["video_name"] == "videos/clip_0000.mp4" and entry["n_frames"] == 12
+    assert entry["video_name"] == "videos/clip_0000.mp4" and entry["n_frames"] == FRAMES
     with pytest.raises(ValueError, match="N must be a number of clips, got 'x'"):
         main(["--debug", "video", "infer", "--make-data", "x", str(tmp_path / "e"), "--output", str(tmp_path / "j.json")])
 
@@ -87,7 +88,10 @@ def test_infer_chooses_the_likeliest_candidate_and_counts_accuracy(data):
     vm = load_video_model(ModelSpec(ORGANISM))
     first = json.loads(data.read_text())[0]
     frames = read_video(data.parent / first["video_name"]).frames
-    inputs = build_qwen_inputs(vm.tokenizer, "<video> " + first["question"], videos=[frames], **vm.options)
+    from hooked_vlm.organisms import get_organism
+
+    settings = get_organism(ORGANISM).input_kwargs  # the pixel limits and frame rate the organism was trained with
+    inputs = build_qwen_inputs(vm.tokenizer, "<video> " + first["question"], videos=[frames], **settings)
     with torch.no_grad():
         logp = vm.model(**inputs)[0, -1].log_softmax(-1)
     expected = [float(logp[vm.tokenizer.convert_tokens_to_ids(c)]) for c in first["candidates"]]
@@ -105,11 +109,11 @@ def test_trace_writes_json_parquet_figures_and_representations(traced):
     assert len(result["entries"]) == 3 and result["failures"] == []
     entry = result["entries"][0]
     assert [c["counterfactual"] for c in entry["conditions"]] == ["reverse", "swap 0:2<->2:4"]
-    assert entry["n_visual_tokens"] == 96 and entry["temporal_patch_size"] == 2  # 6 slices x 4x4 merged cells
+    assert entry["n_visual_tokens"] == 64 and entry["temporal_patch_size"] == 2  # 4 slices x 4x4 merged cells
     slices = {c["token_slice"] for c in entry["conditions"][0]["cells"]}
-    assert slices == {"visual", "text", "visual_frames:2:6", "frames 0-1", "frames 2-3", "frames 4-5", "frames 6-7", "frames 8-9", "frames 10-11"}
+    assert slices == {"visual", "text", "visual_frames:2:6", "frames 0-1", "frames 2-3", "frames 4-5", "frames 6-7"}
     cells = pd.read_parquet(traced.with_suffix(".parquet"))
-    assert len(cells) == 3 * 2 * 3 * 9  # entries x counterfactuals x layers x token slices
+    assert len(cells) == 3 * 2 * 3 * 7  # entries x counterfactuals x layers x token slices
     ok = cells["recovery"].notna()
     expected = (cells["patched_margin"] - cells["cf_margin"]) / (cells["clean_margin"] - cells["cf_margin"])
     np.testing.assert_allclose(cells.loc[ok, "recovery"], expected[ok], rtol=1e-9)

@@ -64,8 +64,9 @@ def input_options(name: str, folder: Path | None) -> dict[str, Any]:
 
     saved = [folder / f for f in PROCESSOR_FILES if folder is not None and (folder / f).is_file()]
     if saved:
-        config = json.loads(saved[0].read_text())
-        return {"fps": float(config["fps"])} if "fps" in config else {}
+        configs = [json.loads(path.read_text()) for path in saved]
+        fps = [c["fps"] for c in configs if "fps" in c]  # the video processor's file holds it, the image one does not
+        return {"fps": float(fps[0])} if fps else {}
     organism = name if name in ORGANISMS else None
     meta = None if folder is None else folder / "organism.json"
     if organism is None and meta is not None and meta.is_file():
