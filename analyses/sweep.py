@@ -55,7 +55,7 @@ class SweepOptions:
     * ``store``: a directory (or :class:`CellStore`) to write finished cells to and resume from;
     * ``progress``: show a progress bar;
     * ``max_positions``: memory-aware batching: the most positions (rows x computed positions per row) one
-      batched forward may hold (``"auto"``: one plain forward's worth, the base input's positions; None: only
+      batched forward may hold (``"auto"``: one plain forward's worth, the base input's positions, at least 4096; None: only
       ``batch_size`` limits a batch). Variants whose edits start late (short suffixes) then share a forward,
       full-length ones run alone, so a long video's sweep peaks near one forward's memory.
     """

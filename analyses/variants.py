@@ -210,7 +210,8 @@ class VariantRunner:
         max_positions: the most positions (rows x computed positions per row) one batched forward may
             hold; a chunk of ``batch_size`` variants is split further when its suffixes are longer, so a
             long input's sweep stays near one forward's memory. ``"auto"``: the base input's positions
-            (one plain forward's worth); None: no limit.
+            (one plain forward's worth), at least :data:`AUTO_MIN_POSITIONS` (short inputs batch fully);
+            None: no limit.
         last_logits_only: the sweep's metric reads only the last position (``metric.reads == "last"``): the
             base run then unembeds that position alone (no ``[B, L, vocab]`` logits kept; hooked_vlm models).
     """
@@ -238,7 +239,8 @@ class VariantRunner:
         self.positions_computed = 0
         self.base_batch = _batch_size_of(self.inputs)
         self.seq_len = seq_len_of(self.inputs)
-        self.max_positions = self.base_batch * self.seq_len if max_positions == "auto" else max_positions
+        auto = max(self.base_batch * self.seq_len, AUTO_MIN_POSITIONS)
+        self.max_positions = auto if max_positions == "auto" else max_positions
         self.last_logits_only = last_logits_only and self._can_unembed_last()
         self.largest_forward = 0  # the most positions (rows x positions) any variant forward computed
         self._want_prefix = prefix_reuse
@@ -516,6 +518,9 @@ def _first_edited_position(chunk: Sequence[Sequence[Edit]]) -> int:
                 first = p if first is None else min(first, p)
     return first or 0
 
+
+#: ``max_positions="auto"`` never limits a forward below this many positions: below it batching pays and memory is small.
+AUTO_MIN_POSITIONS = 4096
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 

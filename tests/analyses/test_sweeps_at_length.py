@@ -207,7 +207,7 @@ def test_long_sweeps_stay_within_one_forward(qwen, monkeypatch):
     shapes = CachedShapes(monkeypatch)
     with torch.no_grad(), LargestTensor() as plain:
         qwen(**clean)
-    opts = SweepOptions(batch_size=4, progress=False)
+    opts = SweepOptions(batch_size=4, progress=False, max_positions=n)  # "auto" at >= 4096 tokens
     with torch.no_grad(), LargestTensor() as sweep:
         pat = patching.activation_patching(qwen, clean, corrupt, METRIC, positions=spans, options=opts)
         tr = ct.causal_trace(qwen, clean, METRIC, noise_positions=spans["s0"], restore_positions=spans, kinds=("resid",),
