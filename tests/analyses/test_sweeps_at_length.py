@@ -127,7 +127,8 @@ def test_span_trace_with_reduced_cache_matches_brute_force(qwen, video_pair, mon
     res = ct.causal_trace(qwen, clean, METRIC, noise_positions=noise, restore_positions=spans, kinds=("resid", "mlp"),
                           window=2, n_samples=2, seed=3, options=opts)
     # brute force: the same draws (one [1, |noise|, d] per sample from the seeded generator), one forward each
-    _, cache = qwen.run_with_cache(**clean)
+    clean_logits, cache = qwen.run_with_cache(**clean)
+    assert abs(res.clean_value - float(METRIC(clean_logits).mean())) <= TOL
     emb = cache["hook_embed"]
     std = float(emb[:, noise].std()) * 3.0
     gen = torch.Generator().manual_seed(3)
