@@ -41,8 +41,8 @@ from .metrics import as_metric
 from .patching import PositionsArg, resolve_groups
 from .results_store import CellStore
 from .sites import available_layers, get_site
-from .sweep import SweepOptions, fingerprint_inputs, fingerprint_model, open_store, run_cells
-from .variants import Edit, ForwardPlan, expand_inputs
+from .sweep import SweepOptions, fingerprint_inputs, fingerprint_model, open_store, reduced_cache_run, run_cells, seq_len_of
+from .variants import Edit, ForwardPlan, expand_inputs, is_hooked_vlm
 
 __all__ = ["causal_trace", "TracingResult", "TRACE_KEYS", "t_interval"]
 
@@ -163,25 +163,40 @@ def causal_trace(
     n_layers = max(available_layers(model.hook_dict, resid)) + 1
     layer_list = list(range(n_layers)) if layers is None else list(layers)
 
-    clean_logits, clean_cache = model.run_with_cache(
-        **inputs, names_filter=lambda n: n == embed
-        or (n.startswith("blocks.") and n.endswith(("hook_resid_pre", "hook_mlp_out", "hook_attn_out")))
-    )
+    length = seq_len_of(inputs)
+    groups = resolve_groups(restore_positions, length)
+    npos = None if noise_positions is None else torch.as_tensor(noise_positions, dtype=torch.long).reshape(-1) % length
+    # only the restored (and noised) positions of the clean states are kept: a long video's trace then caches
+    # the frame spans' vectors, not L x d per layer and kind (a reduction at hook time, hooked_vlm models)
+    wanted = {p for pos in groups.values() for p in pos} | (set() if npos is None else set(npos.tolist()))
+    kept = torch.tensor(sorted(wanted), dtype=torch.long) if is_hooked_vlm(model) else None
+    suffixes = tuple("hook_" + _KIND_SITE[k] for k in kinds)
+    runner = opts.runner(model, inputs, metric)
+    clean_logits, clean_cache = reduced_cache_run(
+        model, inputs, lambda n: (n == embed and npos is not None) or (n.startswith("blocks.") and n.endswith(suffixes)),
+        kept, runner.last_logits_only)
     clean_value = float(metric(clean_logits).float().mean())
-    clean_embed = clean_cache[embed]
-    length = clean_embed.shape[1]
     gen = torch.Generator().manual_seed(seed)
 
+    def clean_at(name: str, pos: Tensor) -> tuple[Tensor, bool]:
+        """(clean values of ``name`` to patch at ``pos``, whether they are compact: only those positions)."""
+        if kept is None:
+            return clean_cache[name], False
+        return clean_cache[name].index_select(1, torch.searchsorted(kept, pos)), True
+
+    def clean_edit(name: str, pos: Tensor) -> Edit:
+        value, compact = clean_at(name, pos)
+        return Edit(name, value, positions=pos, compact=compact)
+
     # ---- the corruption of each sample, as an edit on hook_embed
-    if noise_positions is not None:
-        npos = torch.as_tensor(noise_positions, dtype=torch.long).reshape(-1) % length
-        std = float(clean_embed[:, npos].float().std()) * noise_scale if noise_std is None else float(noise_std)
+    if npos is not None:
+        noised, compact = clean_at(embed, npos)
+        noised = noised if compact else noised[:, npos]
+        std = float(noised.float().std()) * noise_scale if noise_std is None else float(noise_std)
         noise_edits = []
         for _ in range(n_samples):
-            noise = torch.zeros_like(clean_embed)
-            draw = torch.randn(clean_embed[:, npos].shape, generator=gen, dtype=torch.float32) * std
-            noise[:, npos] = draw.to(noise.dtype)
-            noise_edits.append(Edit(embed, noise, positions=npos, mode="add"))
+            draw = (torch.randn(noised.shape, generator=gen, dtype=torch.float32) * std).to(noised.dtype)
+            noise_edits.append(Edit(embed, draw, positions=npos, mode="add", compact=True))
         noise_desc: dict[str, Any] = {"target": "embed", "positions": npos.tolist()}
     else:
         rows = torch.as_tensor(pixel_rows, dtype=torch.long).reshape(-1)
@@ -195,20 +210,20 @@ def causal_trace(
             p[s, rows] = p[s, rows] + draw.to(p.dtype)
         noisy[pixel_key] = p.view(-1, *pix.shape[1:])
         _, noisy_cache = model.run_with_cache(**noisy, names_filter=lambda n: n == embed)
-        emb = noisy_cache[embed].view(n_samples, *clean_embed.shape)
+        emb = noisy_cache[embed].view(n_samples, -1, *noisy_cache[embed].shape[1:])
         noise_edits = [Edit(embed, emb[s]) for s in range(n_samples)]
         noise_desc = {"target": pixel_key, "rows": rows.tolist()}
 
-    runner = opts.runner(model, inputs)
     sever_site = get_site(_KIND_SITE[severed]) if severed else None
     sever_names = [sever_site.hook_name(l) for l in range(n_layers)] if sever_site else []
-    corrupt_vals, corrupt_cache = runner.run([[e] for e in noise_edits], metric, capture=sever_names)
+    keep_captured = None if kept is None else (lambda name, x: x.index_select(2, kept))  # [n, B, kept, d]
+    corrupt_vals, corrupt_cache = runner.run([[e] for e in noise_edits], metric, capture=sever_names,
+                                             capture_fn=keep_captured)
     assert corrupt_vals is not None
     corrupt_samples = corrupt_vals.mean(1).double().numpy()  # [S]
     te = clean_value - corrupt_samples
     te_mean, _, te_low, te_high = t_interval(te, confidence)
 
-    groups = resolve_groups(restore_positions, length)
     cells = [{"kind": k, "layer": l, "group": g} for k in kinds for l in layer_list for g in groups]
     config = lambda: {  # noqa: E731 -- hashing inputs/model only when a store is used
         "analysis": "causal_trace",
@@ -234,16 +249,20 @@ def causal_trace(
         edits = [noise_edits[sample]]
         if kind == "resid":
             name = resid.hook_name(layer)
-            edits.append(Edit(name, clean_cache[name], positions=pos))
+            edits.append(clean_edit(name, pos))
             if sever_site is not None:
                 for l in range(layer, n_layers):
                     nm = sever_site.hook_name(l)
-                    edits.append(Edit(nm, corrupt_cache[nm][sample], positions=pos))
+                    held = corrupt_cache[nm][sample]
+                    compact = kept is not None
+                    if compact:
+                        held = held.index_select(1, torch.searchsorted(kept, pos))
+                    edits.append(Edit(nm, held, positions=pos, compact=compact))
         else:
             site = get_site(_KIND_SITE[kind])
             for l in _window(layer, window, n_layers):
                 name = site.hook_name(l)
-                edits.append(Edit(name, clean_cache[name], positions=pos))
+                edits.append(clean_edit(name, pos))
         return edits
 
     def evaluate(batch: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from torch import Tensor
 from .metrics import as_metric
 from .results_store import CellStore
 from .sites import available_layers, get_site
-from .sweep import SweepOptions, fingerprint_inputs, fingerprint_model, open_store, run_cells
+from .sweep import SweepOptions, fingerprint_inputs, fingerprint_model, open_store, run_cells, seq_len_of
 from .variants import Edit, ForwardPlan, VariantRunner, is_hooked_vlm, knockout_mask
 
 __all__ = ["knockout_sweep", "knockout_edits", "layer_windows", "KNOCKOUT_KEYS"]
@@ -136,7 +136,7 @@ def knockout_sweep(
     n_layers = max(n_layers_avail) + 1
     if windows is None:
         windows = layer_windows(n_layers, window or 1, stride)
-    length = _seq_len(inputs)
+    length = seq_len_of(inputs)
     edge_idx = {name: (_as_index(q) % length, _as_index(k) % length) for name, (q, k) in edges.items()}
     for qi, ki in edge_idx.values():
         _check_keys_left(qi, ki, length)
@@ -151,7 +151,7 @@ def knockout_sweep(
         "model": fingerprint_model(model),
     }
     cell_store = open_store(store, config, KNOCKOUT_KEYS)
-    runner = opts.runner(model, inputs)
+    runner = opts.runner(model, inputs, metric)
     base_value = float(metric(runner.base_logits()).float().mean())
 
     use_mask = method == "mask" or (method == "auto" and heads is None and _mask_knockout_available(model))
@@ -212,15 +212,9 @@ def _evaluate_with_mask(
             ko = Knockout(q, k, torch.eye(count, dtype=torch.bool, device=device))
             return model.knockout(ko, layers=range(first, last + 1))
 
-        values, _ = runner.run([[] for _ in idx], metric, context=context)
+        # a knockout changes only its queries' rows: positions before the earliest query come from the prefix cache
+        first_query = min(int(edge_idx[n][0].min()) for n in names)
+        values, _ = runner.run([[] for _ in idx], metric, context=context, first_position=first_query)
         assert values is not None
         out[idx] = values
     return out
-
-
-def _seq_len(inputs: Mapping[str, Any]) -> int:
-    for key in ("input_ids", "input", "tokens", "attention_mask"):
-        v = inputs.get(key)
-        if isinstance(v, Tensor):
-            return v.shape[1]
-    raise ValueError("cannot tell the sequence length: pass input_ids")

@@ -30,11 +30,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hooked_vlm.cache_reduction import position_dim
+
 from .metrics import as_metric, normalized_recovery
 from .results_store import CellStore
 from .sites import Site, available_layers, get_site
-from .sweep import SweepOptions, default_plan, fingerprint_inputs, fingerprint_model, open_store, run_cells  # noqa: F401
-from .variants import Edit, ForwardPlan, VariantRunner, VisionReusePlan, input_schema_of  # noqa: F401
+from .sweep import SweepOptions, default_plan, fingerprint_inputs, fingerprint_model, open_store, reduced_cache_run, run_cells, seq_len_of  # noqa: F401
+from .variants import Edit, ForwardPlan, VariantRunner, VisionReusePlan, input_schema_of, is_hooked_vlm  # noqa: F401
 
 __all__ = [
     "activation_patching",
@@ -280,9 +282,18 @@ def activation_patching(
         site_layers[s.name] = ls
         names.update(s.hook_name(l) for l in ls)
 
-    runner = opts.runner(model, base_inputs)
-    with torch.no_grad():
-        source_logits, source_cache = model.run_with_cache(**source_inputs, names_filter=lambda n: n in names)
+    runner = opts.runner(model, base_inputs, metric)
+    length = seq_len_of(source_inputs)
+    # language-model sites: only the positions some group patches are cached (a long video's cache is then
+    # the frame spans' vectors, not L x d per layer); vision sites keep their patch axis whole
+    lm_groups = None if all(s.vision for s in site_objs) else _site_groups(positions, length, "sequence positions")
+    kept = None
+    if lm_groups is not None and is_hooked_vlm(model) and all(
+        s.vision or position_dim(s.hook_name(l)) == s.pos_axis for s in site_objs for l in site_layers[s.name]
+    ):
+        kept = torch.tensor(sorted({p for pos in lm_groups.values() for p in pos}), dtype=torch.long)
+    source_logits, source_cache = reduced_cache_run(model, source_inputs, lambda n: n in names, kept,
+                                                    runner.last_logits_only)
     base_logits = runner.base_logits()
     clean_logits, corrupt_logits = (
         (source_logits, base_logits) if direction == "denoise" else (base_logits, source_logits)
@@ -295,15 +306,12 @@ def activation_patching(
     site_groups: dict[str, dict[str, list[int]]] = {}
     most_heads = 0  # the most heads any requested head site has
     for s in site_objs:
-        first = source_cache[s.hook_name(site_layers[s.name][0])]
-        try:
-            groups = resolve_groups(positions, first.shape[s.pos_axis])
-        except ValueError as e:
-            what = "vision patches" if s.vision else "sequence positions"
-            raise ValueError(
-                f"site {s.name!r} has {first.shape[s.pos_axis]} {what}: {e}. Sweep language-model and "
-                "vision-tower sites in separate calls when passing explicit positions."
-            ) from None
+        if s.vision:
+            first = source_cache[s.hook_name(site_layers[s.name][0])]
+            groups = _site_groups(positions, first.shape[s.pos_axis], "vision patches")
+        else:
+            assert lm_groups is not None
+            groups = lm_groups
         site_groups[s.name] = groups
         group_order[s.name] = list(groups)
         for l in site_layers[s.name]:
@@ -339,22 +347,20 @@ def activation_patching(
     cell_store = open_store(store, config, KEY_COLUMNS)
     site_by_name = {s.name: s for s in site_objs}
 
+    def source_edit(s: Site, name: str, pos: list[int], head: int | None) -> Edit:
+        """Patch ``pos`` of ``name`` with the source run's values (read from the reduced cache when it is one)."""
+        pos_t = torch.tensor(pos)
+        value, compact = source_cache[name], False
+        if kept is not None and not s.vision:
+            value, compact = value.index_select(s.pos_axis, torch.searchsorted(kept, pos_t)), True
+        return Edit(name, value, positions=pos_t, pos_axis=s.pos_axis,
+                    heads=None if head is None else torch.tensor([head]), head_axis=s.head_axis, compact=compact)
+
     def evaluate(batch: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         variants = []
         for c in batch:
             s = site_by_name[c["site"]]
-            name = s.hook_name(c["layer"])
-            pos = site_groups[s.name][c["group"]]
-            variants.append([
-                Edit(
-                    name,
-                    source_cache[name],
-                    positions=torch.tensor(pos),
-                    pos_axis=s.pos_axis,
-                    heads=None if c["head"] is None else torch.tensor([c["head"]]),
-                    head_axis=s.head_axis,
-                )
-            ])
+            variants.append([source_edit(s, s.hook_name(c["layer"]), site_groups[s.name][c["group"]], c["head"])])
         values, _ = runner.run(variants, metric)
         assert values is not None
         out = []
@@ -372,6 +378,17 @@ def activation_patching(
                       if (runner.prefix_reuse or runner.layer_skip) else None)
     frame = _tidy(frame)
     return PatchingResult(frame, clean_value, corrupt_value, site_groups[site_objs[0].name], metric.name, group_order)
+
+
+def _site_groups(positions: PositionsArg, length: int, what: str) -> dict[str, list[int]]:
+    """:func:`resolve_groups` with the site kind named in the error (sequence positions / vision patches)."""
+    try:
+        return resolve_groups(positions, length)
+    except ValueError as e:
+        raise ValueError(
+            f"the sweep has {length} {what}: {e}. Sweep language-model and vision-tower sites in separate calls "
+            "when passing explicit positions."
+        ) from None
 
 
 def _tile_order(

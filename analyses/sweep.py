@@ -20,9 +20,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .results_store import CellStore
-from .variants import ForwardPlan, VariantRunner, VisionReusePlan
+from .variants import ForwardPlan, VariantRunner, VisionReusePlan, seq_len_of
 
-__all__ = ["SweepOptions", "run_cells", "fingerprint_inputs", "fingerprint_model", "open_store", "default_plan"]
+__all__ = ["SweepOptions", "run_cells", "fingerprint_inputs", "fingerprint_model", "open_store", "default_plan",
+           "reduced_cache_run", "seq_len_of"]
 
 PlanArg = Callable[[Mapping[str, Any], int], ForwardPlan] | None | str
 
@@ -52,7 +53,11 @@ class SweepOptions:
       (``"auto"``: when the model says a prefix is reusable, ``HookedVLM.can_reuse_prefix``);
     * ``layer_skip``: run the layers below the first edited one once (``"auto"``: on for hooked_vlm models);
     * ``store``: a directory (or :class:`CellStore`) to write finished cells to and resume from;
-    * ``progress``: show a progress bar.
+    * ``progress``: show a progress bar;
+    * ``max_positions``: memory-aware batching: the most positions (rows x computed positions per row) one
+      batched forward may hold (``"auto"``: one plain forward's worth, the base input's positions, at least 4096; None: only
+      ``batch_size`` limits a batch). Variants whose edits start late (short suffixes) then share a forward,
+      full-length ones run alone, so a long video's sweep peaks near one forward's memory.
     """
 
     batch_size: int = 16
@@ -61,12 +66,15 @@ class SweepOptions:
     layer_skip: bool | str = "auto"
     store: str | os.PathLike | CellStore | None = None
     progress: bool = True
+    max_positions: int | str | None = "auto"
 
-    def runner(self, model: Any, inputs: Mapping[str, Any]) -> VariantRunner:
-        """The :class:`VariantRunner` these options describe, for ``inputs``."""
+    def runner(self, model: Any, inputs: Mapping[str, Any], metric: Any = None) -> VariantRunner:
+        """The :class:`VariantRunner` these options describe, for ``inputs`` (``metric``: the sweep's metric; one
+        that reads only the last position lets the base run keep only that position's logits)."""
         plan = default_plan(model) if self.plan == "auto" else self.plan
         return VariantRunner(model, inputs, self.batch_size, plan=plan, prefix_reuse=self.prefix_reuse,  # type: ignore[arg-type]
-                             layer_skip=self.layer_skip)
+                             layer_skip=self.layer_skip, max_positions=self.max_positions,
+                             last_logits_only=getattr(metric, "reads", "all") == "last")
 
     def open_store(self, config: Mapping[str, Any] | Callable[[], Mapping[str, Any]], key_columns: Sequence[str]) -> CellStore | None:
         return open_store(self.store, config, key_columns)
@@ -79,6 +87,27 @@ class SweepOptions:
                 raise TypeError(f"options must be a SweepOptions, got {type(options).__name__}")
             return options
         return cls(**keywords)
+
+
+@torch.no_grad()
+def reduced_cache_run(
+    model: Any, inputs: Mapping[str, Any], names_filter: Callable[[str], bool], kept: Tensor | None, last_only: bool
+) -> tuple[Tensor, Any]:
+    """A sweep's reference run (clean / source): logits and the cached hooks it patches from.
+
+    With ``kept`` (sorted positions; hooked_vlm models) only those language-model positions are stored, reduced at
+    hook time (:class:`~hooked_vlm.cache_reduction.CacheReduction`), so a long video's cache holds the patched
+    spans, not ``L x d`` per hook; with ``last_only`` only the last position is unembedded (no ``[B, L, vocab]``).
+    """
+    kw: dict[str, Any] = {}
+    if kept is not None:
+        from hooked_vlm.cache_reduction import CacheReduction
+
+        kw["reduction"] = CacheReduction(positions=kept)
+    if last_only:
+        resid, cache = model.run_with_cache(**inputs, names_filter=names_filter, return_type="resid", **kw)
+        return model.unembed(resid[:, -1:]), cache
+    return model.run_with_cache(**inputs, names_filter=names_filter, **kw)
 
 
 def fingerprint_inputs(inputs: Mapping[str, Any]) -> str:

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-__all__ = ["Edit", "VariantRunner", "expand_inputs", "ForwardPlan", "VisionReusePlan", "knockout_mask"]
+__all__ = ["Edit", "VariantRunner", "expand_inputs", "ForwardPlan", "VisionReusePlan", "knockout_mask", "seq_len_of"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +42,9 @@ class Edit:
         positions: indices along ``pos_axis`` to edit; None = all.
         heads: indices along ``head_axis`` to edit; None = all heads.
         mode: ``"replace"`` (default), ``"add"`` or ``"block"``.
+        compact: ``value`` holds only the edited positions, in the order of ``positions``, along
+            ``pos_axis`` (``[B, P, ...]`` instead of ``[B, L, ...]``): a long input's sweep then keeps the
+            patched positions of each source activation, not every position of it.
     """
 
     hook: str
@@ -51,11 +54,32 @@ class Edit:
     heads: Int[Tensor, "h"] | None = None
     head_axis: int | None = None
     mode: Literal["replace", "add", "block"] = "replace"
+    compact: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compact:
+            if self.positions is None:
+                raise ValueError(f"Edit({self.hook!r}, compact=True) needs positions: a compact value holds only them")
+            n = torch.as_tensor(self.positions).numel()
+            if self.value.shape[self.pos_axis] != n:
+                raise ValueError(
+                    f"Edit({self.hook!r}, compact=True): value has {self.value.shape[self.pos_axis]} entries on axis "
+                    f"{self.pos_axis} but {n} positions are edited; a compact value holds exactly the edited positions"
+                )
 
     def index(self, ndim: int) -> tuple:
         """Index tuple (batch axis included as a full slice) selecting the edited entries."""
+        return self._index(ndim, self.positions)
+
+    def source_index(self, ndim: int) -> tuple:
+        """Index tuple selecting the edited entries of ``value`` (the same as :meth:`index` unless compact)."""
+        if not self.compact:
+            return self.index(ndim)
+        return self._index(ndim, torch.arange(torch.as_tensor(self.positions).numel()))
+
+    def _index(self, ndim: int, positions: Any) -> tuple:
         idx: list[Any] = [slice(None)] * ndim
-        pos = None if self.positions is None else torch.as_tensor(self.positions, dtype=torch.long)
+        pos = None if positions is None else torch.as_tensor(positions, dtype=torch.long)
         heads = None if self.heads is None else torch.as_tensor(self.heads, dtype=torch.long)
         if pos is not None and heads is not None:
             # broadcast the two index vectors against each other, in axis order
@@ -183,6 +207,13 @@ class VariantRunner:
             ``blocks.{l}.hook_resid_pre``: those layers compute the same values for every variant.
             ``"auto"`` = on for hooked_vlm models (their blocks broadcast positions and masks over the
             batch); exactness is covered by the tests against one-forward-per-cell loops.
+        max_positions: the most positions (rows x computed positions per row) one batched forward may
+            hold; a chunk of ``batch_size`` variants is split further when its suffixes are longer, so a
+            long input's sweep stays near one forward's memory. ``"auto"``: the base input's positions
+            (one plain forward's worth), at least :data:`AUTO_MIN_POSITIONS` (short inputs batch fully);
+            None: no limit.
+        last_logits_only: the sweep's metric reads only the last position (``metric.reads == "last"``): the
+            base run then unembeds that position alone (no ``[B, L, vocab]`` logits kept; hooked_vlm models).
     """
 
     def __init__(
@@ -193,9 +224,13 @@ class VariantRunner:
         plan: Callable[[Mapping[str, Any], int], ForwardPlan] | None = None,
         prefix_reuse: bool | str = False,
         layer_skip: bool | str = "auto",
+        max_positions: int | str | None = None,
+        last_logits_only: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not (max_positions is None or max_positions == "auto" or (isinstance(max_positions, int) and max_positions >= 1)):
+            raise ValueError(f"max_positions must be a positive int, 'auto' or None, got {max_positions!r}")
         self.model = model
         self.inputs = dict(inputs)
         self.batch_size = batch_size
@@ -203,6 +238,11 @@ class VariantRunner:
         self.n_forwards = 0
         self.positions_computed = 0
         self.base_batch = _batch_size_of(self.inputs)
+        self.seq_len = seq_len_of(self.inputs)
+        auto = max(self.base_batch * self.seq_len, AUTO_MIN_POSITIONS)
+        self.max_positions = auto if max_positions == "auto" else max_positions
+        self.last_logits_only = last_logits_only and self._can_unembed_last()
+        self.largest_forward = 0  # the most positions (rows x positions) any variant forward computed
         self._want_prefix = prefix_reuse
         # batch expansion at the first edited layer: layers below it run once, not once per variant
         broadcasts = is_hooked_vlm(model) and model.blocks_broadcast_batch
@@ -217,14 +257,15 @@ class VariantRunner:
     def base_run(self) -> "_BaseRun":
         """The unedited base input, run once: logits, embeddings, vision features, key/value cache."""
         if self._base is None:
-            self._base = _BaseRun(self.model, self.inputs, kv=bool(self._want_prefix))
+            self._base = _BaseRun(self.model, self.inputs, kv=bool(self._want_prefix), last_only=self.last_logits_only)
             if isinstance(self._plan, VisionReusePlan) and self._base.vision_features is not None:
                 self._plan.seed(self.inputs, self._base.vision_features)
             self.n_forwards += 1
         return self._base
 
     def base_logits(self) -> Float[Tensor, "batch pos vocab"]:
-        """Logits of the unedited base input (computed once, shared with the reuse machinery)."""
+        """Logits of the unedited base input (computed once, shared with the reuse machinery); the last
+        position only when the runner was built with ``last_logits_only``."""
         return self.base_run().logits
 
     def _final_block_untouched(self, hooks: list) -> bool:
@@ -265,21 +306,24 @@ class VariantRunner:
         capture: Sequence[str] = (),
         capture_fn: Callable[[str, Tensor], Tensor] | None = None,
         context: Callable[[int, int], ContextManager] | None = None,
+        first_position: int | None = None,
     ) -> tuple[Float[Tensor, "n batch"] | None, dict[str, Tensor]]:
-        """Run all ``variants`` in chunks of ``batch_size``.
+        """Run all ``variants`` in chunks of ``batch_size`` (split further to fit ``max_positions``).
 
         Returns the metric per variant and base example ``[n, B]`` (None if ``metric`` is None) and,
         for each name in ``capture``, the (edited) activation per variant ``[n, B, ...]``
         (``capture_fn(name, act)`` may reduce it first, e.g. to selected positions). ``context(first,
         count)``, if given, wraps the forward of variants ``first .. first+count-1`` (e.g. to attach a
-        per-row attention knockout to the model for that forward).
+        per-row attention knockout to the model for that forward). ``first_position`` declares that the
+        context's changes reach no position before it (a knockout of the last token's queries: L - 1), so
+        the positions before it come from the prefix cache like those before an edit.
         """
         values: list[Tensor] = []
         captured: dict[str, list[Tensor]] = defaultdict(list)
-        for start in range(0, len(variants), self.batch_size):
-            chunk = variants[start : start + self.batch_size]
+        for start, stop in self._chunks(variants, bool(capture), first_position):
+            chunk = variants[start:stop]
             with context(start, len(chunk)) if context is not None else nullcontext():
-                v, c = self._run_chunk(chunk, metric, capture, capture_fn)
+                v, c = self._run_chunk(chunk, metric, capture, capture_fn, first_position)
             if v is not None:
                 values.append(v)
             for k, t in c.items():
@@ -287,12 +331,42 @@ class VariantRunner:
         out_values = torch.cat(values) if values else None
         return out_values, {k: torch.cat(t) for k, t in captured.items()}
 
+    def _start(self, chunk: Sequence[Sequence[Edit]], capture: bool, first_position: int | None) -> int:
+        """The first position a chunk's forward computes (0 unless the prefix is reused)."""
+        touches_vision = any(e.hook.startswith("vision.") for edits in chunk for e in edits)
+        if self._prefix is None or capture or touches_vision:
+            return 0
+        edited = _first_edited_position(chunk) if any(chunk) else None
+        if first_position is not None:
+            edited = first_position if edited is None else min(edited, first_position)
+        return min(edited or 0, self.seq_len - 1)
+
+    def _chunks(self, variants: Sequence[Sequence[Edit]], capture: bool, first_position: int | None) -> list[tuple[int, int]]:
+        """``(start, stop)`` index ranges of at most ``batch_size`` variants whose forward fits ``max_positions``
+        (a chunk's cost: rows x positions from its first computed position on; one variant always runs)."""
+        out: list[tuple[int, int]] = []
+        i = 0
+        while i < len(variants):
+            j = min(i + self.batch_size, len(variants))
+            if self.max_positions is not None:
+                k = i + 1
+                while k < j:
+                    rows = (k + 1 - i) * self.base_batch
+                    if rows * (self.seq_len - self._start(variants[i : k + 1], capture, first_position)) > self.max_positions:
+                        break
+                    k += 1
+                j = k
+            out.append((i, j))
+            i = j
+        return out
+
     def _run_chunk(
         self,
         chunk: Sequence[Sequence[Edit]],
         metric: Callable[[Tensor], Tensor] | None,
         capture: Sequence[str],
         capture_fn: Callable[[str, Tensor], Tensor] | None,
+        first_position: int | None = None,
     ) -> tuple[Tensor | None, dict[str, Tensor]]:
         n, b = len(chunk), self.base_batch
         by_hook: dict[str, list[tuple[int, Edit]]] = defaultdict(list)
@@ -300,9 +374,7 @@ class VariantRunner:
             for e in edits:
                 by_hook[e.hook].append((row, e))
         touches_vision = any(h.startswith("vision.") for h in by_hook)
-        start = 0
-        if self._prefix is not None and not capture and not touches_vision:
-            start = _first_edited_position(chunk)
+        start = self._start(chunk, bool(capture), first_position)
         expand_at = 0
         if self.layer_skip and n > 1 and not capture and not touches_vision:
             expand_at = _first_edited_layer(chunk)
@@ -335,6 +407,7 @@ class VariantRunner:
             computed = logits.shape[1]
         self.n_forwards += 1
         self.positions_computed += computed * n
+        self.largest_forward = max(self.largest_forward, computed * n * b)
         if start > 0 and not last_only:
             assert self._prefix is not None
             logits = self._prefix.full_logits(logits, start, n)
@@ -345,6 +418,15 @@ class VariantRunner:
             vals = torch.stack([torch.as_tensor(metric(logits[i * b : (i + 1) * b])).reshape(-1).expand(b)
                                 for i in range(n)]).detach().float().cpu()
         return vals, store
+
+
+def seq_len_of(inputs: Mapping[str, Any]) -> int:
+    """The sequence length of keyword inputs (``input_ids`` / ``input`` / ``tokens`` / ``inputs_embeds``)."""
+    for key in ("input_ids", "input", "tokens", "inputs_embeds", "attention_mask"):
+        v = inputs.get(key)
+        if isinstance(v, Tensor) and v.ndim >= 2:
+            return v.shape[1]
+    raise ValueError("cannot tell the sequence length: inputs need one of input_ids / input / tokens / inputs_embeds")
 
 
 def _batch_size_of(inputs: Mapping[str, Any]) -> int:
@@ -386,10 +468,11 @@ def _make_edit_hook(items: list[tuple[int, Edit]], n: int, b: int) -> Callable:
             src = e.value.to(device=target.device, dtype=target.dtype)
             if src.shape[0] != b and src.shape[0] == 1:
                 src = src.expand(b, *src.shape[1:])
+            sidx = e.source_index(target.ndim)
             if e.mode == "replace":
-                target[idx] = src[idx]
+                target[idx] = src[sidx]
             elif e.mode == "add":
-                target[idx] = target[idx] + src[idx]
+                target[idx] = target[idx] + src[sidx]
             else:
                 raise ValueError(f"unknown edit mode {e.mode!r}")
         return out
@@ -436,6 +519,9 @@ def _first_edited_position(chunk: Sequence[Sequence[Edit]]) -> int:
     return first or 0
 
 
+#: ``max_positions="auto"`` never limits a forward below this many positions: below it batching pays and memory is small.
+AUTO_MIN_POSITIONS = 4096
+
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -466,10 +552,10 @@ def _shift(e: Edit, start: int) -> Edit:
     if e.mode == "block":
         return Edit(e.hook, e.value[..., start:, :], heads=e.heads, head_axis=e.head_axis, mode="block")
     assert e.positions is not None
-    value = e.value.narrow(e.pos_axis, start, e.value.shape[e.pos_axis] - start)
+    value = e.value if e.compact else e.value.narrow(e.pos_axis, start, e.value.shape[e.pos_axis] - start)
     pos = torch.as_tensor(e.positions) - start
     return Edit(e.hook, value, positions=pos, pos_axis=e.pos_axis, heads=e.heads, head_axis=e.head_axis,
-                mode=e.mode)
+                mode=e.mode, compact=e.compact)
 
 
 class _BaseRun:
@@ -482,7 +568,7 @@ class _BaseRun:
       any prefix length for suffix-only runs.
     """
 
-    def __init__(self, model: Any, inputs: dict[str, Any], kv: bool) -> None:
+    def __init__(self, model: Any, inputs: dict[str, Any], kv: bool, last_only: bool = False) -> None:
         self.model = model
         self.inputs = inputs
         store: dict[str, Tensor] = {}
@@ -514,7 +600,12 @@ class _BaseRun:
             self.cache = KVCache()
             extra = {"position_ids": pos, "past_key_values": self.cache}
         with torch.no_grad():
-            self.logits = model.run_with_hooks(**inputs, **extra, fwd_hooks=hooks)
+            if last_only:  # the final normalised residual, unembedded at the last position only (exact)
+                resid = model.run_with_hooks(**inputs, **extra, return_type="resid", fwd_hooks=hooks)
+                self.logits = model.unembed(resid[:, -1:])
+            else:
+                self.logits = model.run_with_hooks(**inputs, **extra, fwd_hooks=hooks)
+        self.last_only = last_only
         self.embed = store.get("embed")
         self.vision_features = store.get("vision")
 
@@ -570,6 +661,8 @@ class _BaseRun:
 
     def full_logits(self, suffix_logits: Tensor, start: int, n: int) -> Tensor:
         """Prepend the base run's prefix logits (identical for every variant) to each variant's suffix."""
+        if self.last_only:
+            raise RuntimeError("the base run kept the last position's logits only (last_logits_only); full logits are gone")
         prefix = self.logits[:, :start].to(suffix_logits.dtype)
         prefix = torch.cat([prefix] * n) if n > 1 else prefix
         return torch.cat([prefix, suffix_logits], dim=1)

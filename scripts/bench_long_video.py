@@ -14,9 +14,14 @@ one warm-up call, peak memory = peak RSS above the RSS with model and inputs bui
 * ``forward``            plain forward (vision tower included), batch 1
 * ``forward_padded``     batch of two, the second row left-padded by 32 tokens (no ``[L, L]`` mask)
 * ``cache_per_frame``    ``run_with_cache`` of every ``hook_resid_post`` reduced to per-frame means
-* ``patch_frames``       ``resid_pre`` activation patching, every layer x 4 frame spans (clean -> corrupted video)
+* ``patch_frames``       ``resid_pre`` activation patching, every layer x 4 frame spans (clean -> corrupted video);
+                         the source cache keeps the spans only, variants run against the base run's KV prefix with
+                         its vision features, at most one plain forward's positions per batched forward
+                         (``SweepOptions.max_positions="auto"``)
 * ``causal_trace``       noise on the first frame span's embeddings, restore ``resid`` per layer x 4 frame spans, 2 draws
-* ``knockout``           knockout sweep (all visual tokens -> last token), every layer alone, MaskSpec knockout
+                         (same reductions as patching)
+* ``knockout``           knockout sweep (all visual tokens -> last token), every layer alone, MaskSpec knockout; each
+                         variant computes the last position only, against the KV prefix
 * ``hf_eager_attn``      transformers' eager forward with ``output_attentions=True`` (what FastV-style code does)
 * ``tl_bridge_cache``    TransformerLens ``TransformerBridge.run_with_cache`` of the residual stream
 
