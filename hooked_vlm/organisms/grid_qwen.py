@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from hooked_vlm.organisms.base import Example
 from hooked_vlm.organisms.drawing import SHAPES, draw_shape
-from hooked_vlm.organisms.qwen_common import IGNORE, QwenAnswerOrganism, TokenHead
+from hooked_vlm.organisms.qwen_common import QwenAnswerOrganism, TokenHead
 
 __all__ = ["GridOrganism", "organism", "COLORS", "SHAPES", "NUMBER_WORDS", "CELL", "GRID", "render", "cell_background"]
 
@@ -50,6 +50,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RELATIONS = ("left", "right", "above", "below")
+#: a cell's role in the question (the role token heads' classes) and their loss weights
+ROLES = ("background", "other", "named", "second")
+ROLE_WEIGHTS = (0.05, 1.0, 1.0, 1.0)
 MARGIN = 4  # shapes fill the cell minus this margin on every side
 
 
@@ -87,9 +90,10 @@ class GridOrganism(QwenAnswerOrganism):
     architecture: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
     tasks: ClassVar[tuple[str, ...]] = ("presence", "location", "counting", "relation")
     target_accuracy: ClassVar[float] = 0.95
-    default_steps: ClassVar[int] = 1500
-    batch_size: ClassVar[int] = 8
-    lr: ClassVar[float] = 1e-3
+    default_steps: ClassVar[int] = 2400
+    batch_size: ClassVar[int] = 16
+    lr: ClassVar[float] = 3e-3
+    train_attention: ClassVar[str] = "sdpa"
     summary: ClassVar[str] = (
         "Visual search and spatial relations. 280x280 images, a 10x10 grid of 28-px cells (one cell = one merged "
         "Qwen2.5-VL visual token), 1-5 shapes (circle / square / triangle / cross x red / green / blue / yellow / "
@@ -129,37 +133,43 @@ class GridOrganism(QwenAnswerOrganism):
                                 vision_end_token_id=ids["vision_end_token"], tie_word_embeddings=False)
 
     # ----- training-only token heads ----------------------------------------------------------------
-    # what each cell holds (colour, shape) and where it is (row, column) at the LM input; whether the question
-    # names it (1: the target / a counted object / the relation's first object, 2: the relation's second) after
-    # LM blocks 0 and 1, scored on the object cells only (IGNORE elsewhere: over all 100 cells a class-weighted
-    # role head learned "is an object", not "is the named object"). Dropped before saving (qwen_common.TokenHead).
+    # what each cell holds (colour, shape) and where it is (row, column) at the LM input; the cell's role in the
+    # question after LM blocks 0 and 1, over ALL cells: 0 background, 1 an object the question does not name,
+    # 2 the target / a counted object / the relation's first object, 3 the relation's second object (background
+    # weighted 0.05, so the loss is about the objects). Scoring the role on object cells only left it undefined on
+    # the 95 background cells, so the answer could not read "named" as a clean key (docs/organisms.md, session
+    # i11s). Dropped before saving (qwen_common.TokenHead). After block 0 every cell also classifies its own row and column (10 classes
+    # each): the regression target at the LM input is one scalar, which the answer would have to cut into ten words;
+    # as classes, the named cell's row / column word is one linear read away.
     token_heads: ClassVar[tuple[TokenHead, ...]] = (
         TokenHead("color", 0, 1 + len(COLORS)),
         TokenHead("shape", 0, 1 + len(SHAPES)),
         TokenHead("row", 0, 1, weight=2.0),
         TokenHead("col", 0, 1, weight=2.0),
-        TokenHead("role_1", 1, 3),
-        TokenHead("role_2", 2, 3),
+        TokenHead("role_1", 1, len(ROLES), class_weight=ROLE_WEIGHTS),
+        TokenHead("role_2", 2, len(ROLES), class_weight=ROLE_WEIGHTS),
+        TokenHead("row_class", 1, GRID),
+        TokenHead("col_class", 1, GRID),
     )
-
     def token_labels(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """Per cell token (row-major, token k = cell (k // 10, k % 10)): colour, shape, row, column and question role."""
+        """Per cell token (row-major, token k = cell (k // 10, k % 10)): colour, shape, row, column and role."""
         n, cells = len(examples), GRID * GRID
-        color, shape = (torch.zeros(n, cells, dtype=torch.long) for _ in range(2))
-        role = torch.full((n, cells), IGNORE, dtype=torch.long)
+        color, shape, role = (torch.zeros(n, cells, dtype=torch.long) for _ in range(3))
         for b, ex in enumerate(examples):
             for o in ex.truth["objects"]:
                 k = o["row"] * GRID + o["col"]
                 color[b, k] = 1 + list(COLORS).index(o["color"])
                 shape[b, k] = 1 + SHAPES.index(o["shape"])
-                role[b, k] = 0
+                role[b, k] = ROLES.index("other")
             for j, (r, c) in enumerate(ex.truth["target_cells"]):
-                role[b, r * GRID + c] = 2 if (ex.task == "relation" and j == 1) else 1
+                second = ex.task == "relation" and j == 1
+                role[b, r * GRID + c] = ROLES.index("second" if second else "named")
         k = torch.arange(cells)
         row = (k // GRID).float() / ((GRID - 1) / 2) - 1  # -1 .. 1
         col = (k % GRID).float() / ((GRID - 1) / 2) - 1
         return {"color": color, "shape": shape, "row": row.expand(n, cells), "col": col.expand(n, cells),
-                "role_1": role, "role_2": role}
+                "role_1": role, "role_2": role,
+                "row_class": (k // GRID).expand(n, cells), "col_class": (k % GRID).expand(n, cells)}
 
     # ----- data ----------------------------------------------------------------------------------
     def generate(self, n: int, seed: int) -> list[Example]:

@@ -83,6 +83,8 @@ class TokenHeads(torch.nn.Module):
             pred = self.heads[spec.name](hidden)
             if spec.classes == 1:
                 part = torch.nn.functional.mse_loss(pred.squeeze(-1), target.float())
+            elif not bool((target != IGNORE).any()):  # nothing to score in this batch (cross-entropy would be nan)
+                part = pred.sum() * 0.0
             else:
                 weight = torch.tensor(spec.class_weight) if spec.class_weight else None
                 part = torch.nn.functional.cross_entropy(pred, target.long(), weight=weight, ignore_index=IGNORE)
@@ -120,6 +122,8 @@ class QwenAnswerOrganism(AnswerOrganism):
     # ----- training with token heads ------------------------------------------------------------
     #: training-only probes on the visual tokens (empty: train on the answer loss alone)
     token_heads: ClassVar[tuple[TokenHead, ...]] = ()
+    #: attention implementation during training ("eager" or "sdpa"); part of the recipe, since it changes the rounding
+    train_attention: ClassVar[str] = "eager"
 
     def token_labels(self, examples: list[Example]) -> dict[str, Tensor]:
         """Per visual token targets of every ``token_heads`` entry, ``[batch, visual tokens]`` in the model's token order."""
@@ -130,13 +134,18 @@ class QwenAnswerOrganism(AnswerOrganism):
         """Train with the answer loss plus the training-only token heads (dropped before saving)."""
         if not self.token_heads:
             return super().train(out_dir, seed, steps, eval_n, log_every, time_budget_s)
-        from hooked_vlm.organisms.saving import save_checkpoint
+        from hooked_vlm.organisms.saving import qwen_preprocessor_files, save_checkpoint
         from hooked_vlm.organisms.training import train_loop
 
         steps = self.default_steps if steps is None else steps
         tokenizer = self.tokenizer()
         visual_ids = [tokenizer.convert_tokens_to_ids(self.special_tokens[k]) for k in ("image_token", "video_token")]
-        wrapped = TokenHeads(self.build_model(seed), self.token_heads, visual_ids)
+        model = self.build_model(seed)
+        # the attention implementation training runs (SDPA is faster on CPU, the same function); the saved config
+        # loads with eager either way
+        for config in (model.config, model.config.vision_config, model.config.text_config):
+            config._attn_implementation = self.train_attention
+        wrapped = TokenHeads(model, self.token_heads, visual_ids)
 
         def batch(step: int) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
             examples = self.generate(self.batch_size, seed * 1_000_000 + step)
@@ -154,5 +163,7 @@ class QwenAnswerOrganism(AnswerOrganism):
         model = wrapped.model.eval()
         accuracy = self.accuracy(model, tokenizer, eval_n, EVAL_SEED) if eval_n else {}
         result = TrainResult(str(out_dir), len(losses), seconds, losses, accuracy)
-        save_checkpoint(self, model, tokenizer, out_dir, result, seed)
+        # the pixel limits and frame rate it was trained with, so a model loaded from the folder by path gets the same inputs
+        save_checkpoint(self, model, tokenizer, out_dir, result, seed,
+                        extra_files=qwen_preprocessor_files(model.config, self.input_kwargs))
         return result

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hooked_vlm.organisms import get_organism
-from hooked_vlm.organisms.grid_qwen import CELL, COLORS, GRID
+from hooked_vlm.organisms.grid_qwen import CELL, COLORS, GRID, ROLES
 from hooked_vlm.organisms.qwen_common import IGNORE
 from hooked_vlm.organisms.video_qwen import BACKGROUND, FRAMES, MERGED, SIZE, TPS
 
@@ -24,9 +24,16 @@ def test_grid_token_labels_match_the_pixels():
             assert labels["color"][b, k] == by_rgb.get(centre, 0)
             assert labels["row"][b, k] == pytest.approx(r / 4.5 - 1) and labels["col"][b, k] == pytest.approx(c / 4.5 - 1)
         named = {tuple(rc) for rc in ex.truth["target_cells"]}
-        assert {divmod(int(k), GRID) for k in (labels["role_1"][b] > 0).nonzero().flatten()} == named
-        # the role is scored on object cells only
-        assert ((labels["role_1"][b] == IGNORE) == (labels["color"][b] == 0)).all()
+        named_role = (labels["role_1"][b] == ROLES.index("named")) | (labels["role_1"][b] == ROLES.index("second"))
+        assert {divmod(int(k), GRID) for k in named_role.nonzero().flatten()} == named
+        # the role covers every cell: background exactly where no object is drawn, "other" on the unnamed objects
+        assert ((labels["role_1"][b] == ROLES.index("background")) == (labels["color"][b] == 0)).all()
+        others = {(o["row"], o["col"]) for o in ex.truth["objects"]} - named
+        assert {divmod(int(k), GRID) for k in (labels["role_1"][b] == ROLES.index("other")).nonzero().flatten()} == others
+        # the relation's second object has its own class; row / column classes are the cell's own coordinates
+        second = {tuple(ex.truth["target_cells"][1])} if ex.task == "relation" else set()
+        assert {divmod(int(k), GRID) for k in (labels["role_1"][b] == ROLES.index("second")).nonzero().flatten()} == second
+        assert [(int(labels["row_class"][b, k]), int(labels["col_class"][b, k])) for k in range(GRID * GRID)] == [divmod(k, GRID) for k in range(GRID * GRID)]
 
 
 def test_video_token_labels_cover_exactly_the_shape_pixels():
