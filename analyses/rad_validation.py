@@ -84,9 +84,12 @@ def attention_maps(model: Any, inputs: dict[str, Tensor], image_size: int) -> Fl
 
 
 def saliency_maps(model: Any, inputs: dict[str, Tensor], yes_id: int, no_id: int) -> Float[Tensor, "batch h w"]:
-    """``|d (logit yes - logit no) / d pixel_values|`` at the last position, summed over channels."""
-    pixels = inputs["pixel_values"].clone().requires_grad_(True)
-    logits = model(**dict(inputs, pixel_values=pixels))
+    """``|d (logit yes - logit no) / d pixels|`` at the last position, summed over channels."""
+    from analyses.attribution import pixel_key
+
+    key = pixel_key(inputs, model=model)  # the model's one image input, from its input schema
+    pixels = inputs[key].clone().requires_grad_(True)
+    logits = model(**{**inputs, key: pixels})
     diff = logits[:, -1, yes_id] - logits[:, -1, no_id]
     (grad,) = torch.autograd.grad(diff.sum(), pixels)
     return grad.abs().sum(1).detach()

@@ -8,7 +8,7 @@ small). The prompt is a text prefix, one video of ``L / 256`` temporal slices of
 text suffix; ``L`` counts every token.
 
 Cells (rows of the table), each run in a fresh process with one torch thread
-(:func:`hooked_vlm.benchmarking.run_cell_in_subprocess`), timed as the median of ``--repeats`` calls after
+(`run_cell_in_subprocess` in scripts/benchmarking.py), timed as the median of ``--repeats`` calls after
 one warm-up call, peak memory = peak RSS above the RSS with model and inputs built:
 
 * ``forward``            plain forward (vision tower included), batch 1

@@ -2,7 +2,7 @@
 
 A random-weight Qwen2-VL-shaped model (``tiny-qwen2-vl``: 2 temporal frames per slice, 14-px patches, 2x2
 merge) reads a 64-frame 448x448 clip (an mp4 written here): 32 temporal slices x 16x16 merged cells = 8,192
-visual tokens. Cells, each in a fresh interpreter (``hooked_vlm.benchmarking.run_cell_in_subprocess``, one
+visual tokens. Cells, each in a fresh interpreter (``benchmarking.run_cell_in_subprocess`` in scripts/benchmarking.py, one
 torch thread, so peak RSS is the cell's own):
 
 * ``forward``: decode the clip, build the inputs, one plain forward (the memory baseline);

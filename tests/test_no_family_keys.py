@@ -21,9 +21,6 @@ ALLOWED = {
     # the error tells the user how to call; it names an example keyword, it does not read one
     ("hooked_vlm/nnsight_ext/envoy.py",
      'raise TypeError("pass inputs as keywords (input_ids=..., pixel_values=...) when batching invokes")'),
-    # not yet moved to the schema (outside the family-contract branch's files; see the issue 10 report)
-    ("analyses/rad_validation.py", 'pixels = inputs["pixel_values"].clone().requires_grad_(True)'),
-    ("analyses/rad_validation.py", "logits = model(**dict(inputs, pixel_values=pixels))"),
     # CLIP / SigLIP-only logit-lens helpers: a public parameter named after the two-tower input
     ("analyses/logit_lens.py", 'model: Any, pixel_values: Float[Tensor, "images 3 H W"], label_input_ids: Int[Tensor, "labels pos"],'),
     ("analyses/logit_lens.py", "_, cache = model.run_with_cache(pixel_values=pixel_values, names_filter=lambda n: n in {names[l] for l in layers})"),
