@@ -200,7 +200,9 @@ def causal_trace(
         noise_desc: dict[str, Any] = {"target": "embed", "positions": npos.tolist()}
     else:
         rows = torch.as_tensor(pixel_rows, dtype=torch.long).reshape(-1)
-        pixel_key = pixel_key or model.input_schema().pixel_input("image")
+        from analyses.attribution import pixel_key as resolve_pixel_key
+
+        pixel_key = resolve_pixel_key(inputs, pixel_key, model)  # the model's one pixel input (its input schema)
         pix = inputs[pixel_key]
         std = float(pix[rows].float().std()) * noise_scale if noise_std is None else float(noise_std)
         noisy = expand_inputs(inputs, n_samples)

@@ -303,7 +303,9 @@ def test_kl_metric_and_qwen2_vl_family(tok):
     with torch.no_grad():
         kl = kl_divergence(model(**clean))
     r = activation_patching(model, clean, corrupt, kl, sites=["resid_pre"], positions="all", progress=False)
-    assert r.corrupt_value > 0 and r.clean_value == pytest.approx(0.0, abs=1e-7)
+    # the sweep unembeds the last position alone: its logits differ from the full forward's by fp32 rounding (~3e-7),
+    # which an fp32 KL turns into ~1e-7 (the exact KL of the two is ~5e-15)
+    assert r.corrupt_value > 1e-5 and r.clean_value == pytest.approx(0.0, abs=1e-6)
     np.testing.assert_allclose(r.frame["value"], 0.0, atol=1e-6)
 
 
