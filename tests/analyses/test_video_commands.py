@@ -139,7 +139,10 @@ def test_traced_cells_match_patching_by_hand(traced, data):
     vm = load_video_model(ModelSpec(ORGANISM))
     entry = json.loads(data.read_text())[0]
     frames = read_video(data.parent / entry["video_name"]).frames
-    build = lambda f: build_qwen_inputs(vm.tokenizer, "<video> " + entry["question"], videos=[f], **vm.options)  # noqa: E731
+    from hooked_vlm.organisms import get_organism
+
+    settings = get_organism(ORGANISM).input_kwargs  # the pixel limits and frame rate the organism was trained with
+    build = lambda f: build_qwen_inputs(vm.tokenizer, "<video> " + entry["question"], videos=[f], **settings)  # noqa: E731
     clean, cf = build(frames), build(frames[::-1].copy())
     is_video = clean["input_ids"][0] == vm.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     first = int(is_video.nonzero()[0])
@@ -308,7 +311,7 @@ def test_ray_two_local_workers_give_the_serial_trace(traced, data, tmp_path):
         assert a["clean_answer"] == b["clean_answer"] and a["clean_margin"] == pytest.approx(b["clean_margin"], abs=1e-5)
         cells_a, cells_b = (pd.DataFrame([{**c, "cf": cond["counterfactual"]} for cond in e["conditions"] for c in cond["cells"]])
                             for e in (a, b))
-        assert len(cells_a) == len(cells_b) == 2 * 3 * 9
+        assert len(cells_a) == len(cells_b) == 2 * 3 * 7  # counterfactuals x layers x token slices (visual, text, span, 4 slices)
         np.testing.assert_allclose(cells_a["patched_margin"], cells_b["patched_margin"], atol=1e-5)
         assert list(cells_a["token_slice"]) == list(cells_b["token_slice"])
     ray_reps, serial_reps = (np.load(p.parent / f"{p.stem}_representations.npz") for p in (out, traced))

@@ -200,6 +200,8 @@ def test_a_copied_organism_folder_gets_the_organism_inputs_from_its_saved_proces
     for folder in (saved, bare, card_only):
         shutil.copytree(source, folder)
         (folder / "organism.json").unlink()
+        for saved_config in folder.glob("*preprocessor_config.json"):  # the shipped folder has them; start without
+            saved_config.unlink()
     shutil.copy(source / "organism.json", card_only / "organism.json")
     vm = load_video_model(ModelSpec("video-qwen2-vl"))
     files = qwen_preprocessor_files(_hf_config(source), VideoOrganism.input_kwargs)
