@@ -240,8 +240,8 @@ def test_transformers_and_hooked_vlm_agree(loaded, name):
     assert (ref - ours)[real].abs().max() <= 1e-4
 
 
-# The targets. The shipped grid checkpoint does NOT reach them on every task yet (session i11q, docs/organisms.md:
-# presence 0.79 / location 0.02 / counting 0.46 / relation 0.46), so its case is a strict xfail: it runs, and once a
+# The targets. The shipped grid checkpoint does NOT reach them on every task yet (session i11s, docs/organisms.md:
+# presence 1.00 / location 1.00 / counting 0.63 / relation 0.57), so its case is a strict xfail: it runs, and once a
 # retrained checkpoint meets the target it XPASSes and fails the suite until the marker is removed. The video
 # checkpoint meets them (session i11v: direction / order / motion 1.00 on n = 100 each).
 ACCURACY_FLOOR = {"grid-qwen2.5-vl": 0.95, "video-qwen2-vl": 0.90}

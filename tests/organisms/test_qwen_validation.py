@@ -39,7 +39,7 @@ def test_cell_sweep_top_recovery_is_the_target_cell(grid):
     # patching the target cell alone restores "yes" in the corrupted (target removed) image
     assert np.mean([c.restored for c in cases]) >= 0.9
     # the model reads the pixels: removing the target moves the yes-no logit difference by more than one logit
-    # (the shipped grid organism answers presence at 0.79, so not every clean run says "yes")
+    # (a median over cases, so one clean run that does not say "yes" does not decide it)
     assert np.median([c.clean_diff - c.corrupt_diff for c in cases]) > 1.0
 
 
