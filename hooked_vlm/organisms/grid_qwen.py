@@ -94,6 +94,7 @@ class GridOrganism(QwenAnswerOrganism):
     batch_size: ClassVar[int] = 16
     lr: ClassVar[float] = 3e-3
     train_attention: ClassVar[str] = "sdpa"
+    prefetch: ClassVar[bool] = True
     summary: ClassVar[str] = (
         "Visual search and spatial relations. 280x280 images, a 10x10 grid of 28-px cells (one cell = one merged "
         "Qwen2.5-VL visual token), 1-5 shapes (circle / square / triangle / cross x red / green / blue / yellow / "

@@ -10,6 +10,7 @@ The saved checkpoint is the plain transformers model; nothing of the heads ships
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,10 @@ class QwenAnswerOrganism(AnswerOrganism):
     token_heads: ClassVar[tuple[TokenHead, ...]] = ()
     #: attention implementation during training ("eager" or "sdpa"); part of the recipe, since it changes the rounding
     train_attention: ClassVar[str] = "eager"
+    #: build training batches in a worker process (the second core); the batches, and so the run, are unchanged
+    prefetch: ClassVar[bool] = False
+    #: run the tower's patch-embedding Conv3d as the equal linear map while training (faster on CPU; changes the rounding)
+    train_patch_linear: ClassVar[bool] = False
 
     def token_labels(self, examples: list[Example]) -> dict[str, Tensor]:
         """Per visual token targets of every ``token_heads`` entry, ``[batch, visual tokens]`` in the model's token order."""
@@ -135,7 +140,7 @@ class QwenAnswerOrganism(AnswerOrganism):
         if not self.token_heads:
             return super().train(out_dir, seed, steps, eval_n, log_every, time_budget_s)
         from hooked_vlm.organisms.saving import qwen_preprocessor_files, save_checkpoint
-        from hooked_vlm.organisms.training import train_loop
+        from hooked_vlm.organisms.training import linear_patch_embedding, train_loop
 
         steps = self.default_steps if steps is None else steps
         tokenizer = self.tokenizer()
@@ -156,9 +161,10 @@ class QwenAnswerOrganism(AnswerOrganism):
             return m.loss(*b)[0]
 
         start = time.perf_counter()
-        losses = train_loop(wrapped, batch, loss_fn, steps, lr=self.lr, weight_decay=self.weight_decay,
-                            warmup_steps=min(self.warmup_steps, max(1, steps // 10)), seed=seed, log_every=log_every,
-                            time_budget_s=time_budget_s)
+        with linear_patch_embedding(model) if self.train_patch_linear else contextlib.nullcontext():
+            losses = train_loop(wrapped, batch, loss_fn, steps, lr=self.lr, weight_decay=self.weight_decay,
+                                warmup_steps=min(self.warmup_steps, max(1, steps // 10)), seed=seed, log_every=log_every,
+                                time_budget_s=time_budget_s, prefetch=self.prefetch)
         seconds = time.perf_counter() - start
         model = wrapped.model.eval()
         accuracy = self.accuracy(model, tokenizer, eval_n, EVAL_SEED) if eval_n else {}

@@ -98,3 +98,33 @@ def test_token_head_loss_is_answer_loss_plus_weighted_probe_losses():
     assert float(total) == pytest.approx(float(expected), rel=1e-5)
     # nothing of the heads is in the model that gets saved
     assert not any("heads" in n for n, _ in wrapped.model.named_parameters())
+
+
+def test_linear_patch_embedding_equals_the_conv_and_is_undone():
+    from hooked_vlm.organisms.training import linear_patch_embedding
+
+    org = get_organism("grid-qwen2.5-vl")
+    model = org.build_model(0).eval()
+    conv = model.model.visual.patch_embed.proj
+    assert isinstance(conv, torch.nn.Conv3d)
+    x = torch.randn(50, 3, 2, 14, 14)
+    want = conv(x)
+    with linear_patch_embedding(model):
+        got = conv(x)
+        assert conv.forward.func.__name__ == "_patch_as_linear"  # it really ran the matrix product
+        grads = torch.autograd.grad(got.sum(), conv.weight)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the same gradient as the conv's (training updates the conv's own weights)
+    torch.testing.assert_close(grads, torch.autograd.grad(conv(x).sum(), conv.weight)[0], atol=1e-4, rtol=1e-5)
+    assert "forward" not in vars(conv)  # restored: the saved model is the plain conv
+
+
+def test_prefetched_batches_are_the_same_batches_in_order():
+    from hooked_vlm.organisms.training import _batches
+
+    def make(step):
+        return {"step": torch.tensor(step), "value": torch.arange(3) * step}
+
+    got = list(_batches(make, 7, prefetch=True))
+    assert [int(b["step"]) for b in got] == list(range(7))
+    assert all(torch.equal(b["value"], make(s)["value"]) for s, b in enumerate(got))
