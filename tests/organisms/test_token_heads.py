@@ -117,6 +117,13 @@ def test_linear_patch_embedding_equals_the_conv_and_is_undone():
     # the same gradient as the conv's (training updates the conv's own weights)
     torch.testing.assert_close(grads, torch.autograd.grad(conv(x).sum(), conv.weight)[0], atol=1e-4, rtol=1e-5)
     assert "forward" not in vars(conv)  # restored: the saved model is the plain conv
+    # a patch conv with a bias (other towers have one) keeps it
+    torch.manual_seed(1)
+    biased = torch.nn.Sequential(torch.nn.Conv3d(3, 8, kernel_size=(2, 14, 14), stride=(2, 14, 14), bias=True))
+    want = biased(x)
+    with linear_patch_embedding(biased):
+        got = biased(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_prefetched_batches_are_the_same_batches_in_order():
