@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyses.metrics import logit_diff  # noqa: E402
-from hooked_vlm.benchmarking import tl_bridge  # noqa: E402
+from benchmarking import tl_bridge  # noqa: E402
 from analyses.patching import activation_patching  # noqa: E402
 
 # (LM overrides, vision overrides, image side in px): "tiny" is hooked_vlm.tiny's test model; "small"
