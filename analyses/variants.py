@@ -320,7 +320,7 @@ class VariantRunner:
         """
         values: list[Tensor] = []
         captured: dict[str, list[Tensor]] = defaultdict(list)
-        pack = context is None and first_position is None and not capture and self._can_pack(metric)
+        pack = context is None and first_position is None and not capture and self.packs_rows(metric)
         for start, stop in self._chunks(variants, bool(capture), first_position, pack):
             chunk = variants[start:stop]
             with context(start, len(chunk)) if context is not None else nullcontext():
@@ -342,7 +342,7 @@ class VariantRunner:
             edited = first_position if edited is None else min(edited, first_position)
         return min(edited or 0, self.seq_len - 1)
 
-    def _can_pack(self, metric: Callable[[Tensor], Tensor] | None) -> bool:
+    def packs_rows(self, metric: Callable[[Tensor], Tensor] | None) -> bool:
         """Whether chunks may run as packed ragged suffixes (:mod:`analyses.ragged_suffixes`): prefix reuse on, one
         base row without padding, a last-token metric, and a model whose forward can start at a layer."""
         if self._prefix is None or self.base_batch != 1 or metric is None or getattr(metric, "reads", "all") != "last":
