@@ -195,7 +195,8 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
             row.update(_measure_cuda(fn, args.repeats))
         else:
             m = measure(fn, repeats=args.repeats, warmup=args.warmup)
-            row.update(time_s=round(m["time_s"], 3), peak_mib=round(m["peak_mib"], 1), times=[round(t, 3) for t in m["times"]])
+            row.update(time_s=round(m["time_s"], 3), cpu_s=round(m["cpu_s"], 3), peak_mib=round(m["peak_mib"], 1),
+                       times=[round(t, 3) for t in m["times"]])
     return row
 
 
