@@ -480,10 +480,21 @@ class VariantRunner:
     def _resid_entering(self, layer: int, first: int) -> Float[Tensor, "1 pos d_model"]:
         """The base run's residual entering block ``layer`` at positions ``first..L-1`` (blocks below run once)."""
         assert self._prefix is not None
+        kept = self._prefix.resid_pre.get(layer)
+        if kept is not None:  # the base run's (short input): no forward
+            return kept[:, first:]
         plan = self._prefix.plan(first, 1) if first > 0 else self.plan(1, False)
         self.n_forwards += 1
         self.positions_computed += self.seq_len - first
         return self.model.run_with_hooks(**plan.inputs, stop_at_layer=layer, fwd_hooks=plan.hooks)
+
+
+def _resid_cache_fits(model: Any, inputs: Mapping[str, Any]) -> bool:
+    """Whether every block's input residual of one base row fits :data:`RESID_CACHE_BYTES`."""
+    if _batch_size_of(inputs) != 1:
+        return False
+    w = model.W_E
+    return len(model.blocks) * seq_len_of(inputs) * w.shape[1] * w.element_size() <= RESID_CACHE_BYTES
 
 
 def _packed_edits(chunk: Sequence[Sequence[Edit]], rows: Any) -> dict[str, list[tuple[int, Edit]]]:
@@ -600,6 +611,10 @@ def _first_edited_position(chunk: Sequence[Sequence[Edit]]) -> int:
 #: ``max_positions="auto"`` never limits a forward below this many positions: below it batching pays and memory is small.
 AUTO_MIN_POSITIONS = 4096
 
+#: the prefix-reuse base run keeps every block's input residual when all of them together take at most this many
+#: bytes (short inputs), so packed ragged chunks start from them instead of rerunning the blocks below their layer
+RESID_CACHE_BYTES = 32 * 2**20
+
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -665,6 +680,8 @@ class _BaseRun:
         self.cache = None
         self.position_ids = None
         self.kv = kv and is_hooked_vlm(model) and model.supports_kv_cache
+        if self.kv and _resid_cache_fits(model, inputs):
+            hooks += [(f"blocks.{l}.hook_resid_pre", grab(f"resid.{l}")) for l in range(len(model.blocks))]
         if self.kv:
             from hooked_vlm.components.attention import KVCache
 
@@ -686,6 +703,8 @@ class _BaseRun:
         self.last_only = last_only
         self.embed = store.get("embed")
         self.vision_features = store.get("vision")
+        #: each block's input residual of the base run (short inputs only, see RESID_CACHE_BYTES)
+        self.resid_pre = {int(k.split(".")[1]): v for k, v in store.items() if k.startswith("resid.")}
 
     def prefix_supported(self, strict: bool) -> bool:
         """Whether suffix runs against the cached prefix are exact (a causal language model)."""

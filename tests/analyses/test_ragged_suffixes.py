@@ -139,14 +139,19 @@ def test_packed_ragged_variants_match_one_forward_per_variant(qwen_video):
     runner = VariantRunner(model, inputs, batch_size=5, plan=VisionReusePlan(model), prefix_reuse="auto")
     got, _ = runner.run(variants, METRIC)
     assert (got[:, 0] - _brute(model, inputs, variants)).abs().max() <= TOL
+    assert sorted(runner.base_run().resid_pre) == list(range(model.cfg.n_layers))  # a short input: kept, not rerun
     # the first chunk ran packed: its largest forward held each row's own suffix, not 5 x the longest one
     starts = row_starts(variants[:5], length)
     assert runner.largest_forward == sum(length - s for s in starts) < 5 * (length - min(starts))
 
 
-def test_packed_ragged_variants_on_a_one_dimensional_rope_model():
-    """LLaVA (1-D position ids), text only: packed chunks equal the loop too."""
+def test_packed_ragged_variants_on_a_one_dimensional_rope_model(monkeypatch):
+    """LLaVA (1-D position ids), text only, with the blocks below a chunk's layer rerun (as for a long input, whose
+    per-block residuals the base run does not keep): packed chunks equal the loop too."""
+    import analyses.variants as variants_module
     from hooked_vlm.tiny import tiny_model
+
+    monkeypatch.setattr(variants_module, "RESID_CACHE_BYTES", 0)
 
     torch.manual_seed(0)
     model = tiny_model("tiny-llava").eval()
@@ -154,5 +159,5 @@ def test_packed_ragged_variants_on_a_one_dimensional_rope_model():
     variants = _variants(model, 14, seed=2)
     runner = VariantRunner(model, inputs, batch_size=4, prefix_reuse="auto")
     got, _ = runner.run(variants, METRIC)
-    assert runner.largest_forward < 4 * 14
+    assert runner.largest_forward < 4 * 14 and runner.base_run().resid_pre == {}
     assert (got[:, 0] - _brute(model, inputs, variants)).abs().max() <= TOL
