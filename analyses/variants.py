@@ -613,7 +613,7 @@ AUTO_MIN_POSITIONS = 4096
 
 #: the prefix-reuse base run keeps every block's input residual when all of them together take at most this many
 #: bytes (short inputs), so packed ragged chunks start from them instead of rerunning the blocks below their layer
-RESID_CACHE_BYTES = 32 * 2**20
+RESID_CACHE_BYTES = 16 * 2**20
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
