@@ -50,6 +50,26 @@ TRACE_KEYS = ("kind", "layer", "group")
 _KIND_SITE = {"resid": "resid_pre", "mlp": "mlp_out", "attn": "attn_out"}
 
 
+@torch.no_grad()
+def _pixel_noise_edits(
+    model: Any, inputs: Mapping[str, Any], pixel_key: str, rows: Tensor, std: float, n_samples: int,
+    gen: torch.Generator, embed: str,
+) -> list[Edit]:
+    """Per draw, the vision tower's features on the noisy pixels written into the visual positions of
+    ``hook_embed`` (a compact edit: the visual positions only, one draw's tower run at a time), instead of a
+    forward of all draws at once with every position's embedding kept. The draws are those of the batched path."""
+    pix = inputs[pixel_key]
+    visual = (model.layout(**inputs).item[0] >= 0).nonzero().flatten()
+    draws = [torch.randn(pix[rows].shape, generator=gen, dtype=torch.float32) * std for _ in range(n_samples)]
+    edits = []
+    for draw in draws:
+        p = pix.clone()
+        p[rows] = p[rows] + draw.to(p.dtype)
+        feats = model.encode_vision(**{**inputs, pixel_key: p})  # [1, n visual tokens, d] = vision.hook_out
+        edits.append(Edit(embed, feats[:, : visual.numel()], positions=visual, compact=True))
+    return edits
+
+
 def t_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float, float]:
     """(mean, standard error, low, high) of a Student-t interval; NaN bounds for fewer than 2 samples."""
     x = np.asarray(samples, dtype=np.float64)
@@ -205,15 +225,18 @@ def causal_trace(
         pixel_key = resolve_pixel_key(inputs, pixel_key, model)  # the model's one pixel input (its input schema)
         pix = inputs[pixel_key]
         std = float(pix[rows].float().std()) * noise_scale if noise_std is None else float(noise_std)
-        noisy = expand_inputs(inputs, n_samples)
-        p = noisy[pixel_key].clone().view(n_samples, *pix.shape)
-        for s in range(n_samples):
-            draw = torch.randn(p[s, rows].shape, generator=gen, dtype=torch.float32) * std
-            p[s, rows] = p[s, rows] + draw.to(p.dtype)
-        noisy[pixel_key] = p.view(-1, *pix.shape[1:])
-        _, noisy_cache = model.run_with_cache(**noisy, names_filter=lambda n: n == embed)
-        emb = noisy_cache[embed].view(n_samples, -1, *noisy_cache[embed].shape[1:])
-        noise_edits = [Edit(embed, emb[s]) for s in range(n_samples)]
+        if is_hooked_vlm(model) and runner.base_batch == 1:
+            noise_edits = _pixel_noise_edits(model, inputs, pixel_key, rows, std, n_samples, gen, embed)
+        else:  # other models: the embeddings of a forward on every draw's noisy pixels, whole
+            noisy = expand_inputs(inputs, n_samples)
+            p = noisy[pixel_key].clone().view(n_samples, *pix.shape)
+            for s in range(n_samples):
+                draw = torch.randn(p[s, rows].shape, generator=gen, dtype=torch.float32) * std
+                p[s, rows] = p[s, rows] + draw.to(p.dtype)
+            noisy[pixel_key] = p.view(-1, *pix.shape[1:])
+            _, noisy_cache = model.run_with_cache(**noisy, names_filter=lambda n: n == embed)
+            emb = noisy_cache[embed].view(n_samples, -1, *noisy_cache[embed].shape[1:])
+            noise_edits = [Edit(embed, emb[s]) for s in range(n_samples)]
         noise_desc = {"target": pixel_key, "rows": rows.tolist()}
 
     sever_site = get_site(_KIND_SITE[severed]) if severed else None

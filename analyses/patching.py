@@ -374,7 +374,8 @@ def activation_patching(
         return out
 
     frame = run_cells(cells, evaluate, cell_store, batch_size, progress, desc="activation patching",
-                      order_key=_tile_order(cells, site_by_name, site_groups, batch_size)
+                      order_key=_tile_order(cells, site_by_name, site_groups, batch_size,
+                                            one_layer_tall=runner.packs_rows(metric))
                       if (runner.prefix_reuse or runner.layer_skip) else None)
     frame = _tidy(frame)
     return PatchingResult(frame, clean_value, corrupt_value, site_groups[site_objs[0].name], metric.name, group_order)
@@ -396,13 +397,16 @@ def _tile_order(
     site_by_name: Mapping[str, Site],
     site_groups: Mapping[str, Mapping[str, list[int]]],
     batch_size: int,
+    one_layer_tall: bool = False,
 ) -> Callable[[dict[str, Any]], tuple]:
     """Evaluation order that makes batches cheap: tiles of a few layers x nearby positions.
 
     A batch costs about (layers from its lowest edited layer up) x (positions from its first edited
     position on) x rows, because layers below the lowest one run once (layer skip) and positions before
     the first one come from the cache (prefix reuse). Tiles about a quarter of the layers tall and as
-    many positions wide as fill a batch keep both factors small. Vision-tower cells come last.
+    many positions wide as fill a batch keep both factors small. When the runner packs ragged rows
+    (``one_layer_tall``: each row computes from its own position) positions cost nothing extra, so tiles are
+    one layer tall. Vision-tower cells come last.
     """
     layers = sorted({c["layer"] for c in cells if c["layer"] is not None})
     ranks: dict[tuple[str, str], int] = {}
@@ -411,7 +415,7 @@ def _tile_order(
         ranks.update({(name, g): i for i, g in enumerate(order)})
     n_groups = max(1, len({(c["site"], c["group"]) for c in cells}) // max(1, len(site_groups)))
     per_layer_group = max(1.0, len(cells) / max(1, len(layers)) / n_groups)
-    tall = max(1, round(len(layers) / 4))
+    tall = 1 if one_layer_tall else max(1, round(len(layers) / 4))
     wide = max(1, round(batch_size / (per_layer_group * tall)))
 
     def key(c: dict[str, Any]) -> tuple:

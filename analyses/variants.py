@@ -320,10 +320,11 @@ class VariantRunner:
         """
         values: list[Tensor] = []
         captured: dict[str, list[Tensor]] = defaultdict(list)
-        for start, stop in self._chunks(variants, bool(capture), first_position):
+        pack = context is None and first_position is None and not capture and self.packs_rows(metric)
+        for start, stop in self._chunks(variants, bool(capture), first_position, pack):
             chunk = variants[start:stop]
             with context(start, len(chunk)) if context is not None else nullcontext():
-                v, c = self._run_chunk(chunk, metric, capture, capture_fn, first_position)
+                v, c = self._run_chunk(chunk, metric, capture, capture_fn, first_position, pack)
             if v is not None:
                 values.append(v)
             for k, t in c.items():
@@ -341,9 +342,36 @@ class VariantRunner:
             edited = first_position if edited is None else min(edited, first_position)
         return min(edited or 0, self.seq_len - 1)
 
-    def _chunks(self, variants: Sequence[Sequence[Edit]], capture: bool, first_position: int | None) -> list[tuple[int, int]]:
+    def packs_rows(self, metric: Callable[[Tensor], Tensor] | None) -> bool:
+        """Whether chunks may run as packed ragged suffixes (:mod:`analyses.ragged_suffixes`): prefix reuse on, one
+        base row without padding, a last-token metric, and a model whose forward can start at a layer."""
+        if self._prefix is None or self.base_batch != 1 or metric is None or getattr(metric, "reads", "all") != "last":
+            return False
+        if not self._can_unembed_last() or "start_at_layer" not in getattr(self.model, "generic_inputs", ()):
+            return False
+        am = self.inputs.get("attention_mask")
+        return not isinstance(am, Tensor) or bool(am.bool().all())
+
+    def _ragged_starts(self, chunk: Sequence[Sequence[Edit]]) -> list[int] | None:
+        """The chunk's per-variant first positions when it runs packed (more than one variant, unequal starts)."""
+        from analyses.ragged_suffixes import row_starts
+
+        if len(chunk) < 2:
+            return None
+        starts = row_starts(chunk, self.seq_len)
+        return starts if starts is not None and len(set(starts)) > 1 else None
+
+    def _positions_cost(self, chunk: Sequence[Sequence[Edit]], capture: bool, first_position: int | None, pack: bool) -> int:
+        """Positions one forward of ``chunk`` holds: the packed suffixes' total, or rows x the common suffix."""
+        starts = self._ragged_starts(chunk) if pack else None
+        if starts is not None:
+            return sum(self.seq_len - s for s in starts)
+        return len(chunk) * self.base_batch * (self.seq_len - self._start(chunk, capture, first_position))
+
+    def _chunks(self, variants: Sequence[Sequence[Edit]], capture: bool, first_position: int | None,
+                pack: bool = False) -> list[tuple[int, int]]:
         """``(start, stop)`` index ranges of at most ``batch_size`` variants whose forward fits ``max_positions``
-        (a chunk's cost: rows x positions from its first computed position on; one variant always runs)."""
+        (a chunk's cost: :meth:`_positions_cost`; one variant always runs)."""
         out: list[tuple[int, int]] = []
         i = 0
         while i < len(variants):
@@ -351,8 +379,7 @@ class VariantRunner:
             if self.max_positions is not None:
                 k = i + 1
                 while k < j:
-                    rows = (k + 1 - i) * self.base_batch
-                    if rows * (self.seq_len - self._start(variants[i : k + 1], capture, first_position)) > self.max_positions:
+                    if self._positions_cost(variants[i : k + 1], capture, first_position, pack) > self.max_positions:
                         break
                     k += 1
                 j = k
@@ -367,7 +394,12 @@ class VariantRunner:
         capture: Sequence[str],
         capture_fn: Callable[[str, Tensor], Tensor] | None,
         first_position: int | None = None,
+        pack: bool = False,
     ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        starts = self._ragged_starts(chunk) if pack else None
+        if starts is not None:
+            assert metric is not None
+            return self._run_packed(chunk, metric, starts), {}
         n, b = len(chunk), self.base_batch
         by_hook: dict[str, list[tuple[int, Edit]]] = defaultdict(list)
         for row, edits in enumerate(chunk):
@@ -418,6 +450,63 @@ class VariantRunner:
             vals = torch.stack([torch.as_tensor(metric(logits[i * b : (i + 1) * b])).reshape(-1).expand(b)
                                 for i in range(n)]).detach().float().cpu()
         return vals, store
+
+
+    def _run_packed(self, chunk: Sequence[Sequence[Edit]], metric: Callable[[Tensor], Tensor], starts: list[int]) -> Tensor:
+        """One forward of the chunk's ragged suffixes packed into one sequence against the cached prefix
+        (:mod:`analyses.ragged_suffixes`); blocks below the lowest edited one run once, for the shortest start."""
+        from analyses.ragged_suffixes import PackedRows
+
+        base = self._prefix
+        assert base is not None and base.embed is not None
+        rows, n = PackedRows.build(starts, self.seq_len), len(chunk)
+        layer = _first_edited_layer(chunk) if self.layer_skip else 0
+        first = min(starts)
+        resid = base.embed[:, first:] if layer == 0 else self._resid_entering(layer, first)
+        hooks = [(name, _make_edit_hook(items, 1, 1)) for name, items in _packed_edits(chunk, rows).items()]
+        extra = {"final_positions": n} if self._final_block_untouched(hooks) else {}
+        knocked = self.model.knockout(rows.knockout(resid.device), layers=range(layer, len(self.model.blocks)))
+        with knocked:
+            out = self.model.run_with_hooks(**base.packed_inputs(rows, layer), start_at_layer=layer,
+                                            resid=rows.gather(resid, 1, first=first), return_type="resid",
+                                            fwd_hooks=hooks, **extra)
+        logits = self.model.unembed(out[0, -n:, None, :])  # the rows' last positions, in row order: [n, 1, vocab]
+        self.n_forwards += 1
+        self.positions_computed += rows.n_packed
+        self.largest_forward = max(self.largest_forward, rows.n_packed)
+        return torch.stack([torch.as_tensor(metric(logits[i : i + 1])).reshape(-1).expand(1) for i in range(n)]
+                           ).detach().float().cpu()
+
+    def _resid_entering(self, layer: int, first: int) -> Float[Tensor, "1 pos d_model"]:
+        """The base run's residual entering block ``layer`` at positions ``first..L-1`` (blocks below run once)."""
+        assert self._prefix is not None
+        kept = self._prefix.resid_pre.get(layer)
+        if kept is not None:  # the base run's (short input): no forward
+            return kept[:, first:]
+        plan = self._prefix.plan(first, 1) if first > 0 else self.plan(1, False)
+        self.n_forwards += 1
+        self.positions_computed += self.seq_len - first
+        return self.model.run_with_hooks(**plan.inputs, stop_at_layer=layer, fwd_hooks=plan.hooks)
+
+
+def _resid_cache_fits(model: Any, inputs: Mapping[str, Any]) -> bool:
+    """Whether every block's input residual of one base row fits :data:`RESID_CACHE_BYTES`."""
+    if _batch_size_of(inputs) != 1:
+        return False
+    w = model.W_E
+    return len(model.blocks) * seq_len_of(inputs) * w.shape[1] * w.element_size() <= RESID_CACHE_BYTES
+
+
+def _packed_edits(chunk: Sequence[Sequence[Edit]], rows: Any) -> dict[str, list[tuple[int, Edit]]]:
+    """Each variant's edits moved to its packed positions, as compact edits of the single packed row."""
+    by_hook: dict[str, list[tuple[int, Edit]]] = defaultdict(list)
+    for i, edits in enumerate(chunk):
+        for e in edits:
+            pos = torch.as_tensor(e.positions, dtype=torch.long)
+            value = e.value if e.compact else e.value.index_select(e.pos_axis, pos.to(e.value.device))
+            by_hook[e.hook].append((0, Edit(e.hook, value, positions=rows.index_of(i, pos), pos_axis=1, heads=e.heads,
+                                            head_axis=e.head_axis, mode=e.mode, compact=True)))
+    return by_hook
 
 
 def seq_len_of(inputs: Mapping[str, Any]) -> int:
@@ -522,6 +611,10 @@ def _first_edited_position(chunk: Sequence[Sequence[Edit]]) -> int:
 #: ``max_positions="auto"`` never limits a forward below this many positions: below it batching pays and memory is small.
 AUTO_MIN_POSITIONS = 4096
 
+#: the prefix-reuse base run keeps every block's input residual when all of them together take at most this many
+#: bytes (short inputs), so packed ragged chunks start from them instead of rerunning the blocks below their layer
+RESID_CACHE_BYTES = 16 * 2**20
+
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -587,6 +680,8 @@ class _BaseRun:
         self.cache = None
         self.position_ids = None
         self.kv = kv and is_hooked_vlm(model) and model.supports_kv_cache
+        if self.kv and _resid_cache_fits(model, inputs):
+            hooks += [(f"blocks.{l}.hook_resid_pre", grab(f"resid.{l}")) for l in range(len(model.blocks))]
         if self.kv:
             from hooked_vlm.components.attention import KVCache
 
@@ -608,6 +703,8 @@ class _BaseRun:
         self.last_only = last_only
         self.embed = store.get("embed")
         self.vision_features = store.get("vision")
+        #: each block's input residual of the base run (short inputs only, see RESID_CACHE_BYTES)
+        self.resid_pre = {int(k.split(".")[1]): v for k, v in store.items() if k.startswith("resid.")}
 
     def prefix_supported(self, strict: bool) -> bool:
         """Whether suffix runs against the cached prefix are exact (a causal language model)."""
@@ -658,6 +755,26 @@ class _BaseRun:
             return suffix_embed.to(act.dtype)
 
         return ForwardPlan(inputs, [("hook_embed", put_embed)])
+
+    def packed_inputs(self, rows: Any, from_layer: int) -> dict[str, Any]:
+        """Inputs of a packed ragged-suffix forward from block ``from_layer`` (:class:`analyses.ragged_suffixes.PackedRows`):
+        the packed positions' tokens, position ids and other per-sequence inputs, and the cached prefix (batch 1,
+        up to the largest start) of the blocks that run."""
+        from hooked_vlm.components.attention import KVCache
+
+        assert self.cache is not None and self.position_ids is not None
+        p = rows.prefix
+        cache = KVCache(keys={l: k[:, :p] for l, k in self.cache.keys.items() if l >= from_layer},
+                        values={l: v[:, :p] for l, v in self.cache.values.items() if l >= from_layer})
+        inputs: dict[str, Any] = {
+            "input_ids": rows.gather(self.inputs["input_ids"], 1),
+            "past_key_values": cache,
+            "position_ids": rows.gather(self.position_ids, self.position_ids.dim() - 1),
+        }
+        for name in self.schema.per_sequence:  # the family's other [B, L] inputs (no padding: packing needs none)
+            if name not in inputs and name != "attention_mask" and isinstance(self.inputs.get(name), Tensor):
+                inputs[name] = rows.gather(self.inputs[name], 1)
+        return inputs
 
     def full_logits(self, suffix_logits: Tensor, start: int, n: int) -> Tensor:
         """Prepend the base run's prefix logits (identical for every variant) to each variant's suffix."""

@@ -76,7 +76,7 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
     #: Keyword inputs ``forward`` accepts (besides the generic ones below).
     input_names: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")
     generic_inputs: ClassVar[tuple[str, ...]] = (
-        "position_ids", "vision_features", "return_type", "stop_at_layer", "final_positions",
+        "position_ids", "vision_features", "return_type", "stop_at_layer", "final_positions", "start_at_layer", "resid",
     )
 
     def __init__(self, cfg: HookedVLMConfig):
@@ -140,9 +140,12 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         """Register family-specific top-level hook points (before ``setup``)."""
 
     # ----- the forward skeleton (run once here; a family overrides the steps that differ) -----------------
-    def _prepare(self, inputs: dict[str, Any], cache: KVCache | None) -> LMInput:
+    def _prepare(self, inputs: dict[str, Any], cache: KVCache | None, resid: Tensor | None = None) -> LMInput:
         """Everything the blocks need: checks -> layout -> token embeddings -> vision features (``vision.hook_out``)
         injected at the visual positions -> ``hook_embed`` -> position ids -> masks -> rotary tables.
+
+        ``resid`` (a forward from ``start_at_layer``): the residual the blocks start from; the token embeddings,
+        the vision tower and ``hook_embed`` are skipped (``LMInput.embeds`` is ``resid``).
 
         The skeleton is the same for every family; a family overrides :meth:`_check_inputs`, :meth:`_layout`,
         :meth:`_embed_tokens`, :meth:`_vision_features`, :meth:`_position_ids`, :meth:`_attention_masks` and
@@ -155,12 +158,15 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
             layout = self._described(self._layout(inputs))
         elif any(inputs.get(k) is not None for k in self._pixel_inputs() + ("vision_features",)):
             raise InputError("pixel inputs can only be given with the prompt (prefill), not at a decode step")
-        embeds = self._embed_tokens(inputs["input_ids"])
         vision_extras: dict[str, Tensor] = {}
-        if layout is not None and layout.items:
-            feats, vision_extras = self._vision_output(inputs, layout)
-            embeds = self._inject(embeds, feats, layout)
-        embeds = self.hook_embed(embeds)
+        if resid is None:
+            embeds = self._embed_tokens(inputs["input_ids"])
+            if layout is not None and layout.items:
+                feats, vision_extras = self._vision_output(inputs, layout)
+                embeds = self._inject(embeds, feats, layout)
+            embeds = self.hook_embed(embeds)
+        else:
+            embeds = resid
         positions = self._position_ids(inputs, layout, past)
         masks = self._attention_masks(inputs, layout, past)
         return LMInput(embeds=embeds, rotary=self._rotary_tables(positions, masks), masks=masks, layout=layout,
@@ -252,6 +258,11 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         layout = self._layout(dict(inputs))
         out = self._vision_features(inputs, layout)
         return self.vision.hook_out(out[0] if isinstance(out, tuple) else out)
+
+    def _layers_reading_vision(self) -> int:
+        """How many first blocks add vision-tower outputs besides the injected features (:meth:`_after_block`):
+        a forward from ``start_at_layer`` below this would miss them (default 0)."""
+        return 0
 
     def _after_block(self, index: int, resid: Float[Tensor, "batch pos d_model"], prep: LMInput) -> Float[Tensor, "batch pos d_model"]:
         """What enters block ``index + 1`` given block ``index``'s output (default: unchanged). A family that adds
@@ -370,12 +381,17 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         ``past_key_values`` (a :class:`KVCache`, used by :meth:`generate`), ``final_positions=n`` (the final
         block computes only the last n positions, so the output covers only them: exact and cheaper when
         only the last token's logits matter; the final block's hooks after ``hook_resid_pre`` then see n
-        positions).
+        positions), ``start_at_layer=l`` with ``resid=`` (``[batch, seq, d_model]``, the residual entering block
+        ``l``, e.g. from ``stop_at_layer=l``): run blocks ``l..`` only, as TransformerLens's ``start_at_layer``;
+        the other inputs still give positions, masks and ``past_key_values``; no embedding, vision tower or hook
+        before ``blocks.{l}.hook_resid_pre`` runs.
         """
         cache: KVCache | None = inputs.pop("past_key_values", None)
         return_type = inputs.pop("return_type", "logits")
         stop_at_layer = inputs.pop("stop_at_layer", None)
         final_positions = inputs.pop("final_positions", None)
+        start_at_layer = inputs.pop("start_at_layer", None)
+        resid_in = inputs.pop("resid", None)
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {list(RETURN_TYPES)}, got {return_type!r}")
         _check_not_a_dict(input_ids, "forward")
@@ -387,11 +403,15 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
         inputs["input_ids"] = input_ids
         self._check_input_names(inputs)
         self._check_stop_and_final(stop_at_layer, final_positions, input_ids)
-        prep = self._prepare(inputs, cache)
+        self._check_start(start_at_layer, resid_in, stop_at_layer, input_ids)
+        prep = self._prepare(inputs, cache, resid=resid_in)
         resid = prep.embeds
+        first = start_at_layer or 0
         for i, block in enumerate(self.blocks):
             if stop_at_layer is not None and i == stop_at_layer:
                 return resid
+            if i < first:
+                continue
             kind = self.cfg.layer_types[i]
             cos, sin = prep.rotary[kind]
             if final_positions is not None and i == len(self.blocks) - 1:
@@ -458,6 +478,35 @@ class HookedVLM(TransformerLensSurface, CheckedHooksMixin):
                     + (f" ({length})" if length is not None else "")
                     + ": it is how many last positions the final block computes (None = all)"
                 )
+
+    def _check_start(self, start_at_layer: Any, resid: Any, stop_at_layer: Any, input_ids: Tensor | None) -> None:
+        """``start_at_layer`` names a block (0..n_layers) and comes with ``resid`` ``[B, L, d_model]`` matching
+        ``input_ids``; not above ``stop_at_layer``; not inside the blocks that read the vision tower's extras."""
+        n = self.cfg.n_layers
+        if start_at_layer is None and resid is None:
+            return
+        if start_at_layer is None or resid is None:
+            raise InputError(
+                "start_at_layer and resid go together: pass start_at_layer=l and resid= the residual entering block l "
+                "(e.g. model(**inputs, stop_at_layer=l)), or neither"
+            )
+        if not (_is_int(start_at_layer) and 0 <= start_at_layer <= n):
+            raise InputError(f"start_at_layer={start_at_layer!r} is not a block index: this model has {n} blocks, so pass 0..{n}")
+        if stop_at_layer is not None and stop_at_layer < start_at_layer:
+            raise InputError(f"stop_at_layer={stop_at_layer} is below start_at_layer={start_at_layer}: no block would run")
+        want = None if input_ids is None else (*input_ids.shape[:2], self.cfg.d_model)
+        if not isinstance(resid, Tensor) or resid.dim() != 3 or (want is not None and tuple(resid.shape) != want):
+            got = tuple(resid.shape) if isinstance(resid, Tensor) else type(resid).__name__
+            raise InputError(
+                f"resid must be the residual [batch, seq, d_model] = {want} of these input_ids entering block "
+                f"{start_at_layer}, got {got}"
+            )
+        reading = self._layers_reading_vision()
+        if start_at_layer < reading:
+            raise InputError(
+                f"start_at_layer={start_at_layer} skips the vision tower, but blocks 0..{reading - 1} of "
+                f"{type(self).__name__} add its outputs to the residual after them; start at {reading} or later"
+            )
 
     def _check_input_names(self, inputs: dict[str, Any]) -> None:
         allowed = set(self.input_names) | set(self.generic_inputs)

@@ -53,7 +53,7 @@ def cell(name: str, frames: int, side: int, repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from hooked_vlm.benchmarking import measure, rss_mib
+    from benchmarking import measure, rss_mib
     from hooked_vlm.loading import from_hf
 
     hf, inputs = build(frames, side)
@@ -111,7 +111,7 @@ def main() -> None:
     if a.cell:
         print(json.dumps(cell(a.cell, a.frames, a.side, a.repeats)))
         return
-    from hooked_vlm.benchmarking import append_jsonl, run_cell_in_subprocess
+    from benchmarking import append_jsonl, run_cell_in_subprocess
 
     env_extra = ["--frames", str(a.frames), "--side", str(a.side), "--repeats", str(a.repeats)]
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -84,7 +84,7 @@ def predicted_gib(cell: str, length: int) -> float:
 def run_cell(cell: str, length: int, repeats: int) -> dict:
     import torch
 
-    from hooked_vlm.benchmarking import measure
+    from benchmarking import measure
 
     torch.set_num_threads(1)
     hf, inputs = build(length)
@@ -122,7 +122,7 @@ def run_cell(cell: str, length: int, repeats: int) -> dict:
                 res = hf(**inputs, mm_token_type_ids=mm, output_attentions=True)
                 return statistics_from_patterns(res.attentions, frames, text)
         elif cell == "tl_bridge":
-            from hooked_vlm.benchmarking import tl_bridge
+            from benchmarking import tl_bridge
             from hooked_vlm.loading import from_hf
 
             lay = from_hf(hf).layout(**inputs)
@@ -154,7 +154,7 @@ def main() -> None:
     if a.cell:
         print(json.dumps(run_cell(a.cell, a.length, a.repeats)))
         return
-    from hooked_vlm.benchmarking import run_cell_in_subprocess
+    from benchmarking import run_cell_in_subprocess
 
     lengths = [512, 1024] if a.quick else a.lengths
     repeats = 1 if a.quick else a.repeats

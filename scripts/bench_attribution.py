@@ -70,7 +70,7 @@ def cell(name: str, side: int, steps: int, batch: int, repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from hooked_vlm.benchmarking import measure, rss_mib
+    from benchmarking import measure, rss_mib
 
     hf, inputs, metric = setup(side)
     if name == "compare":
@@ -95,7 +95,7 @@ def main() -> None:
     if a.cell:
         print(json.dumps(cell(a.cell, a.side, a.steps, a.batch, a.repeats)))
         return
-    from hooked_vlm.benchmarking import append_jsonl, run_cell_in_subprocess
+    from benchmarking import append_jsonl, run_cell_in_subprocess
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     extra = ["--side", str(a.side), "--steps", str(a.steps), "--batch", str(a.batch), "--repeats", str(a.repeats)]

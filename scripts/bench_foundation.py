@@ -51,7 +51,7 @@ def build_hf(image_px: int):
 def run_cell(cell: str, image_px: int, repeats: int) -> dict:
     import torch
 
-    from hooked_vlm.benchmarking import measure
+    from benchmarking import measure
 
     torch.set_num_threads(1)
     hf, inputs = build_hf(image_px)
@@ -77,7 +77,7 @@ def run_cell(cell: str, image_px: int, repeats: int) -> dict:
                     out["cached_mib"] = sum(v.numel() * v.element_size() for v in cache.values()) / 2**20
                     return cache
         elif cell == "tl_bridge_cache_resid":
-            from hooked_vlm.benchmarking import tl_bridge
+            from benchmarking import tl_bridge
 
             bridge = tl_bridge(hf, copy_model=False)
             names = [n for n in bridge.hook_dict if any(n == r for r in resid)]
@@ -107,7 +107,7 @@ def main() -> None:
     if a.cell:
         print(json.dumps(run_cell(a.cell, image_px, repeats)))
         return
-    from hooked_vlm.benchmarking import run_cell_in_subprocess
+    from benchmarking import run_cell_in_subprocess
 
     env_extra = ["--repeats", str(repeats)] + (["--quick"] if a.quick else [])
     results = {c: run_cell_in_subprocess(os.path.abspath(__file__), c, env_extra) for c in CELLS}

@@ -129,7 +129,7 @@ def predicted_eager_gb(length: int, layers: int, heads: int, batch: int = 1, kee
 # ------------------------------------------------------------------------------------------- one cell
 def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     from analyses.metrics import logit_diff
-    from hooked_vlm.benchmarking import measure
+    from benchmarking import measure
 
     torch.set_num_threads(args.threads)
     dev = args.device
@@ -179,7 +179,7 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
             extra = dict(inputs, mm_token_type_ids=mm_token_type_ids(inputs["input_ids"]))
             fn = lambda: hf(**extra, output_attentions=True)  # noqa: E731
         elif args.cell == "tl_bridge_cache":
-            from hooked_vlm.benchmarking import tl_bridge
+            from benchmarking import tl_bridge
 
             try:
                 bridge = tl_bridge(hf, copy_model=False)
@@ -195,7 +195,8 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
             row.update(_measure_cuda(fn, args.repeats))
         else:
             m = measure(fn, repeats=args.repeats, warmup=args.warmup)
-            row.update(time_s=round(m["time_s"], 3), peak_mib=round(m["peak_mib"], 1), times=[round(t, 3) for t in m["times"]])
+            row.update(time_s=round(m["time_s"], 3), cpu_s=round(m["cpu_s"], 3), peak_mib=round(m["peak_mib"], 1),
+                       times=[round(t, 3) for t in m["times"]])
     return row
 
 
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.smoke:
         args.lengths, args.repeats, args.warmup = "1024", 1, 0
-    from hooked_vlm.benchmarking import append_jsonl, run_cell_in_subprocess
+    from benchmarking import append_jsonl, run_cell_in_subprocess
 
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     unknown = sorted(set(cells) - set(CELLS))

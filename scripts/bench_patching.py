@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyses.metrics import logit_diff  # noqa: E402
-from hooked_vlm.benchmarking import tl_bridge  # noqa: E402
+from benchmarking import tl_bridge  # noqa: E402
 from analyses.patching import activation_patching  # noqa: E402
 
 # (LM overrides, vision overrides, image side in px): "tiny" is hooked_vlm.tiny's test model; "small"
@@ -133,7 +133,7 @@ def make_inputs(kind: str, grid: int = 4) -> tuple[dict[str, torch.Tensor], dict
     return build_qwen_inputs(tok, prompt, videos=[frames], **kw), build_qwen_inputs(tok, prompt, videos=[rev], **kw)
 
 
-def bench_one(config: str, kind: str, repeats: int, batch_size: int) -> dict[str, Any]:
+def bench_one(config: str, kind: str, repeats: int, batch_size: int, methods: list[str] | None = None) -> dict[str, Any]:
     from transformer_lens import patching as tlp
 
     from hooked_vlm import HookedVLM
@@ -167,6 +167,11 @@ def bench_one(config: str, kind: str, repeats: int, batch_size: int) -> dict[str
         "ours, + prefix reuse": ours(batch_size=batch_size, layer_skip=False),
         "ours, default (+ layer skip)": ours(batch_size=batch_size),
     }
+    if methods:  # TransformerLens's row always runs: it is what every speed-up divides
+        unknown = [m for m in methods if m not in variants]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {list(variants)}")
+        variants = {k: v for k, v in variants.items() if k == "TL bridge get_act_patch_resid_pre" or k in methods}
     # Interleave the methods in every repeat so that all of them see the same machine load. Both wall
     # time and this process's CPU time are recorded: on a shared machine the CPU time (1 thread) is
     # far less sensitive to other jobs than the wall time, so speed-ups are computed from it.
@@ -227,12 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="cells per batched forward")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--methods", nargs="+", help="only these of our rows (names as in the table; TL always runs), "
+                    "e.g. --methods 'ours, default (+ layer skip)'")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
     for config in args.configs:
         for kind in args.inputs:
-            res = bench_one(config, kind, args.repeats, args.batch_size)
+            res = bench_one(config, kind, args.repeats, args.batch_size, args.methods)
             results.append(res)
             print(to_markdown([res]), flush=True)
     print()

@@ -77,7 +77,7 @@ def run_cell(cell: str, frames: int, size: int, batch: int, folder: Path) -> dic
     from analyses.pipelines.video.clips import case_clip, case_prompt
     from analyses.pipelines.video.model_io import build_inputs, load_video_model
     from analyses.pipelines.video.trace import trace_case
-    from hooked_vlm.benchmarking import reset_peak_rss, rss_mib
+    from benchmarking import reset_peak_rss, rss_mib
 
     torch.set_num_threads(1)
     vm = load_video_model(ModelSpec(MODEL))
@@ -121,7 +121,7 @@ def main() -> None:
     if args.cell:
         print(json.dumps(run_cell(args.cell, args.frames, args.size, args.batch, Path(args.folder))))
         return
-    from hooked_vlm.benchmarking import append_jsonl, run_cell_in_subprocess
+    from benchmarking import append_jsonl, run_cell_in_subprocess
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     folder = Path(tempfile.mkdtemp(prefix="bench_video_trace_"))

@@ -35,19 +35,21 @@ def reset_peak_rss() -> None:
 
 
 def measure(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of ``fn`` and the peak RSS it adds above the RSS before the first call."""
+    """Median wall time and median CPU time of this process (``cpu_s``: robust to other jobs on a shared machine)
+    of ``fn``, and the peak RSS it adds above the RSS before the first call."""
     gc.collect()
     base, _ = rss_mib()
     reset_peak_rss()
     for _ in range(warmup):
         fn()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     _, peak = rss_mib()
-    return {"time_s": statistics.median(times), "peak_mib": peak - base, "times": times}
+    return {"time_s": statistics.median(times), "cpu_s": statistics.median(cpu), "peak_mib": peak - base, "times": times}
 
 
 def run_cell_in_subprocess(script: str, cell: str, extra: list[str] | None = None, timeout: float = 1800) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from typing import Any
 from hooked_vlm.errors import UnsupportedModelError
 
 #: Keyword inputs every HookedVLM forward takes besides its family's (see ``HookedVLM.forward``).
-GENERIC_INPUTS = ("position_ids", "vision_features", "return_type", "stop_at_layer", "final_positions")
+GENERIC_INPUTS = ("position_ids", "vision_features", "return_type", "stop_at_layer", "final_positions", "start_at_layer",
+                  "resid")
 
 
 @dataclass(frozen=True)

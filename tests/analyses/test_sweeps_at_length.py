@@ -230,3 +230,30 @@ def test_bad_compact_edit_and_budget_are_refused(qwen, video_pair):
         Edit("blocks.0.hook_resid_pre", torch.zeros(1, 3, 4), compact=True)
     with pytest.raises(ValueError, match="max_positions must be a positive int"):
         VariantRunner(qwen, video_pair[0], max_positions=0)
+
+
+@torch.no_grad()
+def test_pixel_noise_trace_keeps_only_visual_features_and_matches_brute_force(qwen, video_pair):
+    """Noise on pixel rows: each draw's corrupted value and a restored cell equal a full forward on that draw's
+    noisy pixels (same seeded draws), while the noise edits hold the visual positions' features only."""
+    clean, _ = video_pair
+    key, rows, std, seed = "pixel_values_videos", torch.arange(0, 40, 3), 0.7, 4
+    spans = frame_spans(qwen, clean)
+    res = ct.causal_trace(qwen, clean, METRIC, pixel_rows=rows, restore_positions=spans, kinds=("resid",),
+                          layers=[1], n_samples=2, noise_std=std, seed=seed, progress=False)
+    gen = torch.Generator().manual_seed(seed)
+    name, pos = "blocks.1.hook_resid_pre", spans["f1"]
+    _, cache = qwen.run_with_cache(**clean, names_filter=[name])
+    corrupt, restored = [], []
+    for _ in range(2):
+        pix = clean[key].clone()
+        pix[rows] = pix[rows] + torch.randn(pix[rows].shape, generator=gen, dtype=torch.float32) * std
+        noisy = dict(clean, **{key: pix})
+        corrupt.append(float(METRIC(qwen(**noisy)).mean()))
+        restored.append(float(METRIC(qwen.run_with_hooks(**noisy, fwd_hooks=[(name, replace_hook(cache[name], pos))])).mean()))
+    assert abs(res.corrupt_samples - torch.tensor(corrupt).numpy()).max() <= TOL
+    cell = res.frame[(res.frame["layer"] == 1) & (res.frame["group"] == "f1")]
+    assert float(cell["value"].iloc[0]) == pytest.approx(sum(restored) / 2, abs=TOL)
+    n_visual = int((qwen.layout(**clean).item[0] >= 0).sum())
+    edits = ct._pixel_noise_edits(qwen, clean, key, rows, std, 2, torch.Generator().manual_seed(seed), "hook_embed")
+    assert all(e.compact and e.value.shape[1] == n_visual < clean["input_ids"].shape[1] for e in edits)

@@ -293,6 +293,10 @@ class HookedQwen3VL(HookedQwenVL):
         _, extras = self._vision_features({k: v for k, v in inputs.items() if k != "vision_features"}, layout)
         return feats, extras
 
+    def _layers_reading_vision(self) -> int:
+        """Blocks 0..n_deepstack-1 add the DeepStack features after them (see :meth:`_after_block`)."""
+        return self.n_deepstack
+
     def _after_block(self, index: int, resid: Float[Tensor, "batch pos d_model"], prep: LMInput) -> Float[Tensor, "batch pos d_model"]:
         """After block ``k < n_deepstack``: add the k-th DeepStack features at the visual positions (zeros elsewhere,
         and everywhere when the input has no visual tokens), through ``blocks.{k}.hook_deepstack``."""
