@@ -134,7 +134,7 @@ def train_loop(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     losses: list[float] = []
-    for step, batch in zip(range(steps), _batches(make_batch, steps, prefetch)):
+    for step, batch in enumerate(_batches(make_batch, steps, prefetch)):
         if time_budget_s is not None and time.perf_counter() - start >= time_budget_s:
             break
         loss = loss_fn(model, batch)
