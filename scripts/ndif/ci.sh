@@ -32,6 +32,8 @@ t1=$(date +%s)
 echo "[ndif-ci] install took $((t1 - t0)) s"
 
 # A state folder per checkout (two checkouts on one machine never share one), short for Ray's sockets.
+# One this script chose is removed after a passing run (a failed run keeps it: its logs say why).
+[ -n "${HOOKED_VLM_NDIF_STATE:-}" ] && OWN_STATE=0 || OWN_STATE=1
 export HOOKED_VLM_NDIF_STATE="${HOOKED_VLM_NDIF_STATE:-/tmp/hvlm-ndif-ci-$(printf %s "$ROOT" | md5sum | cut -c1-8)}"
 # The stack under test: an API key (so the key check is exercised), a 64 MiB request cap and a 15 s
 # execution timeout (small, so the cap and the timeout are tested quickly; defaults are 512 MiB / 300 s).
@@ -70,4 +72,9 @@ if [ -f "$HOOKED_VLM_NDIF_STATE/numbers.json" ]; then
   echo "[ndif-ci] measured: $(tr -d '\n ' <"$HOOKED_VLM_NDIF_STATE/numbers.json")"
 fi
 echo "[ndif-ci] install + start + tests + faults took $(( $(date +%s) - t0 )) s (rc=$rc)"
+if [ "$rc" = 0 ] && [ "$OWN_STATE" = 1 ]; then
+  rm -rf "$HOOKED_VLM_NDIF_STATE"
+else
+  echo "[ndif-ci] state, logs and Ray's files kept in $HOOKED_VLM_NDIF_STATE"
+fi
 exit "$rc"

@@ -30,8 +30,8 @@ if [ ! -x "$NDIF_VENV/bin/ndif" ]; then
 fi
 ip link set lo up 2>/dev/null || true
 # An API key is required beyond loopback (anyone reaching the API runs code on this machine).
-if ! python3 -c "import os, runpy; g = runpy.run_path('$NDIF_ROOT/hooked_vlm/nnsight_ext/ndif_guard.py'); g['check_bind'](os.environ['NDIF_API_HOST'], os.environ.get(g['API_KEY_ENV']))" 2>/tmp/hvlm-ndif-bind-check.$$; then
-  tail -n 1 /tmp/hvlm-ndif-bind-check.$$ >&2; rm -f /tmp/hvlm-ndif-bind-check.$$
+if ! bind_error=$(python3 -c "import os, runpy; g = runpy.run_path('$NDIF_ROOT/hooked_vlm/nnsight_ext/ndif_guard.py'); g['check_bind'](os.environ['NDIF_API_HOST'], os.environ.get(g['API_KEY_ENV']))" 2>&1); then
+  printf '%s\n' "$bind_error" | tail -n 1 >&2
   exit 2
 fi
 
