@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from hooked_vlm.organisms.base import Example
 from hooked_vlm.organisms.drawing import SHAPES, draw_shape
-from hooked_vlm.organisms.qwen_common import QwenAnswerOrganism, TokenHead
+from hooked_vlm.organisms.qwen_common import IGNORE, QwenAnswerOrganism, TokenHead
 
 __all__ = ["GridOrganism", "organism", "COLORS", "SHAPES", "NUMBER_WORDS", "CELL", "GRID", "render", "cell_background"]
 
@@ -152,8 +152,11 @@ class GridOrganism(QwenAnswerOrganism):
         TokenHead("row_class", 1, GRID),
         TokenHead("col_class", 1, GRID),
     )
+    #: an answer-position head on the count (0-3) of counting questions; not in the recipe (a count head alone cost
+    #: presence / location in session i11u, docs/organisms.md), kept for experiments: ``token_heads + (COUNT_HEAD,)``
+    COUNT_HEAD: ClassVar[TokenHead] = TokenHead("count", 2, 4, weight=0.5, at="answer")
     def token_labels(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """Per cell token (row-major, token k = cell (k // 10, k % 10)): colour, shape, row, column and role."""
+        """Per cell token (row-major, token k = cell (k // 10, k % 10)): colour, shape, row, column and role; per example the count."""
         n, cells = len(examples), GRID * GRID
         color, shape, role = (torch.zeros(n, cells, dtype=torch.long) for _ in range(3))
         for b, ex in enumerate(examples):
@@ -168,9 +171,10 @@ class GridOrganism(QwenAnswerOrganism):
         k = torch.arange(cells)
         row = (k // GRID).float() / ((GRID - 1) / 2) - 1  # -1 .. 1
         col = (k % GRID).float() / ((GRID - 1) / 2) - 1
+        count = torch.tensor([len(ex.truth["target_cells"]) if ex.task == "counting" else IGNORE for ex in examples])
         return {"color": color, "shape": shape, "row": row.expand(n, cells), "col": col.expand(n, cells),
                 "role_1": role, "role_2": role,
-                "row_class": (k // GRID).expand(n, cells), "col_class": (k % GRID).expand(n, cells)}
+                "row_class": (k // GRID).expand(n, cells), "col_class": (k % GRID).expand(n, cells), "count": count}
 
     # ----- data ----------------------------------------------------------------------------------
     def generate(self, n: int, seed: int) -> list[Example]:

@@ -1,7 +1,8 @@
 """What the Qwen organisms share: special tokens, the Qwen input builder, the answer mask, training-only token heads.
 
-Token heads (``TokenHead``) are linear probes on the language model's hidden state at every visual token,
-trained beside the answer loss and dropped before saving: they give the vision tower and the first
+Token heads (``TokenHead``) are linear probes on the language model's hidden state at every visual token
+(or, ``at="answer"``, at the position that predicts the answer), trained beside the answer loss and dropped
+before saving: they give the vision tower and the first
 LM blocks a dense, per-token gradient (this cell holds a green circle; this token is the one the question
 names). Without them the answer loss is the only signal, and with ~95% of the visual tokens identical
 background a tiny model sits at the answer prior for thousands of steps (docs/organisms.md, Training status).
@@ -48,13 +49,15 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class TokenHead:
-    """A training-only probe on every visual token: predicts ``name`` from LM hidden state ``layer`` (0 = LM input)."""
+    """A training-only probe: predicts ``name`` from LM hidden state ``layer`` (0 = LM input) at every visual token,
+    or (``at="answer"``) at the one position of each example that predicts its first answer token."""
 
     name: str
     layer: int
     classes: int  # 1: regression target (mean squared error); otherwise the number of classes (cross-entropy)
     weight: float = 1.0
     class_weight: tuple[float, ...] | None = None  # for rare classes (e.g. the one target cell among 100)
+    at: str = "visual"  # "visual": labels [batch, visual tokens]; "answer": labels [batch], IGNORE where it does not apply
 
 
 class TokenHeads(torch.nn.Module):
@@ -76,11 +79,19 @@ class TokenHeads(torch.nn.Module):
         total = answer_loss(out.logits, inputs["input_ids"], answer)
         parts = {"answer": float(total.detach())}
         visual = torch.isin(inputs["input_ids"], torch.tensor(self.visual_token_ids))
+        # the position that predicts each example's first answer token (the answer mask's first position - 1)
+        before_answer = answer.float().argmax(1) - 1
+        rows = torch.arange(answer.shape[0])
         for spec in self.specs:
-            hidden = out.hidden_states[spec.layer][visual]  # row-major over the batch: example, then token
+            if spec.at == "answer":
+                hidden = out.hidden_states[spec.layer][rows, before_answer]
+            elif spec.at == "visual":
+                hidden = out.hidden_states[spec.layer][visual]  # row-major over the batch: example, then token
+            else:
+                raise ValueError(f"token head {spec.name!r}: at={spec.at!r}; use 'visual' or 'answer'")
             target = labels[spec.name].flatten()
             if hidden.shape[0] != target.shape[0]:
-                raise ValueError(f"token head {spec.name!r}: {target.shape[0]} labels for {hidden.shape[0]} visual tokens")
+                raise ValueError(f"token head {spec.name!r}: {target.shape[0]} labels for {hidden.shape[0]} {spec.at} positions")
             pred = self.heads[spec.name](hidden)
             if spec.classes == 1:
                 part = torch.nn.functional.mse_loss(pred.squeeze(-1), target.float())

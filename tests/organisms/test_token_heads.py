@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hooked_vlm.organisms import get_organism
-from hooked_vlm.organisms.grid_qwen import CELL, COLORS, GRID, ROLES
+from hooked_vlm.organisms.grid_qwen import CELL, COLORS, GRID, NUMBER_WORDS, ROLES
 from hooked_vlm.organisms.qwen_common import IGNORE
 from hooked_vlm.organisms.video_qwen import BACKGROUND, FRAMES, MERGED, SIZE, TPS
 
@@ -34,6 +34,10 @@ def test_grid_token_labels_match_the_pixels():
         second = {tuple(ex.truth["target_cells"][1])} if ex.task == "relation" else set()
         assert {divmod(int(k), GRID) for k in (labels["role_1"][b] == ROLES.index("second")).nonzero().flatten()} == second
         assert [(int(labels["row_class"][b, k]), int(labels["col_class"][b, k])) for k in range(GRID * GRID)] == [divmod(k, GRID) for k in range(GRID * GRID)]
+        # the answer-position count head: the counting answer's number, nothing for the other tasks
+        expected_count = NUMBER_WORDS.index(ex.answer) if ex.task == "counting" else IGNORE
+        assert int(labels["count"][b]) == expected_count
+    assert labels["count"].shape == (len(exs),) and (labels["count"] != IGNORE).sum() == 3  # 12 examples, 4 tasks
 
 
 def test_video_token_labels_cover_exactly_the_shape_pixels():
@@ -69,18 +73,25 @@ def test_token_head_loss_is_answer_loss_plus_weighted_probe_losses():
     org = get_organism("grid-qwen2.5-vl")
     tok = org.tokenizer()
     torch.manual_seed(0)
-    wrapped = TokenHeads(org.build_model(0), org.token_heads, [tok.convert_tokens_to_ids("<|image_pad|>")])
-    exs = org.generate(2, seed=5)
+    specs = org.token_heads + (org.COUNT_HEAD,)  # the recipe's heads and an answer-position head
+    wrapped = TokenHeads(org.build_model(0), specs, [tok.convert_tokens_to_ids("<|image_pad|>")])
+    exs = org.generate(4, seed=5)  # one example of each task (counting feeds the answer-position count head)
+    assert {e.task for e in exs} == set(org.tasks)
     inputs, mask = org.encode(exs, tok)
     labels = org.token_labels(exs)
     with torch.no_grad():
         total, parts = wrapped.loss(inputs, mask, labels)
         out = wrapped.model(**inputs, output_hidden_states=True)
         expected = answer_loss(out.logits, inputs["input_ids"], mask)
-        # by hand: the image tokens' hidden states, example by example, in cell order
-        for spec in org.token_heads:
+        # by hand: the image tokens' hidden states, example by example, in cell order; answer heads read the
+        # <|vision_end|> token (the prompt's last token, which predicts the answer's first word)
+        for spec in specs:
             terms = []
-            for b in range(2):
+            for b in range(4):
+                if spec.at == "answer":
+                    rows = (inputs["input_ids"][b] == tok.convert_tokens_to_ids("<|vision_end|>")).nonzero().flatten()
+                    terms.append((out.hidden_states[spec.layer][b, rows], labels[spec.name][b].reshape(1)))
+                    continue
                 rows = (inputs["input_ids"][b] == tok.convert_tokens_to_ids("<|image_pad|>")).nonzero().flatten()
                 terms.append((out.hidden_states[spec.layer][b, rows], labels[spec.name][b]))
             hidden = torch.cat([h for h, _ in terms])
