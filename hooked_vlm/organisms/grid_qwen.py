@@ -155,6 +155,14 @@ class GridOrganism(QwenAnswerOrganism):
     #: an answer-position head on the count (0-3) of counting questions; not in the recipe (a count head alone cost
     #: presence / location in session i11u, docs/organisms.md), kept for experiments: ``token_heads + (COUNT_HEAD,)``
     COUNT_HEAD: ClassVar[TokenHead] = TokenHead("count", 2, 4, weight=0.5, at="answer")
+    #: session i11u's answer-position heads (run "A1", docs/organisms.md): after block 1, at the position that predicts
+    #: the answer, the relation word (relation questions), the count (counting) and the named objects' rows / columns
+    #: (relations: both objects; location: the target). Not yet in the recipe: ``token_heads + ANSWER_HEADS`` trains it.
+    ANSWER_HEADS: ClassVar[tuple[TokenHead, ...]] = (
+        TokenHead("answer_relation", 2, len(RELATIONS), weight=0.5, at="answer"),
+        TokenHead("answer_count", 2, 4, weight=0.5, at="answer"),
+        TokenHead("answer_coords", 2, 4, weight=0.5, at="answer", regression=True),
+    )
     def token_labels(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         """Per cell token (row-major, token k = cell (k // 10, k % 10)): colour, shape, row, column and role; per example the count."""
         n, cells = len(examples), GRID * GRID
@@ -172,9 +180,17 @@ class GridOrganism(QwenAnswerOrganism):
         row = (k // GRID).float() / ((GRID - 1) / 2) - 1  # -1 .. 1
         col = (k % GRID).float() / ((GRID - 1) / 2) - 1
         count = torch.tensor([len(ex.truth["target_cells"]) if ex.task == "counting" else IGNORE for ex in examples])
+        relation = torch.tensor([next(i for i, r in enumerate(RELATIONS) if r in ex.prompt.split()) if ex.task == "relation"
+                                 else IGNORE for ex in examples])
+        coords = torch.full((n, 4), float("nan"))  # named objects' (row, col, second row, second col), scaled to -1 .. 1
+        for b, ex in enumerate(examples):
+            if ex.task in ("relation", "location"):
+                flat = [v for cell in ex.truth["target_cells"] for v in cell]
+                coords[b, :len(flat)] = torch.tensor(flat) / ((GRID - 1) / 2) - 1
         return {"color": color, "shape": shape, "row": row.expand(n, cells), "col": col.expand(n, cells),
                 "role_1": role, "role_2": role,
-                "row_class": (k // GRID).expand(n, cells), "col_class": (k % GRID).expand(n, cells), "count": count}
+                "row_class": (k // GRID).expand(n, cells), "col_class": (k % GRID).expand(n, cells), "count": count,
+                "answer_relation": relation, "answer_count": count, "answer_coords": coords}
 
     # ----- data ----------------------------------------------------------------------------------
     def generate(self, n: int, seed: int) -> list[Example]:

@@ -58,6 +58,7 @@ class TokenHead:
     weight: float = 1.0
     class_weight: tuple[float, ...] | None = None  # for rare classes (e.g. the one target cell among 100)
     at: str = "visual"  # "visual": labels [batch, visual tokens]; "answer": labels [batch], IGNORE where it does not apply
+    regression: bool = False  # ``classes`` outputs regressed at once (labels [..., classes]; NaN: no target there)
 
 
 class TokenHeads(torch.nn.Module):
@@ -82,18 +83,25 @@ class TokenHeads(torch.nn.Module):
         # the position that predicts each example's first answer token (the answer mask's first position - 1)
         before_answer = answer.float().argmax(1) - 1
         rows = torch.arange(answer.shape[0])
+        at_answer: dict[int, Tensor] = {}  # one gather per layer, shared by the heads that read it
         for spec in self.specs:
             if spec.at == "answer":
-                hidden = out.hidden_states[spec.layer][rows, before_answer]
+                if spec.layer not in at_answer:
+                    at_answer[spec.layer] = out.hidden_states[spec.layer][rows, before_answer]
+                hidden = at_answer[spec.layer]
             elif spec.at == "visual":
                 hidden = out.hidden_states[spec.layer][visual]  # row-major over the batch: example, then token
             else:
                 raise ValueError(f"token head {spec.name!r}: at={spec.at!r}; use 'visual' or 'answer'")
-            target = labels[spec.name].flatten()
+            target = labels[spec.name].reshape(-1, spec.classes) if spec.regression else labels[spec.name].flatten()
             if hidden.shape[0] != target.shape[0]:
                 raise ValueError(f"token head {spec.name!r}: {target.shape[0]} labels for {hidden.shape[0]} {spec.at} positions")
             pred = self.heads[spec.name](hidden)
-            if spec.classes == 1:
+            if spec.regression:  # mean squared error over the known targets only
+                known = ~torch.isnan(target)
+                mask = known.float()
+                part = ((pred - torch.where(known, target, torch.zeros_like(target))) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+            elif spec.classes == 1:
                 part = torch.nn.functional.mse_loss(pred.squeeze(-1), target.float())
             elif not bool((target != IGNORE).any()):  # nothing to score in this batch (cross-entropy would be nan)
                 part = pred.sum() * 0.0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hooked_vlm.organisms import get_organism
-from hooked_vlm.organisms.grid_qwen import CELL, COLORS, GRID, NUMBER_WORDS, ROLES
+from hooked_vlm.organisms.grid_qwen import CELL, COLORS, GRID, NUMBER_WORDS, RELATIONS, ROLES
 from hooked_vlm.organisms.qwen_common import IGNORE
 from hooked_vlm.organisms.video_qwen import BACKGROUND, FRAMES, MERGED, SIZE, TPS
 
@@ -36,7 +36,14 @@ def test_grid_token_labels_match_the_pixels():
         assert [(int(labels["row_class"][b, k]), int(labels["col_class"][b, k])) for k in range(GRID * GRID)] == [divmod(k, GRID) for k in range(GRID * GRID)]
         # the answer-position count head: the counting answer's number, nothing for the other tasks
         expected_count = NUMBER_WORDS.index(ex.answer) if ex.task == "counting" else IGNORE
-        assert int(labels["count"][b]) == expected_count
+        assert int(labels["count"][b]) == expected_count == int(labels["answer_count"][b])
+        # the relation word's index (relation questions) and the named cells' coordinates (relation, location)
+        words = ex.prompt.split()
+        assert int(labels["answer_relation"][b]) == (next(i for i, r in enumerate(RELATIONS) if r in words)
+                                                     if ex.task == "relation" else IGNORE)
+        coords = labels["answer_coords"][b]
+        flat = [v / 4.5 - 1 for cell in ex.truth["target_cells"] for v in cell] if ex.task in ("relation", "location") else []
+        assert coords[:len(flat)].tolist() == pytest.approx(flat) and bool(torch.isnan(coords[len(flat):]).all())
     assert labels["count"].shape == (len(exs),) and (labels["count"] != IGNORE).sum() == 3  # 12 examples, 4 tasks
 
 
@@ -73,7 +80,7 @@ def test_token_head_loss_is_answer_loss_plus_weighted_probe_losses():
     org = get_organism("grid-qwen2.5-vl")
     tok = org.tokenizer()
     torch.manual_seed(0)
-    specs = org.token_heads + (org.COUNT_HEAD,)  # the recipe's heads and an answer-position head
+    specs = org.token_heads + (org.COUNT_HEAD,) + org.ANSWER_HEADS  # the recipe's heads and the answer-position heads
     wrapped = TokenHeads(org.build_model(0), specs, [tok.convert_tokens_to_ids("<|image_pad|>")])
     exs = org.generate(4, seed=5)  # one example of each task (counting feeds the answer-position count head)
     assert {e.task for e in exs} == set(org.tasks)
@@ -90,14 +97,17 @@ def test_token_head_loss_is_answer_loss_plus_weighted_probe_losses():
             for b in range(4):
                 if spec.at == "answer":
                     rows = (inputs["input_ids"][b] == tok.convert_tokens_to_ids("<|vision_end|>")).nonzero().flatten()
-                    terms.append((out.hidden_states[spec.layer][b, rows], labels[spec.name][b].reshape(1)))
+                    terms.append((out.hidden_states[spec.layer][b, rows], labels[spec.name][b].reshape(1, -1).squeeze(-1)))
                     continue
                 rows = (inputs["input_ids"][b] == tok.convert_tokens_to_ids("<|image_pad|>")).nonzero().flatten()
                 terms.append((out.hidden_states[spec.layer][b, rows], labels[spec.name][b]))
             hidden = torch.cat([h for h, _ in terms])
             target = torch.cat([y for _, y in terms])
             pred = wrapped.heads[spec.name](hidden)
-            if spec.classes == 1:
+            if spec.regression:  # the mean over the known targets (NaN: none)
+                known = ~torch.isnan(target)
+                part = ((pred[known] - target[known]) ** 2).mean()
+            elif spec.classes == 1:
                 part = ((pred.squeeze(-1) - target) ** 2).mean()
             else:
                 keep = target != IGNORE
