@@ -152,9 +152,6 @@ class GridOrganism(QwenAnswerOrganism):
         TokenHead("row_class", 1, GRID),
         TokenHead("col_class", 1, GRID),
     )
-    #: an answer-position head on the count (0-3) of counting questions; not in the recipe (a count head alone cost
-    #: presence / location in session i11u, docs/organisms.md), kept for experiments: ``token_heads + (COUNT_HEAD,)``
-    COUNT_HEAD: ClassVar[TokenHead] = TokenHead("count", 2, 4, weight=0.5, at="answer")
     #: session i11u's answer-position heads (run "A1", docs/organisms.md): after block 1, at the position that predicts
     #: the answer, the relation word (relation questions), the count (counting) and the named objects' rows / columns
     #: (relations: both objects; location: the target). Not yet in the recipe: ``token_heads + ANSWER_HEADS`` trains it.
@@ -163,8 +160,11 @@ class GridOrganism(QwenAnswerOrganism):
         TokenHead("answer_count", 2, 4, weight=0.5, at="answer"),
         TokenHead("answer_coords", 2, 4, weight=0.5, at="answer", regression=True),
     )
+    #: the count head alone (session i11u's runs "c1"; it cost presence / location, so it is not in the recipe):
+    #: ``token_heads + (COUNT_HEAD,)``
+    COUNT_HEAD: ClassVar[TokenHead] = ANSWER_HEADS[1]
     def token_labels(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """Per cell token (row-major, token k = cell (k // 10, k % 10)): colour, shape, row, column and role; per example the count."""
+        """Per cell token (row-major, token k = cell (k // 10, k % 10)): colour, shape, row, column and role; per example the answer-position targets."""
         n, cells = len(examples), GRID * GRID
         color, shape, role = (torch.zeros(n, cells, dtype=torch.long) for _ in range(3))
         for b, ex in enumerate(examples):
@@ -189,8 +189,7 @@ class GridOrganism(QwenAnswerOrganism):
                 coords[b, :len(flat)] = torch.tensor(flat) / ((GRID - 1) / 2) - 1
         return {"color": color, "shape": shape, "row": row.expand(n, cells), "col": col.expand(n, cells),
                 "role_1": role, "role_2": role,
-                "row_class": (k // GRID).expand(n, cells), "col_class": (k % GRID).expand(n, cells), "count": count,
-                "answer_relation": relation, "answer_count": count, "answer_coords": coords}
+                "row_class": (k // GRID).expand(n, cells), "col_class": (k % GRID).expand(n, cells), "answer_relation": relation, "answer_count": count, "answer_coords": coords}
 
     # ----- data ----------------------------------------------------------------------------------
     def generate(self, n: int, seed: int) -> list[Example]:
