@@ -12,6 +12,8 @@ Three measurements on freshly generated held-out examples of ``grid-qwen2.5-vl``
 3. **The answer position** (relation prompts, the last prompt token): per layer, probes for what a relation
    answer needs (the relation word, both objects' rows and columns, the sign of their difference) and for the
    answer itself. A relation model that works must carry these where the answer is read.
+4. **Relation accuracy by case**: the model's yes / no against the truth, split by the two objects' distance along
+   the asked axis, the relation word, the answer and the number of objects (where a coarse comparison fails).
 """
 
 from __future__ import annotations
@@ -117,6 +119,29 @@ def relation_probes(organism: Any, model: Any, tokenizer: Any, n: int, seed: int
     return out
 
 
+def relation_accuracy_by_case(organism: Any, model: Any, tokenizer: Any, n: int, seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Accuracy of the yes / no answer on ``n`` relation prompts, per distance along the asked axis (5 = 5 or more),
+    relation word, answer and object count: ``{split: {value: {"n", "accuracy"}}}``."""
+    yes, no = (tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
+    examples = organism.generate_task("relation", n, seed)
+    splits: dict[str, dict[str, list[bool]]] = {"distance": {}, "relation": {}, "answer": {}, "objects": {}}
+    for i in range(0, n, 25):
+        batch = examples[i:i + 25]
+        with torch.no_grad():
+            last = model(**organism.prompt_inputs(batch, tokenizer))[:, -1]  # left-padded: -1 predicts the answer
+        said = np.where((last[:, yes] > last[:, no]).numpy(), "yes", "no")
+        for ex, answer in zip(batch, said):
+            relation = next(r for r in RELATIONS if r in ex.prompt.split())
+            (ra, ca), (rb, cb) = ex.truth["target_cells"]
+            distance = abs(ca - cb) if relation in ("left", "right") else abs(ra - rb)
+            keys = {"distance": str(min(distance, 5)), "relation": relation, "answer": ex.answer,
+                    "objects": str(len(ex.truth["objects"]))}
+            for split, key in keys.items():
+                splits[split].setdefault(key, []).append(answer == ex.answer)
+    return {split: {key: {"n": len(hits), "accuracy": float(np.mean(hits))} for key, hits in sorted(per.items())}
+            for split, per in splits.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="grid-qwen2.5-vl", help="organism name or checkpoint folder")
@@ -149,9 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     print("| A or B | named cells | 0.50 | " + " | ".join(f"{ab[k]:.2f}" for k in names) + " |")
     for key, per_layer in probes["answer position"].items():
         print(f"| {key} | answer position | {probes['chance'][key]:.2f} | " + " | ".join(f"{per_layer[k]:.2f}" for k in names) + " |")
+    cases = relation_accuracy_by_case(organism, model, tokenizer, args.n, args.seed + 2)
+    print("\nrelation answers: accuracy by case (distance = cells apart along the asked axis, 5 = 5 or more)")
+    for split, per in cases.items():
+        print(f"{split}: " + ", ".join(f"{key} {v['accuracy']:.2f} (n={v['n']})" for key, v in per.items()))
     if args.out:
         args.out.write_text(json.dumps({"model": args.model, "n": args.n, "seed": args.seed, "binding_heads": heads,
-                                        "relation_probes": probes}, indent=1))
+                                        "relation_probes": probes, "relation_accuracy_by_case": cases}, indent=1))
     return 0
 
 

@@ -63,6 +63,7 @@ from torch import Tensor
 
 __all__ = [
     "EVAL_SEED",
+    "VALIDATION_SEED",
     "Example",
     "TaskAccuracy",
     "TrainResult",
@@ -72,8 +73,12 @@ __all__ = [
     "accuracy_table",
 ]
 
-#: Seed of the held-out evaluation stream (training uses small seeds; the streams never meet).
+#: Seed of the held-out evaluation stream. Training batch ``step`` of seed ``s`` is drawn from ``s * 1_000_000 + step``,
+#: so seed 1's batch 3 starts with the first presence example of this stream (one example in a run of 2,400 batches).
 EVAL_SEED = 1_000_003
+#: Seed of the validation stream on which a recipe's training seed is chosen, so the accuracy measured on EVAL_SEED is
+#: not selected on; its per-task streams (``+ 104729 * task``) meet no training stream of fewer than 90,000 steps.
+VALIDATION_SEED = 777_777
 
 
 @dataclass
@@ -153,6 +158,8 @@ class Organism(ABC):
     tasks: ClassVar[tuple[str, ...]]
     target_accuracy: ClassVar[float]
     default_steps: ClassVar[int]
+    #: the training seed of the shipped checkpoint (``organisms train`` uses it unless ``--seed`` is given)
+    recipe_seed: ClassVar[int] = 0
     summary: ClassVar[str] = ""
     planted_truth: ClassVar[str] = ""
 

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = sub.add_parser("train", help="train an organism from scratch and save its checkpoint")
     train.add_argument("name", choices=names)
     train.add_argument("--out", default=None, help="checkpoint folder (default: the shipped checkpoint folder in the package)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=None, help="training seed (default: the organism's recipe seed)")
     train.add_argument("--steps", type=int, default=None, help="training steps (default: the organism's recipe)")
     train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     train.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -70,7 +70,8 @@ def cmd_train(args: argparse.Namespace, stdout: TextIO) -> int:
     organism = get_organism(args.name)
     out = args.out or checkpoint_dir(args.name)
     kwargs = {"time_budget_s": args.time_budget} if args.time_budget else {}
-    result = organism.train(out, seed=args.seed, steps=args.steps, eval_n=args.eval_n, **kwargs)
+    seed = organism.recipe_seed if args.seed is None else args.seed
+    result = organism.train(out, seed=seed, steps=args.steps, eval_n=args.eval_n, **kwargs)
     print(f"{args.name}: {result.steps} steps in {result.seconds:.1f} s; saved to {out}", file=stdout)
     if result.accuracy:
         print(accuracy_table(result.accuracy), file=stdout)

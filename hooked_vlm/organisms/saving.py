@@ -121,8 +121,17 @@ def model_card(organism: Any, meta: dict[str, Any]) -> str:
     """The checkpoint's README.md: task, generator, recipe, measured accuracy and the planted ground truth."""
     from hooked_vlm.organisms.base import TaskAccuracy, accuracy_table
 
+    from hooked_vlm.organisms import ORGANISMS
+
     acc = {k: TaskAccuracy(k, v["correct"], v["n"]) for k, v in meta.get("accuracy", {}).items()}
     table = accuracy_table(acc) if acc else "(not evaluated)"
+    module = ORGANISMS.get(organism.name, type(organism).__module__)  # the registry's module, also for a subclass run as a script
+    heads = getattr(organism, "token_heads", ())
+    loss = "loss on the answer tokens only." if not heads else (
+        "loss on the answer tokens plus training-only linear probes on the language model's hidden states (dropped "
+        "before saving; `layer` 0 is the LM input, `at` visual = every visual token, answer = the position that "
+        "predicts the answer): "
+        + "; ".join(f"{h.name} (layer {h.layer}, {h.at}, weight {h.weight:g})" for h in heads) + ".")
     return f"""---
 library_name: transformers
 tags: [hooked_vlm, model-organism, interpretability, synthetic]
@@ -142,14 +151,14 @@ Tasks: {', '.join(f'`{t}`' for t in organism.tasks)}.
 {organism.planted_truth}
 
 ## Generator
-`hooked_vlm.organisms.{type(organism).__module__.rsplit('.', 1)[-1]}` — `organism("{organism.name}").generate(n, seed)`
+`{module}` — `organism("{organism.name}").generate(n, seed)`
 draws examples deterministically from a seed (Pillow drawing); each example carries its ground truth in
 `example.truth`.
 
 ## Training recipe
 Plain torch: AdamW (betas 0.9/0.98), linear warmup then cosine decay, gradient clipping at 1, fp32, seed
-{meta['seed']}, {meta['steps']} steps of {getattr(organism, 'batch_size', '?')} freshly generated examples, loss on the
-answer tokens only. Trained in {meta['train_seconds']} s on {meta['torch_threads']} CPU thread(s)
+{meta['seed']}, {meta['steps']} steps of {getattr(organism, 'batch_size', '?')} freshly generated examples, {loss}
+Trained in {meta['train_seconds']} s on {meta['torch_threads']} CPU thread(s)
 (load average when saved: {meta['load_average_at_save']}). Mean loss over the first / last 50 steps:
 {meta['loss_first_50']:.4f} / {meta['loss_last_50']:.4f}.
 

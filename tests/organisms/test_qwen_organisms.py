@@ -225,6 +225,26 @@ def test_checkpoint_layout_and_size(name):
     meta = json.loads((folder / "organism.json").read_text())
     for task, acc in meta["accuracy"].items():
         assert f"| {task} | {acc['accuracy']:.3f} |" in card
+    # the card says how it was trained: the generator's module and every training-only head, with its layer
+    org = get_organism(name)
+    assert f"`{ORGANISMS[name]}` — `organism(\"{name}\")" in card
+    assert "answer tokens only" not in card
+    for head in org.token_heads:
+        assert f"{head.name} (layer {head.layer}, {head.at}, weight {head.weight:g})" in card
+
+
+def test_model_card_of_a_subclass_run_as_a_script_names_the_registered_module():
+    from hooked_vlm.organisms.grid_qwen import GridOrganism
+    from hooked_vlm.organisms.saving import model_card
+
+    variant = type("Variant", (GridOrganism,), {"__module__": "__main__", "token_heads": GridOrganism.CELL_HEADS})
+    meta = {"parameters": 1, "seed": 3, "steps": 5, "train_seconds": 1.0, "torch_threads": 1, "load_average_at_save": None,
+            "loss_first_50": 1.0, "loss_last_50": 0.5, "accuracy": {}}
+    card = model_card(variant(), meta)
+    assert "`hooked_vlm.organisms.grid_qwen` — " in card and "__main__" not in card
+    assert "answer_coords" not in card and "role_2 (layer 2, visual, weight 1)" in card
+    bare = type("Bare", (GridOrganism,), {"token_heads": ()})
+    assert "loss on the answer tokens only." in model_card(bare(), meta)
 
 
 @pytest.mark.parametrize("name", QWEN)
@@ -240,11 +260,14 @@ def test_transformers_and_hooked_vlm_agree(loaded, name):
     assert (ref - ours)[real].abs().max() <= 1e-4
 
 
-# The targets. The shipped grid checkpoint does NOT reach them on every task yet (session i11s, docs/organisms.md:
-# presence 1.00 / location 1.00 / counting 0.63 / relation 0.57), so its case is a strict xfail: it runs, and once a
+# The targets. The shipped grid checkpoint does NOT reach them on every task yet (session i11w, docs/organisms.md:
+# presence 1.00 / location 1.00 / counting 0.98 / relation 0.83), so its case is a strict xfail: it runs, and once a
 # retrained checkpoint meets the target it XPASSes and fails the suite until the marker is removed. The video
-# checkpoint meets them (session i11v: direction / order / motion 1.00 on n = 100 each).
-ACCURACY_FLOOR = {"grid-qwen2.5-vl": 0.95, "video-qwen2-vl": 0.90}
+# checkpoint meets them (session i11v: direction / order / motion 1.00 on n = 100 each). A task passes when its held-out
+# accuracy on 200 fresh examples is consistent with the target (the Wilson 95% interval reaches it: 184 of 200 passes a
+# 0.95 target, 183 does not). The former floor, target - 0.05 on 40 examples, let the grid's relations (0.83-0.84 on the
+# evaluation and validation streams) through: they score 0.93 on the first 100 examples of this stream.
+TARGET = {"grid-qwen2.5-vl": 0.95, "video-qwen2-vl": 0.90}
 NOT_YET_TRAINED_TO_TARGET = pytest.mark.xfail(
     strict=True, raises=AssertionError,
     reason="shipped checkpoint below target on some tasks (docs/organisms.md, Training status); retrain: hooked-vlm organisms train NAME")
@@ -252,12 +275,18 @@ NOT_YET_TRAINED_TO_TARGET = pytest.mark.xfail(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param("grid-qwen2.5-vl", marks=NOT_YET_TRAINED_TO_TARGET), "video-qwen2-vl"])
-def test_heldout_accuracy_above_threshold(loaded, name):
+def test_heldout_accuracy_reaches_the_target(loaded, name):
+    from hooked_vlm.organisms.base import wilson_interval
+
     org, hf, _ = loaded(name)
     tok = org.tokenizer()
+    below = {}
     for task in org.tasks:
-        hits = org.correct(hf, tok, org.generate_task(task, 40, seed=424242))
-        assert np.mean(hits) >= ACCURACY_FLOOR[name] - 0.05, (task, np.mean(hits))
+        hits = org.correct(hf, tok, org.generate_task(task, 200, seed=424242))
+        low, high = wilson_interval(int(sum(hits)), len(hits))
+        if high < TARGET[name]:
+            below[task] = (float(np.mean(hits)), round(high, 3))
+    assert not below, f"below the {TARGET[name]} target (accuracy, Wilson upper bound): {below}"
 
 
 # ----------------------------------------------------------------------------- loss and schedule
@@ -301,6 +330,26 @@ def test_models_command_lists_organisms_with_their_accuracy():
         for task, acc in meta["accuracy"].items():
             assert f"{task} {acc['accuracy']:.2f}" in row
     assert all(name in text for name in ORGANISMS)
+
+
+def test_organisms_train_command_uses_the_recipe_seed_unless_told(tmp_path, monkeypatch):
+    import io
+
+    from hooked_vlm.cli import main
+    from hooked_vlm.organisms.base import TrainResult
+    from hooked_vlm.organisms.grid_qwen import GridOrganism
+
+    seeds = []
+
+    def fake_train(self, out_dir, seed=0, steps=None, eval_n=200, **kwargs):
+        seeds.append(seed)
+        return TrainResult(str(out_dir), 1, 0.1, [1.0], {})
+
+    monkeypatch.setattr(GridOrganism, "train", fake_train)
+    monkeypatch.setattr(GridOrganism, "recipe_seed", 7)
+    assert main(["organisms", "train", "grid-qwen2.5-vl", "--out", str(tmp_path)], stdout=io.StringIO()) == 0
+    assert main(["organisms", "train", "grid-qwen2.5-vl", "--out", str(tmp_path), "--seed", "0"], stdout=io.StringIO()) == 0
+    assert seeds == [7, 0]
 
 
 def test_organisms_eval_command_reports_wilson_intervals(tmp_path):

@@ -80,8 +80,8 @@ def test_token_head_loss_is_answer_loss_plus_weighted_probe_losses():
     org = get_organism("grid-qwen2.5-vl")
     tok = org.tokenizer()
     torch.manual_seed(0)
-    assert org.COUNT_HEAD in org.ANSWER_HEADS
-    specs = org.token_heads + org.ANSWER_HEADS  # the recipe's heads and the answer-position heads
+    specs = org.token_heads  # the recipe's heads: per cell, and at the answer position
+    assert set(org.ANSWER_HEADS) <= set(specs) and {s.at for s in specs} == {"visual", "answer"}
     wrapped = TokenHeads(org.build_model(0), specs, [tok.convert_tokens_to_ids("<|image_pad|>")])
     exs = org.generate(4, seed=5)  # one example of each task (counting feeds the answer-position count head)
     assert {e.task for e in exs} == set(org.tasks)
