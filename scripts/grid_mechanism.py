@@ -28,7 +28,7 @@ import torch
 
 from analyses.organism_validation import load_organism
 from analyses.probes import cross_val_proba, grouped_splits
-from hooked_vlm.organisms.grid_qwen import GRID, RELATIONS
+from hooked_vlm.organisms.grid_qwen import GRID, relation_word
 
 
 def _first_image_token(input_ids: torch.Tensor, image_token_id: int) -> int:
@@ -104,7 +104,7 @@ def relation_probes(organism: Any, model: Any, tokenizer: Any, n: int, seed: int
     groups = np.arange(n)
     a_cells, b_cells = (np.array(cells_of) for cells_of in zip(*[ex.truth["target_cells"] for ex in examples]))
     labels = {
-        "relation word": np.array([next(r for r in RELATIONS if r in ex.prompt.split()) for ex in examples]),
+        "relation word": np.array([relation_word(ex) for ex in examples]),
         "A row": a_cells[:, 0], "A column": a_cells[:, 1], "B row": b_cells[:, 0], "B column": b_cells[:, 1],
         "sign(A column - B column)": np.sign(a_cells[:, 1] - b_cells[:, 1]),
         "sign(A row - B row)": np.sign(a_cells[:, 0] - b_cells[:, 0]),
@@ -131,7 +131,7 @@ def relation_accuracy_by_case(organism: Any, model: Any, tokenizer: Any, n: int,
             last = model(**organism.prompt_inputs(batch, tokenizer))[:, -1]  # left-padded: -1 predicts the answer
         said = np.where((last[:, yes] > last[:, no]).numpy(), "yes", "no")
         for ex, answer in zip(batch, said):
-            relation = next(r for r in RELATIONS if r in ex.prompt.split())
+            relation = relation_word(ex)
             (ra, ca), (rb, cb) = ex.truth["target_cells"]
             distance = abs(ca - cb) if relation in ("left", "right") else abs(ra - rb)
             keys = {"distance": str(min(distance, 5)), "relation": relation, "answer": ex.answer,

@@ -36,7 +36,8 @@ from hooked_vlm.organisms.base import Example
 from hooked_vlm.organisms.drawing import SHAPES, draw_shape
 from hooked_vlm.organisms.qwen_common import IGNORE, QwenAnswerOrganism, TokenHead
 
-__all__ = ["GridOrganism", "organism", "COLORS", "SHAPES", "NUMBER_WORDS", "CELL", "GRID", "render", "cell_background"]
+__all__ = ["GridOrganism", "organism", "COLORS", "SHAPES", "NUMBER_WORDS", "CELL", "GRID", "render", "cell_background",
+           "relation_word"]
 
 CELL, GRID = 28, 10
 SIZE = CELL * GRID
@@ -78,6 +79,11 @@ def render(objects: list[dict[str, Any]]) -> np.ndarray:
     for o in objects:
         draw_shape_in_cell(draw, o["shape"], COLORS[o["color"]], o["row"], o["col"])
     return np.asarray(image).copy()
+
+
+def relation_word(example: Example) -> str:
+    """The relation a relation question asks about (one of RELATIONS), read from its prompt."""
+    return next(r for r in RELATIONS if r in example.prompt.split())
 
 
 def _kinds() -> list[tuple[str, str]]:
@@ -183,8 +189,7 @@ class GridOrganism(QwenAnswerOrganism):
         row = (k // GRID).float() / ((GRID - 1) / 2) - 1  # -1 .. 1
         col = (k % GRID).float() / ((GRID - 1) / 2) - 1
         count = torch.tensor([len(ex.truth["target_cells"]) if ex.task == "counting" else IGNORE for ex in examples])
-        relation = torch.tensor([next(i for i, r in enumerate(RELATIONS) if r in ex.prompt.split()) if ex.task == "relation"
-                                 else IGNORE for ex in examples])
+        relation = torch.tensor([RELATIONS.index(relation_word(ex)) if ex.task == "relation" else IGNORE for ex in examples])
         coords = torch.full((n, 4), float("nan"))  # named objects' (row, col, second row, second col), scaled to -1 .. 1
         for b, ex in enumerate(examples):
             if ex.task in ("relation", "location"):

@@ -119,9 +119,8 @@ def _version(dist: str) -> str:
 
 def model_card(organism: Any, meta: dict[str, Any]) -> str:
     """The checkpoint's README.md: task, generator, recipe, measured accuracy and the planted ground truth."""
-    from hooked_vlm.organisms.base import TaskAccuracy, accuracy_table
-
     from hooked_vlm.organisms import ORGANISMS
+    from hooked_vlm.organisms.base import TaskAccuracy, accuracy_table
 
     acc = {k: TaskAccuracy(k, v["correct"], v["n"]) for k, v in meta.get("accuracy", {}).items()}
     table = accuracy_table(acc) if acc else "(not evaluated)"
