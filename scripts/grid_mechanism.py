@@ -28,7 +28,7 @@ import torch
 
 from analyses.organism_validation import load_organism
 from analyses.probes import cross_val_proba, grouped_splits
-from hooked_vlm.organisms.grid_qwen import GRID, relation_word
+from hooked_vlm.organisms.grid_qwen import GRID, relation_distance, relation_word
 
 
 def _first_image_token(input_ids: torch.Tensor, image_token_id: int) -> int:
@@ -131,10 +131,7 @@ def relation_accuracy_by_case(organism: Any, model: Any, tokenizer: Any, n: int,
             last = model(**organism.prompt_inputs(batch, tokenizer))[:, -1]  # left-padded: -1 predicts the answer
         said = np.where((last[:, yes] > last[:, no]).numpy(), "yes", "no")
         for ex, answer in zip(batch, said):
-            relation = relation_word(ex)
-            (ra, ca), (rb, cb) = ex.truth["target_cells"]
-            distance = abs(ca - cb) if relation in ("left", "right") else abs(ra - rb)
-            keys = {"distance": str(min(distance, 5)), "relation": relation, "answer": ex.answer,
+            keys = {"distance": str(min(relation_distance(ex), 5)), "relation": relation_word(ex), "answer": ex.answer,
                     "objects": str(len(ex.truth["objects"]))}
             for split, key in keys.items():
                 splits[split].setdefault(key, []).append(answer == ex.answer)

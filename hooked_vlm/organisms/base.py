@@ -18,7 +18,8 @@ Stable API (other organism modules build on it)
         ``make_config()``, ``words()``, ``train(out_dir, seed=0, steps=None) -> TrainResult``,
         ``evaluate(model_dir, n=200, seed=EVAL_SEED) -> dict[task, TaskAccuracy]``.
     ``AnswerOrganism(Organism)``: ready ``train`` / ``evaluate`` for decoder VLMs that answer in
-        words. A subclass gives ``generate``, ``make_config``, ``words`` and
+        words; ``training_examples(step, seed)`` is one training batch (override it for a task mix that
+        changes with the step). A subclass gives ``generate``, ``make_config``, ``words`` and
         ``encode(examples, tokenizer) -> (inputs, answer_mask)``: model keyword tensors of
         "prompt + answer + <eos>" (right-padded) and a bool ``[B, L]`` mask that is True on the
         answer and ``<eos>`` tokens. The loss is next-token cross-entropy on those tokens; an answer
@@ -235,6 +236,10 @@ class AnswerOrganism(Organism):
         return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
     # ----- training --------------------------------------------------------------------------------
+    def training_examples(self, step: int, seed: int) -> list[Example]:
+        """The examples of training step ``step`` of run ``seed`` (drawn from stream ``seed * 1_000_000 + step``)."""
+        return self.generate(self.batch_size, seed * 1_000_000 + step)
+
     def train(self, out_dir: str | Path, seed: int = 0, steps: int | None = None, eval_n: int = 200, log_every: int = 50,
               time_budget_s: float | None = None) -> TrainResult:
         from hooked_vlm.organisms.saving import save_checkpoint
@@ -245,7 +250,7 @@ class AnswerOrganism(Organism):
         model = self.build_model(seed)
 
         def batch(step: int) -> tuple[dict[str, Tensor], Tensor]:
-            return self.encode(self.generate(self.batch_size, seed * 1_000_000 + step), tokenizer)
+            return self.encode(self.training_examples(step, seed), tokenizer)
 
         def loss_fn(m: torch.nn.Module, b: tuple[dict[str, Tensor], Tensor]) -> Tensor:
             inputs, mask = b

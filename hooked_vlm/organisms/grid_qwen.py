@@ -37,7 +37,7 @@ from hooked_vlm.organisms.drawing import SHAPES, draw_shape
 from hooked_vlm.organisms.qwen_common import IGNORE, QwenAnswerOrganism, TokenHead
 
 __all__ = ["GridOrganism", "organism", "COLORS", "SHAPES", "NUMBER_WORDS", "CELL", "GRID", "render", "cell_background",
-           "relation_word"]
+           "relation_word", "relation_distance"]
 
 CELL, GRID = 28, 10
 SIZE = CELL * GRID
@@ -86,6 +86,12 @@ def relation_word(example: Example) -> str:
     return next(r for r in RELATIONS if r in example.prompt.split())
 
 
+def relation_distance(example: Example) -> int:
+    """How many cells apart a relation question's two named objects are along the asked axis (columns for left / right)."""
+    (row_a, col_a), (row_b, col_b) = example.truth["target_cells"]
+    return abs(col_a - col_b) if relation_word(example) in ("left", "right") else abs(row_a - row_b)
+
+
 def _kinds() -> list[tuple[str, str]]:
     return [(c, s) for c in COLORS for s in SHAPES]
 
@@ -101,6 +107,18 @@ class GridOrganism(QwenAnswerOrganism):
     #: is in docs/organisms.md, session i11w)
     recipe_seed: ClassVar[int] = 1
     batch_size: ClassVar[int] = 16
+    #: a "near relation" training example has its two objects at most this many cells apart along the asked axis
+    NEAR_CELLS: ClassVar[int] = 3
+    #: (first step, task cycle) of the training batches; "near relation" draws relation examples until one is near.
+    #: Balanced until the features are bound to the question (~step 900), then one extra close-pair relation per
+    #: cycle: relations 0.83 -> 0.985 with the other tasks >= 0.975 (session i11x, docs/organisms.md)
+    training_mix: ClassVar[tuple[tuple[int, tuple[str, ...]], ...]] = (
+        (0, ("presence", "location", "counting", "relation")),
+        (1200, ("presence", "location", "counting", "relation", "near relation")),
+    )
+    #: what the training-only kinds of ``training_mix`` are (for the model card)
+    training_task_notes: ClassVar[dict[str, str]] = {
+        "near relation": f"a relation question whose two objects are 1-{NEAR_CELLS} cells apart along the asked axis"}
     lr: ClassVar[float] = 3e-3
     train_attention: ClassVar[str] = "sdpa"
     prefetch: ClassVar[bool] = True
@@ -201,9 +219,26 @@ class GridOrganism(QwenAnswerOrganism):
 
     # ----- data ----------------------------------------------------------------------------------
     def generate(self, n: int, seed: int) -> list[Example]:
+        return self._generate_cycle(self.tasks, n, seed)
+
+    def training_examples(self, step: int, seed: int) -> list[Example]:
+        """A training batch whose task mix follows ``training_mix`` at ``step``."""
+        cycle = [tasks for first_step, tasks in self.training_mix if step >= first_step][-1]
+        return self._generate_cycle(cycle, self.batch_size, seed * 1_000_000 + step)
+
+    def _generate_cycle(self, cycle: tuple[str, ...], n: int, seed: int) -> list[Example]:
+        """``n`` examples from one seeded stream, their tasks cycling through ``cycle``."""
         rng = np.random.default_rng(seed)
-        makers = {"presence": self._presence, "location": self._location, "counting": self._counting, "relation": self._relation}
-        return [makers[self.tasks[i % len(self.tasks)]](rng) for i in range(n)]
+        makers = {"presence": self._presence, "location": self._location, "counting": self._counting, "relation": self._relation,
+                  "near relation": self._near_relation}
+        return [makers[cycle[i % len(cycle)]](rng) for i in range(n)]
+
+    def _near_relation(self, rng: np.random.Generator) -> Example:
+        """A relation example whose objects are at most ``NEAR_CELLS`` apart along the asked axis (the hard cases)."""
+        while True:
+            example = self._relation(rng)
+            if relation_distance(example) <= self.NEAR_CELLS:
+                return example
 
     def generate_task(self, task: str, n: int, seed: int) -> list[Example]:
         if task not in self.tasks:

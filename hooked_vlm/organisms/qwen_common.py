@@ -172,7 +172,7 @@ class QwenAnswerOrganism(AnswerOrganism):
         wrapped = TokenHeads(model, self.token_heads, visual_ids)
 
         def batch(step: int) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
-            examples = self.generate(self.batch_size, seed * 1_000_000 + step)
+            examples = self.training_examples(step, seed)
             inputs, mask = self.encode(examples, tokenizer)
             return inputs, mask, self.token_labels(examples)
 

@@ -131,6 +131,10 @@ def model_card(organism: Any, meta: dict[str, Any]) -> str:
         "before saving; `layer` 0 is the LM input, `at` visual = every visual token, answer = the position that "
         "predicts the answer): "
         + "; ".join(f"{h.name} (layer {h.layer}, {h.at}, weight {h.weight:g})" for h in heads) + ".")
+    phases = getattr(organism, "training_mix", ())
+    mix = "" if len(phases) < 2 else " Task mix of the batches (examples cycle through the tasks listed): " + "; ".join(
+        f"from step {first:,}: {', '.join(tasks)}" for first, tasks in phases) + "." + "".join(
+        f" \"{kind}\" is {what}." for kind, what in getattr(organism, "training_task_notes", {}).items())
     return f"""---
 library_name: transformers
 tags: [hooked_vlm, model-organism, interpretability, synthetic]
@@ -156,7 +160,7 @@ draws examples deterministically from a seed (Pillow drawing); each example carr
 
 ## Training recipe
 Plain torch: AdamW (betas 0.9/0.98), linear warmup then cosine decay, gradient clipping at 1, fp32, seed
-{meta['seed']}, {meta['steps']} steps of {getattr(organism, 'batch_size', '?')} freshly generated examples, {loss}
+{meta['seed']}, {meta['steps']} steps of {getattr(organism, 'batch_size', '?')} freshly generated examples, {loss}{mix}
 Trained in {meta['train_seconds']} s on {meta['torch_threads']} CPU thread(s)
 (load average when saved: {meta['load_average_at_save']}). Mean loss over the first / last 50 steps:
 {meta['loss_first_50']:.4f} / {meta['loss_last_50']:.4f}.

@@ -247,6 +247,46 @@ def test_model_card_of_a_subclass_run_as_a_script_names_the_registered_module():
     assert "loss on the answer tokens only." in model_card(bare(), meta)
 
 
+def test_grid_training_batches_follow_the_task_mix_by_step():
+    from collections import Counter
+
+    from hooked_vlm.organisms.grid_qwen import GridOrganism
+
+    tasks = GridOrganism.tasks
+    phased = type("Phased", (GridOrganism,), {"training_mix": ((0, tasks), (7, tasks + ("relation", "relation")))})()
+    early = phased.training_examples(6, seed=2)
+    # before the second phase a batch is the balanced stream of that step, example for example
+    assert [(e.task, e.prompt, e.answer) for e in early] == [(e.task, e.prompt, e.answer) for e in phased.generate(16, 2_000_006)]
+    assert Counter(e.task for e in early) == {t: 4 for t in tasks}
+    late = Counter(e.task for e in phased.training_examples(7, seed=2))
+    assert late == {"presence": 3, "location": 3, "counting": 3, "relation": 7}  # a cycle of 6 over 16 examples
+    meta = {"parameters": 1, "seed": 2, "steps": 9, "train_seconds": 1.0, "torch_threads": 1, "load_average_at_save": None,
+            "loss_first_50": 1.0, "loss_last_50": 0.5, "accuracy": {}}
+    from hooked_vlm.organisms.saving import model_card
+
+    card = model_card(phased, meta)
+    assert "from step 7: presence, location, counting, relation, relation, relation." in card
+    assert "\"near relation\" is a relation question whose two objects are 1-3 cells apart along the asked axis." in model_card(
+        GridOrganism(), meta)
+    single = type("Single", (GridOrganism,), {"training_mix": ((0, tasks),)})()
+    assert "Task mix" not in model_card(single, meta)
+
+
+def test_grid_near_relation_examples_are_the_close_pairs_along_the_asked_axis():
+    from hooked_vlm.organisms.grid_qwen import GridOrganism, relation_distance
+
+    org = GridOrganism()
+    near = org._generate_cycle(("near relation",), 40, seed=5)
+    assert all(e.task == "relation" and relation_distance(e) <= org.NEAR_CELLS for e in near)
+    assert {e.answer for e in near} == {"yes", "no"}
+    plain = [relation_distance(e) for e in org.generate_task("relation", 200, seed=5)]
+    assert max(plain) > org.NEAR_CELLS + 1  # the plain stream also holds far pairs
+    for example in near:  # by hand: columns for left / right, rows for above / below
+        (ra, ca), (rb, cb) = example.truth["target_cells"]
+        across = any(w in example.prompt.split() for w in ("left", "right"))
+        assert 1 <= (abs(ca - cb) if across else abs(ra - rb)) <= org.NEAR_CELLS
+
+
 @pytest.mark.parametrize("name", QWEN)
 def test_transformers_and_hooked_vlm_agree(loaded, name):
     org, hf, hooked = loaded(name)
@@ -260,21 +300,16 @@ def test_transformers_and_hooked_vlm_agree(loaded, name):
     assert (ref - ours)[real].abs().max() <= 1e-4
 
 
-# The targets. The shipped grid checkpoint does NOT reach them on every task yet (session i11w, docs/organisms.md:
-# presence 1.00 / location 1.00 / counting 0.98 / relation 0.83), so its case is a strict xfail: it runs, and once a
-# retrained checkpoint meets the target it XPASSes and fails the suite until the marker is removed. The video
-# checkpoint meets them (session i11v: direction / order / motion 1.00 on n = 100 each). A task passes when its held-out
-# accuracy on 200 fresh examples is consistent with the target (the Wilson 95% interval reaches it: 184 of 200 passes a
-# 0.95 target, 183 does not). The former floor, target - 0.05 on 40 examples, let the grid's relations (0.83-0.84 on the
-# evaluation and validation streams) through: they score 0.93 on the first 100 examples of this stream.
+# The targets; both shipped checkpoints meet them (grid, session i11x: 1.00 / 0.96 / 0.99 / 0.98 on n = 100;
+# video, session i11v: 1.00 on every task). A task passes when its held-out accuracy on 200 fresh examples is
+# consistent with the target (the Wilson 95% interval reaches it: 184 of 200 passes a 0.95 target, 183 does not).
+# The former floor, target - 0.05 on 40 examples, let the old grid checkpoint's relations (0.83-0.84 on the
+# evaluation and validation streams) through: they scored 0.93 on the first 100 examples of this stream.
 TARGET = {"grid-qwen2.5-vl": 0.95, "video-qwen2-vl": 0.90}
-NOT_YET_TRAINED_TO_TARGET = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="shipped checkpoint below target on some tasks (docs/organisms.md, Training status); retrain: hooked-vlm organisms train NAME")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param("grid-qwen2.5-vl", marks=NOT_YET_TRAINED_TO_TARGET), "video-qwen2-vl"])
+@pytest.mark.parametrize("name", QWEN)
 def test_heldout_accuracy_reaches_the_target(loaded, name):
     from hooked_vlm.organisms.base import wilson_interval
 
