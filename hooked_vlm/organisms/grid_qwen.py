@@ -104,7 +104,7 @@ class GridOrganism(QwenAnswerOrganism):
     target_accuracy: ClassVar[float] = 0.95
     default_steps: ClassVar[int] = 2400
     #: the best of seeds 0-2 (session i11u, on the EVAL_SEED stream; its unselected accuracy on base.VALIDATION_SEED data
-    #: is in docs/organisms.md, session i11w)
+    #: is in docs/organisms.md, session i11w). Seeds 0 and 2 of today's recipe miss location (docs/organisms.md, i11x)
     recipe_seed: ClassVar[int] = 1
     batch_size: ClassVar[int] = 16
     #: a "near relation" training example has its two objects at most this many cells apart along the asked axis
