@@ -235,6 +235,8 @@ class GridOrganism(QwenAnswerOrganism):
 
     def _near_relation(self, rng: np.random.Generator) -> Example:
         """A relation example whose objects are at most ``NEAR_CELLS`` apart along the asked axis (the hard cases)."""
+        if self.NEAR_CELLS < 1:  # the two objects always differ along the asked axis: no example would ever qualify
+            raise ValueError(f"NEAR_CELLS must be at least 1 (cells apart along the asked axis), got {self.NEAR_CELLS}")
         while True:
             example = self._relation(rng)
             if relation_distance(example) <= self.NEAR_CELLS:

@@ -281,6 +281,9 @@ def test_grid_near_relation_examples_are_the_close_pairs_along_the_asked_axis():
     assert {e.answer for e in near} == {"yes", "no"}
     plain = [relation_distance(e) for e in org.generate_task("relation", 200, seed=5)]
     assert max(plain) > org.NEAR_CELLS + 1  # the plain stream also holds far pairs
+    touching = type("Touching", (GridOrganism,), {"NEAR_CELLS": 0})()
+    with pytest.raises(ValueError, match="NEAR_CELLS must be at least 1"):
+        touching._generate_cycle(("near relation",), 1, seed=5)
     for example in near:  # by hand: columns for left / right, rows for above / below
         (ra, ca), (rb, cb) = example.truth["target_cells"]
         across = any(w in example.prompt.split() for w in ("left", "right"))
