@@ -65,6 +65,7 @@ from torch import Tensor
 __all__ = [
     "EVAL_SEED",
     "VALIDATION_SEED",
+    "training_stream",
     "Example",
     "TaskAccuracy",
     "TrainResult",
@@ -74,12 +75,17 @@ __all__ = [
     "accuracy_table",
 ]
 
-#: Seed of the held-out evaluation stream. Training batch ``step`` of seed ``s`` is drawn from ``s * 1_000_000 + step``,
+#: Seed of the held-out evaluation stream. Training batch ``step`` of seed ``s`` is drawn from ``training_stream(s, step)``,
 #: so seed 1's batch 3 starts with the first presence example of this stream (one example in a run of 2,400 batches).
 EVAL_SEED = 1_000_003
 #: Seed of the validation stream on which a recipe's training seed is chosen, so the accuracy measured on EVAL_SEED is
 #: not selected on; its per-task streams (``+ 104729 * task``) meet no training stream of fewer than 90,000 steps.
 VALIDATION_SEED = 777_777
+
+
+def training_stream(seed: int, step: int) -> int:
+    """The generator seed of training batch ``step`` of run ``seed``: one stream per run and step (see EVAL_SEED)."""
+    return seed * 1_000_000 + step
 
 
 @dataclass
@@ -237,8 +243,8 @@ class AnswerOrganism(Organism):
 
     # ----- training --------------------------------------------------------------------------------
     def training_examples(self, step: int, seed: int) -> list[Example]:
-        """The examples of training step ``step`` of run ``seed`` (drawn from stream ``seed * 1_000_000 + step``)."""
-        return self.generate(self.batch_size, seed * 1_000_000 + step)
+        """The examples of training step ``step`` of run ``seed`` (drawn from ``training_stream(seed, step)``)."""
+        return self.generate(self.batch_size, training_stream(seed, step))
 
     def train(self, out_dir: str | Path, seed: int = 0, steps: int | None = None, eval_n: int = 200, log_every: int = 50,
               time_budget_s: float | None = None) -> TrainResult:

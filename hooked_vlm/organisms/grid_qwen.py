@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from hooked_vlm.organisms.base import Example
+from hooked_vlm.organisms.base import Example, training_stream
 from hooked_vlm.organisms.drawing import SHAPES, draw_shape
 from hooked_vlm.organisms.qwen_common import IGNORE, QwenAnswerOrganism, TokenHead
 
@@ -112,10 +112,7 @@ class GridOrganism(QwenAnswerOrganism):
     #: (first step, task cycle) of the training batches; "near relation" draws relation examples until one is near.
     #: Balanced until the features are bound to the question (~step 900), then one extra close-pair relation per
     #: cycle: relations 0.83 -> 0.985 with the other tasks >= 0.975 (session i11x, docs/organisms.md)
-    training_mix: ClassVar[tuple[tuple[int, tuple[str, ...]], ...]] = (
-        (0, ("presence", "location", "counting", "relation")),
-        (1200, ("presence", "location", "counting", "relation", "near relation")),
-    )
+    training_mix: ClassVar[tuple[tuple[int, tuple[str, ...]], ...]] = ((0, tasks), (1200, tasks + ("near relation",)))
     #: what the training-only kinds of ``training_mix`` are (for the model card)
     training_task_notes: ClassVar[dict[str, str]] = {
         "near relation": f"a relation question whose two objects are 1-{NEAR_CELLS} cells apart along the asked axis"}
@@ -224,7 +221,7 @@ class GridOrganism(QwenAnswerOrganism):
     def training_examples(self, step: int, seed: int) -> list[Example]:
         """A training batch whose task mix follows ``training_mix`` at ``step``."""
         cycle = [tasks for first_step, tasks in self.training_mix if step >= first_step][-1]
-        return self._generate_cycle(cycle, self.batch_size, seed * 1_000_000 + step)
+        return self._generate_cycle(cycle, self.batch_size, training_stream(seed, step))
 
     def _generate_cycle(self, cycle: tuple[str, ...], n: int, seed: int) -> list[Example]:
         """``n`` examples from one seeded stream, their tasks cycling through ``cycle``."""

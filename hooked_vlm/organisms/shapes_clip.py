@@ -34,7 +34,7 @@ from jaxtyping import Float, Int
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from hooked_vlm.organisms.base import EVAL_SEED, Example, Organism, TaskAccuracy, TrainResult, _checked_dir
+from hooked_vlm.organisms.base import EVAL_SEED, Example, Organism, TaskAccuracy, TrainResult, _checked_dir, training_stream
 
 __all__ = [
     "SIZE", "COLORS", "SHAPES", "PLACES", "PSEUDO_TOKEN", "ShapesClip", "Phi", "organism", "render", "caption",
@@ -282,7 +282,7 @@ class ShapesClip(Organism):
         start = time.perf_counter()
 
         def clip_batch(step: int) -> ClipBatch:
-            ex = self.generate(self.batch_size, seed * 1_000_000 + step)
+            ex = self.generate(self.batch_size, training_stream(seed, step))
             t = self.text_inputs([e.prompt for e in ex], tokenizer)
             return ClipBatch(self.pixel_values([e.image for e in ex]), t["input_ids"], t["attention_mask"])
 
@@ -316,7 +316,7 @@ class ShapesClip(Organism):
         prompt = self.text_inputs([f"a photo of {PSEUDO_TOKEN}"] * self.batch_size, tokenizer)
 
         def batch(step: int) -> Tensor:
-            ex = self.generate(self.batch_size, 7_000_000 + seed * 1_000_000 + step)
+            ex = self.generate(self.batch_size, 7_000_000 + training_stream(seed, step))
             with torch.no_grad():
                 return model.get_image_features(pixel_values=self.pixel_values([e.image for e in ex])).pooler_output
 
